@@ -1,0 +1,8 @@
+"""comfyui-lora-trainer: train LoRAs inside a ComfyUI graph.
+
+ComfyUI imports this folder as a package and reads the two mappings below. Importing it needs no
+ComfyUI: the nodes import ComfyUI's modules only when they run.
+"""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory (never timed tests)."""

@@ -1,0 +1,150 @@
+"""LoRA state dicts and files: our kohya-style layout out, every layout of `keys.py` in.
+
+The in-memory LoRA (what the LORA_MODEL output carries) is the same plain `{key: tensor}` dict a
+file holds, so ComfyUI core's LoRA nodes accept ours. Files are safetensors with string metadata
+(steps, rank, alpha, dtype, settings), written to a temp file and moved into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .keys import ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, DOWN, KOHYA_UNET_PREFIX, UP, kohya_name, split_key
+from .layers import LayerWeights, can_take_lora
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_STEPS = re.compile(r"_(\d+)_steps_")
+
+
+def to_state_dict(weights: Mapping[str, LayerWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """module path → LayerWeights into kohya keys; tensors in `dtype` on CPU, alpha a float32 scalar."""
+    sd = {}
+    for path, w in weights.items():
+        name = kohya_name(path)
+        if w.down is not None:
+            sd[f"{name}.{DOWN}"] = _cpu(w.down, dtype)
+            sd[f"{name}.{UP}"] = _cpu(w.up, dtype)
+            sd[f"{name}.{ALPHA}"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+        if w.diff is not None:
+            sd[f"{name}.{DIFF}"] = _cpu(w.diff, dtype)
+        if w.diff_b is not None:
+            sd[f"{name}.{DIFF_B}"] = _cpu(w.diff_b, dtype)
+    return sd
+
+
+def _cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to("cpu", dtype).contiguous()
+
+
+def resolve_state_dict(
+    sd: Mapping[str, torch.Tensor], model: nn.Module, aliases: Mapping[str, str] | None = None
+) -> dict[str, LayerWeights]:
+    """Any supported layout → module path → LayerWeights, checked against `model`'s layers.
+
+    `aliases` maps foreign module names (e.g. diffusers') to the model's module paths. Raises
+    ValueError naming the key for an unknown layout or layer, and the key, layer and both shapes for
+    a tensor that does not fit.
+    """
+    modules = dict(model.named_modules())
+    by_kohya = {kohya_name(p): p for p in modules if p}
+    fields: dict[str, dict[str, object]] = defaultdict(dict)
+    for key, tensor in sd.items():
+        parts = split_key(key)
+        if parts is None:
+            raise ValueError(f"LoRA key {key!r}: not a LoRA tensor this pack can read "
+                             "(expected lora_down/lora_up/alpha/diff/diff_b or lora_A/lora_B)")
+        path = _module_path(parts[0], modules, by_kohya, aliases or {})
+        if path is None:
+            raise ValueError(f"LoRA key {key!r}: matches no layer of the model; "
+                             "is this LoRA for a different model family?")
+        fields[path][parts[1]] = tensor.item() if parts[1] == "alpha" else tensor
+        fields[path].setdefault("_keys", {})[parts[1]] = key
+    return {path: _checked(path, modules[path], f) for path, f in fields.items()}
+
+
+def _module_path(name: str, modules: Mapping[str, nn.Module], by_kohya: Mapping[str, str],
+                 aliases: Mapping[str, str]) -> str | None:
+    if name.startswith(KOHYA_UNET_PREFIX):
+        return by_kohya.get(name)
+    for prefix in DOTTED_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    name = aliases.get(name, name)
+    return name if name in modules and name else None
+
+
+def _checked(path: str, module: nn.Module, f: dict[str, object]) -> LayerWeights:
+    keys = f.pop("_keys")
+    w = LayerWeights(**f)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+
+    def fail(field: str, got: torch.Size, need: object) -> ValueError:
+        return ValueError(f"LoRA key {keys[field]!r} does not fit layer {path!r}: "
+                          f"the file has shape {tuple(got)}, the layer needs {need}")
+
+    if (w.down is None) != (w.up is None):
+        missing = "up" if w.up is None else "down"
+        present = "down" if missing == "up" else "up"
+        raise ValueError(f"LoRA key {keys[present]!r}: layer {path!r} has no matching lora_{missing} tensor")
+    if w.down is not None:
+        if weight is None or weight.dim() < 2 or not can_take_lora(module):
+            raise fail("down", w.down.shape, f"no LoRA ({type(module).__name__} takes a weight difference)")
+        if w.down.shape[1:] != weight.shape[1:]:
+            raise fail("down", w.down.shape, f"(rank, {', '.join(map(str, weight.shape[1:]))})")
+        if w.up.shape[0] != weight.shape[0] or w.up.shape[1] != w.down.shape[0] or any(d != 1 for d in w.up.shape[2:]):
+            raise fail("up", w.up.shape, f"({weight.shape[0]}, {w.down.shape[0]}" + ", 1" * (weight.dim() - 2) + ")")
+    if w.diff is not None and (weight is None or w.diff.shape != weight.shape):
+        raise fail("diff", w.diff.shape, tuple(weight.shape) if weight is not None else "no weight")
+    if w.diff_b is not None and (bias is None or w.diff_b.shape != bias.shape):
+        raise fail("diff_b", w.diff_b.shape, tuple(bias.shape) if bias is not None else "no bias")
+    return w
+
+
+def save_lora_file(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> Path:
+    """Write atomically (temp file in the same folder, then rename); never overwrites a file."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; choose another filename prefix")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: t.contiguous() for k, t in sd.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a .safetensors LoRA; FileNotFoundError names the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"existing_lora: {path} does not exist; pick a file from the list")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def parse_steps(filename: str) -> int:
+    """`…_<N>_steps_…` → N (the name Save LoRA writes); any other name → 0, with a warning."""
+    match = _STEPS.search(os.path.basename(filename))
+    if match is None:
+        log.warning("could not read a step count from %r; counting its earlier steps as 0", filename)
+        return 0
+    return int(match.group(1))

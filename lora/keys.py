@@ -1,0 +1,52 @@
+"""Every key layout the LoRA loader reads and the saver writes, in one place.
+
+Our files use the kohya-ss sd-scripts layout that ComfyUI, A1111/Forge and kohya tools load
+(`networks/lora.py`): `lora_unet_<module path, dots → underscores>` followed by one of the suffixes
+below. The loader also reads ComfyUI core training's files (`diffusion_model.<path>.lora_up.weight`)
+and diffusers/PEFT files (`<prefix>.<path>.lora_A.weight` / `lora_B.weight`).
+"""
+from __future__ import annotations
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+
+DOWN = "lora_down.weight"
+UP = "lora_up.weight"
+ALPHA = "alpha"
+DIFF = "diff"
+DIFF_B = "diff_b"
+
+# Foreign suffix → our field name. PEFT's lora_A is the down projection, lora_B the up.
+SUFFIX_FIELDS: dict[str, str] = {
+    DOWN: "down",
+    UP: "up",
+    ALPHA: "alpha",
+    DIFF: "diff",
+    DIFF_B: "diff_b",
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+}
+
+# Prefixes before a dotted module path, longest first: ComfyUI core training, full ComfyUI
+# checkpoints, PEFT-wrapped models and diffusers pipelines.
+DOTTED_PREFIXES: tuple[str, ...] = (
+    "model.diffusion_model.",
+    "base_model.model.",
+    "diffusion_model.",
+    "transformer.",
+    "unet.",
+)
+
+
+def kohya_name(module_path: str) -> str:
+    """`input_blocks.1.1.proj_in` → `lora_unet_input_blocks_1_1_proj_in`."""
+    return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """Split a state-dict key into (layer name, field) or None if no known suffix ends it."""
+    for suffix in sorted(SUFFIX_FIELDS, key=len, reverse=True):
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], SUFFIX_FIELDS[suffix]
+    return None

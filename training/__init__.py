@@ -1,0 +1,1 @@
+"""The training engine (host-agnostic), the bundled tiny diffusion model, the demo."""
