@@ -1,4 +1,4 @@
-"""The ComfyUI node classes."""
+"""The ComfyUI node classes (classic API); ComfyUI itself is imported only when a node runs."""
+from .registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,58 @@
+"""Shared bits of the node layer: category, the LoRA file list, ComfyUI folder look-ups.
+
+ComfyUI's `folder_paths` is imported inside functions only, so schemas build without ComfyUI.
+"""
+from __future__ import annotations
+
+CATEGORY = "LoRA Trainer"
+NONE_LORA = "[None]"
+OUTPUT_LORA_FOLDER = "loras"  # under ComfyUI's output folder, where Save LoRA writes by default
+
+
+def lora_choices() -> list[str]:
+    """[None] + the `loras` folder's files (which include Save LoRA's output folder)."""
+    try:
+        import folder_paths
+    except ImportError:  # outside ComfyUI: schema tests
+        return [NONE_LORA]
+    return [NONE_LORA] + sorted(folder_paths.get_filename_list("loras"))
+
+
+def register_output_loras() -> None:
+    """Make `<output>/loras` a `loras` search path, so trained files are listed without moving them."""
+    import os
+
+    import folder_paths
+
+    path = os.path.join(folder_paths.get_output_directory(), OUTPUT_LORA_FOLDER)
+    os.makedirs(path, exist_ok=True)
+    folder_paths.add_model_folder_path("loras", path)
+
+
+def input_files() -> list[str]:
+    """Image files directly in ComfyUI's input folder (empty outside ComfyUI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    from ..training.images import IMAGE_SUFFIXES
+    import os
+
+    root = folder_paths.get_input_directory()
+    return sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(root, f)))
+
+
+def input_subfolders() -> list[str]:
+    """Subfolders of ComfyUI's input folder, relative, '/'-separated (empty outside ComfyUI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    import os
+
+    root = folder_paths.get_input_directory()
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        found += [os.path.relpath(os.path.join(dirpath, d), root).replace(os.sep, "/") for d in dirnames if not d.startswith(".")]
+    return sorted(found)

@@ -1,0 +1,57 @@
+"""Save LoRA and Load LoRA Model (SPEC.md)."""
+from __future__ import annotations
+
+from .common import CATEGORY, OUTPUT_LORA_FOLDER
+
+
+class SaveLoRA:
+    DESCRIPTION = ("Writes the LoRA as a .safetensors file into ComfyUI's output folder; with steps, the name "
+                   "carries them (<prefix>_<steps>_steps_<counter>_.safetensors) so Train LoRA can continue it.")
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("The written file, relative to the output folder.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
+                "prefix": ("STRING", {"default": f"{OUTPUT_LORA_FOLDER}/ComfyUI_trained_lora", "tooltip": "File name prefix, relative to the output folder (may not leave it)."}),
+            },
+            "optional": {
+                "steps": ("INT", {"forceInput": True, "tooltip": "Total steps trained; written into the name so training can continue later."}),
+            },
+        }
+
+    def execute(self, lora: dict, prefix: str, steps: int | None = None) -> dict:
+        from .comfy_io import save_lora
+
+        name = save_lora(lora, prefix, steps)
+        return {"ui": {"text": [name]}, "result": (name,)}
+
+
+class LoadLoRAModel:
+    DESCRIPTION = "Applies a LORA_MODEL to a model at a strength (negative allowed; 0 passes the model through)."
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to apply the LoRA to."}),
+                "lora": ("LORA_MODEL", {"tooltip": "The LoRA weights, e.g. from Train LoRA."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "How strongly to apply it; negative inverts it."}),
+            },
+        }
+
+    def execute(self, model, lora: dict, strength_model: float) -> tuple:
+        from .comfy_io import apply_lora
+
+        return (apply_lora(model, lora, strength_model),)

@@ -1,0 +1,20 @@
+"""The one table of nodes: id → (class, display name). Ids are frozen once shipped."""
+from __future__ import annotations
+
+from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
+from .lora_io import LoadLoRAModel, SaveLoRA
+from .plot import PlotLossGraph
+from .train import TrainLoRA
+
+NODES: dict[str, tuple[type, str]] = {
+    "LoRATrainer_TrainLoRA": (TrainLoRA, "Train LoRA"),
+    "LoRATrainer_SaveLoRA": (SaveLoRA, "Save LoRA"),
+    "LoRATrainer_LoadLoRAModel": (LoadLoRAModel, "Load LoRA Model"),
+    "LoRATrainer_PlotLossGraph": (PlotLossGraph, "Plot Loss Graph"),
+    "LoRATrainer_LoadImageSet": (LoadImageSet, "Load Image Set"),
+    "LoRATrainer_LoadImageSetFromFolder": (LoadImageSetFromFolder, "Load Image Set From Folder"),
+    "LoRATrainer_LoadCaptionedImageSet": (LoadCaptionedImageSet, "Load Captioned Image Set"),
+}
+
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -1,0 +1,58 @@
+"""Train LoRA: the node's schema and a thin execute (SPEC.md, "Train LoRA")."""
+from __future__ import annotations
+
+from ..training.config import (BATCH_ORDERS, DTYPE_NAMES, LOSS_SPACES, LOSSES, LR_SCHEDULES, MAX_SEED,
+                               OPTIMIZERS, TrainConfig)
+from .common import CATEGORY, NONE_LORA, lora_choices
+
+_D = TrainConfig()  # the defaults, stated once
+
+
+class TrainLoRA:
+    DESCRIPTION = "Teaches a model a style or subject from example images, entirely inside ComfyUI."
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
+    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps")
+    OUTPUT_TOOLTIPS = (
+        "The base model with the trained LoRA applied, usable by any sampler node.",
+        "The LoRA weights alone, to save or apply to another model.",
+        "The loss history, for monitoring ({'loss': [...]}).",
+        "Total steps trained, including the earlier steps of a continued LoRA.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model to train."}),
+                "latents": ("LATENT", {"tooltip": "The training images, VAE-encoded: one batch, or several LATENTs of different sizes."}),
+                "positive": ("CONDITIONING", {"tooltip": "The caption(s): one for all images, or one per image."}),
+            },
+            "optional": {
+                "batch_size": ("INT", {"default": _D.batch_size, "min": 1, "max": 10000, "tooltip": "Images per step."}),
+                "steps": ("INT", {"default": _D.steps, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
+                "learning_rate": ("FLOAT", {"default": _D.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-6, "round": False, "tooltip": "Learning rate."}),
+                "rank": ("INT", {"default": _D.rank, "min": 1, "max": 128, "tooltip": "LoRA rank."}),
+                "optimizer": (list(OPTIMIZERS), {"default": _D.optimizer, "tooltip": "Optimizer (torch defaults besides the learning rate)."}),
+                "loss_function": (list(LOSSES), {"default": _D.loss_function, "tooltip": "Loss function."}),
+                "seed": ("INT", {"default": _D.seed, "min": 0, "max": MAX_SEED, "tooltip": "Makes LoRA init, batch choice and noise reproducible."}),
+                "training_dtype": (list(DTYPE_NAMES), {"default": _D.training_dtype, "tooltip": "Compute dtype while training (bf16 uses autocast)."}),
+                "lora_dtype": (list(DTYPE_NAMES), {"default": _D.lora_dtype, "tooltip": "Storage dtype of the LoRA weights (training keeps fp32 master weights)."}),
+                "existing_lora": (lora_choices(), {"default": NONE_LORA, "tooltip": "Continue training this LoRA instead of starting fresh (any format; steps read from its name)."}),
+                "network_alpha": ("FLOAT", {"default": _D.alpha, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha; scale = alpha / rank. 0 means alpha = rank."}),
+                "gradient_accumulation": ("INT", {"default": _D.grad_accum, "min": 1, "max": 1024, "tooltip": "Batches whose gradients are summed before each optimizer step."}),
+                "lr_schedule": (list(LR_SCHEDULES), {"default": _D.lr_schedule, "tooltip": "Learning-rate schedule after warmup."}),
+                "warmup_steps": ("INT", {"default": _D.warmup_steps, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": _D.gradient_checkpointing, "tooltip": "Recompute activations in the backward pass to save memory."}),
+                "loss_space": (list(LOSS_SPACES), {"default": _D.loss_space, "tooltip": "native: the model's own prediction (eps / v / flow), as kohya-ss; x0: the denoised image, as ComfyUI core."}),
+                "batch_order": (list(BATCH_ORDERS), {"default": _D.batch_order, "tooltip": "random: a seeded random subset each step; epoch: every image once per pass."}),
+                "max_grad_norm": ("FLOAT", {"default": _D.max_grad_norm, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": "Clip the gradient norm to this; 0 = no clipping."}),
+            },
+        }
+
+    def execute(self, model, latents, positive, **options) -> tuple:
+        from .comfy_train import train_lora  # ComfyUI glue, imported only when the node runs
+
+        return train_lora(model[0], latents, positive, {k: v[0] for k, v in options.items()})

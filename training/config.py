@@ -1,0 +1,69 @@
+"""TrainConfig: every setting of a training run, validated once, flowing node → config → engine.
+
+Defaults are SPEC.md's Train LoRA defaults; the extras (accumulation, alpha, LR schedule, warmup,
+checkpointing, loss space, batch order, gradient clipping) default to SPEC behaviour.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
+LOSSES = ("MSE", "L1", "Huber", "SmoothL1")
+DTYPE_NAMES = ("bf16", "fp32")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+LOSS_SPACES = ("native", "x0")  # native: eps / v / flow velocity; x0: the denoised image (ComfyUI core)
+BATCH_ORDERS = ("random", "epoch")  # random: randperm(n)[:batch] each step; epoch: each image once a pass
+
+MAX_SEED = 2**64 - 1
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: got {value!r}; choose one of {', '.join(choices)}")
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name}: got {value}; give a value from {low} to {high}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 1
+    steps: int = 16
+    learning_rate: float = 0.0005
+    rank: int = 8
+    optimizer: str = "AdamW"
+    loss_function: str = "MSE"
+    seed: int = 0
+    training_dtype: str = "bf16"
+    lora_dtype: str = "bf16"
+    alpha: float = 0.0  # 0 means alpha = rank (scale 1), as kohya-ss
+    grad_accum: int = 1
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    gradient_checkpointing: bool = True
+    loss_space: str = "native"
+    batch_order: str = "random"
+    max_grad_norm: float = 0.0  # 0 = no clipping
+
+    def __post_init__(self) -> None:
+        _in_range("batch_size", self.batch_size, 1, 10000)
+        _in_range("steps", self.steps, 1, 100000)
+        _in_range("learning_rate", self.learning_rate, 1e-7, 1.0)
+        _in_range("rank", self.rank, 1, 128)
+        _in_range("seed", self.seed, 0, MAX_SEED)
+        _in_range("alpha", self.alpha, 0.0, 1e6)
+        _in_range("grad_accum", self.grad_accum, 1, 1024)
+        _in_range("warmup_steps", self.warmup_steps, 0, 100000)
+        _in_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("loss_function", self.loss_function, LOSSES)
+        _choice("training_dtype", self.training_dtype, DTYPE_NAMES)
+        _choice("lora_dtype", self.lora_dtype, DTYPE_NAMES)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("loss_space", self.loss_space, LOSS_SPACES)
+        _choice("batch_order", self.batch_order, BATCH_ORDERS)
+
+    def as_metadata(self) -> dict[str, object]:
+        return asdict(self)
