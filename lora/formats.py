@@ -77,6 +77,8 @@ def resolve_state_dict(
 
 def _module_path(name: str, modules: Mapping[str, nn.Module], by_kohya: Mapping[str, str],
                  aliases: Mapping[str, str]) -> str | None:
+    if name in aliases:
+        return aliases[name] if aliases[name] in modules else None
     if name.startswith(KOHYA_UNET_PREFIX):
         return by_kohya.get(name)
     for prefix in DOTTED_PREFIXES:

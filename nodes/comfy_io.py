@@ -1,0 +1,105 @@
+"""ComfyUI glue for the small nodes: saving LoRAs, applying them, the loss graph, image sets.
+
+Imported only when a node runs. Files go to ComfyUI's output folder via `folder_paths`, written
+atomically (lora/formats.py); prefixes may not leave the output folder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import comfy.sd
+import folder_paths
+import numpy as np
+import torch
+from PIL import Image
+
+from ..lora import save_lora_file
+from ..training.images import ImageSet, load_image_folder, load_images
+from ..training.plot import plot_losses
+
+
+def _output_target(prefix: str) -> tuple[Path, str]:
+    """(folder, file stem) inside the output folder; ValueError if the prefix escapes it."""
+    output = Path(folder_paths.get_output_directory()).resolve()
+    target = (output / prefix).resolve()
+    if not prefix.strip() or os.path.isabs(prefix) or output not in target.parents:
+        raise ValueError(f"prefix: {prefix!r} points outside the output folder; use a relative name like 'loras/my_lora'")
+    return target.parent, target.name
+
+
+def _next_free(folder: Path, make_name) -> Path:
+    """First `make_name(counter)` (counter from 1) that does not exist yet: never overwrite."""
+    counter = 1
+    while (folder / make_name(counter)).exists():
+        counter += 1
+    return folder / make_name(counter)
+
+
+def save_lora(lora: dict, prefix: str, steps: int | None) -> str:
+    """`<prefix>_<steps>_steps_<counter>_.safetensors` (or without steps); returns the relative path."""
+    if not isinstance(lora, dict) or not lora:
+        raise ValueError("lora: got no LoRA weights; connect the lora output of Train LoRA")
+    folder, stem = _output_target(prefix)
+    middle = f"_{steps}_steps" if steps is not None else ""
+    path = _next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
+    metadata = {"format": "comfyui-lora-trainer", "steps": str(steps) if steps is not None else ""}
+    save_lora_file(path, lora, metadata)
+    return path.relative_to(Path(folder_paths.get_output_directory()).resolve()).as_posix()
+
+
+def apply_lora(model, lora: dict, strength: float):
+    """ComfyUI's normal LoRA patching on a clone; strength 0 passes the model through."""
+    if strength == 0:
+        return model
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    return patched
+
+
+def save_loss_graph(loss: dict, prefix: str) -> tuple[torch.Tensor, dict]:
+    """Draw the graph, save it as PNG in the output folder; (IMAGE tensor, UI preview entry)."""
+    values = loss.get("loss") if isinstance(loss, dict) else None
+    if not values:
+        raise ValueError("loss: no loss values; connect the loss output of Train LoRA")
+    pixels = plot_losses([float(v) for v in values])
+    folder, stem = _output_target(prefix)
+    path = _next_free(folder, lambda n: f"{stem}_{n:05}_.png")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    output = Path(folder_paths.get_output_directory()).resolve()
+    subfolder = path.parent.relative_to(output).as_posix()
+    entry = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None], entry
+
+
+def _input_path(name: str) -> Path:
+    root = Path(folder_paths.get_input_directory()).resolve()
+    path = (root / name).resolve()
+    if root not in path.parents:
+        raise ValueError(f"images: {name!r} is outside the input folder; pick files from the input folder")
+    return path
+
+
+def load_input_images(names: list[str], resize_method: str, width: int, height: int) -> torch.Tensor:
+    paths = [_input_path(n) for n in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"images: {', '.join(missing)} not found; upload the file or fix the name")
+    return load_images(paths, resize_method, width, height)
+
+
+def load_input_folder(folder: str, resize_method: str, width: int, height: int) -> ImageSet:
+    return load_image_folder(_input_path(folder), resize_method, width, height)
+
+
+def encode_captions(clip, captions: list[str]) -> list:
+    """One CONDITIONING per caption (the same encoding CLIPTextEncode does)."""
+    if clip is None:
+        raise ValueError("clip: no text encoder connected; connect the CLIP output of a checkpoint loader")
+    out = []
+    for caption in captions:
+        tokens = clip.tokenize(caption)
+        out.append(clip.encode_from_tokens_scheduled(tokens))
+    return out

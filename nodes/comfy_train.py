@@ -1,0 +1,166 @@
+"""ComfyUI glue for Train LoRA: the TrainSampler, the model's callables, progress and cancel.
+
+Imported only when the node runs (it imports ComfyUI at module level). The loop runs as a
+`comfy.samplers.Sampler` under a basic guider, so conditioning, extra model inputs and the noise
+schedule (`model_sampling`) come from ComfyUI for every model family; the guider also loads the
+model through ComfyUI's model management. The engine (training/loop.py) does the rest.
+
+ComfyUI runs nodes under `torch.inference_mode()`; tensors made there cannot be saved for backward,
+so everything here runs with inference mode off, on clones of the latents and conditioning.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy_extras.nodes_custom_sampler import Guider_Basic
+from tqdm.auto import tqdm
+
+from ..lora import load_lora_file, parse_steps, resolve_state_dict
+from ..lora.keys import KOHYA_UNET_PREFIX
+from ..training.config import TrainConfig
+from ..training.data import check_caption_count, flatten_latents
+from ..training.loop import Hooks, ModelFns, TrainResult, train
+from .common import NONE_LORA
+
+log = logging.getLogger(__name__)
+
+# node input name → TrainConfig field, where they differ
+_RENAMED = {"network_alpha": "alpha", "gradient_accumulation": "grad_accum"}
+_PERCENT_EDGE = 1e-5  # ComfyUI maps percent 0 to a near-infinite sigma; keep draws inside (0, 1)
+
+
+def _clone_tree(value):
+    """Clone every tensor in nested lists/tuples/dicts (inference tensors → normal tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tree(v) for v in value)
+    return value
+
+
+def _flat_conditioning(positive: list) -> list:
+    """INPUT_IS_LIST conditioning → one flat list of [tensor, options] entries (one per caption)."""
+    return [entry for conditioning in positive for entry in conditioning]
+
+
+def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Top-level blocks: the diffusion model's children, ModuleLists opened one level."""
+    blocks = []
+    for child in diffusion_model.children():
+        blocks.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
+    return [b for b in blocks if any(True for _ in b.parameters())]
+
+
+def _diffusers_aliases(base_model) -> dict[str, str]:
+    """diffusers module names (dotted and kohya-style) → the UNet's module paths, where ComfyUI knows them."""
+    aliases = {}
+    for diffusers_key, unet_key in comfy.utils.unet_to_diffusers(base_model.model_config.unet_config).items():
+        if diffusers_key.endswith(".weight"):
+            name, path = diffusers_key[: -len(".weight")], unet_key[: -len(".weight")]
+            aliases[name] = aliases[KOHYA_UNET_PREFIX + name.replace(".", "_")] = path
+    return aliases
+
+
+def _existing(name: str, base_model) -> tuple[dict | None, int]:
+    """The LoRA to continue (any format the LoRA core reads) and its earlier steps, from its name."""
+    if name in (None, "", NONE_LORA):
+        return None, 0
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise FileNotFoundError(f"existing_lora: {name!r} is not in the loras folder; pick a file from the list")
+    sd, _ = load_lora_file(path)
+    aliases = _diffusers_aliases(base_model) if hasattr(base_model.model_config, "unet_config") else {}
+    return resolve_state_dict(sd, base_model.diffusion_model, aliases), parse_steps(name)
+
+
+class TrainSampler(comfy.samplers.Sampler):
+    """Runs the whole training loop where a sampler would sample; keeps the result."""
+
+    def __init__(self, latents: list[torch.Tensor], captions: list[int], config: TrainConfig,
+                 existing: tuple[dict | None, int]):
+        self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
+        self.result: TrainResult | None = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        base = model_wrap.inner_model
+        net = base.diffusion_model
+        device = model_wrap.model_patcher.load_device
+        conds = model_wrap.conds["positive"]
+        latents = [base.process_latent_in(x.to(device)) for x in self.latents]  # every path, every latent
+        existing, existing_steps = self.existing
+        fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args)
+        bar = tqdm(total=self.config.steps, desc="Train LoRA")
+        ui_bar = comfy.utils.ProgressBar(self.config.steps)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            ui_bar.update(1)
+
+        try:
+            self.result = train(net, fns, latents, self.config, checkpoint_blocks=_checkpoint_blocks(net),
+                                existing=existing, existing_steps=existing_steps,
+                                hooks=Hooks(on_step, comfy.model_management.processing_interrupted))
+        finally:
+            bar.close()
+        return torch.zeros_like(latent_image)
+
+    def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict) -> ModelFns:
+        def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
+            p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
+            return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
+
+        def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
+            # One guider call per caption: the guider would average several conds over the whole batch.
+            out = torch.empty_like(noisy)
+            for caption in dict.fromkeys(self.captions[i] for i in indices):
+                rows = [r for r, i in enumerate(indices) if self.captions[i] == caption]
+                model_wrap.conds["positive"] = [conds[caption]]
+                pred = model_wrap(noisy[rows], sigma[rows], **extra_args)
+                out = out.index_put((torch.tensor(rows, device=noisy.device),), pred.to(out.dtype))
+            return out
+
+        return ModelFns(
+            percent_to_sigma=percent_to_sigma,
+            noise_scaling=lambda s, n, x: sampling.noise_scaling(s.to(x), n, x, False),
+            calculate_denoised=lambda s, out, x: sampling.calculate_denoised(s.to(x), out, x),
+            denoise=denoise,
+        )
+
+
+def _config(options: dict) -> TrainConfig:
+    fields = {_RENAMED.get(k, k): v for k, v in options.items() if k != "existing_lora"}
+    return TrainConfig(**fields)
+
+
+def train_lora(model, latents: list[dict], positive: list, options: dict) -> tuple:
+    """Train LoRA's execute: validate, train under a guider, shape the four outputs."""
+    config = _config(options)
+    with torch.inference_mode(False), torch.enable_grad():
+        images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
+        entries = _clone_tree(_flat_conditioning(positive))
+        check_caption_count(len(entries), len(images))
+        captions = [0] * len(images) if len(entries) == 1 else list(range(len(images)))
+        existing = _existing(options.get("existing_lora", NONE_LORA), model.model)
+        sampler = TrainSampler(images, captions, config, existing)
+        guider = Guider_Basic(model.clone())
+        guider.set_conds(entries)
+        dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
+        guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
+    result = sampler.result
+    if result is None or result.cancelled:
+        done = 0 if result is None else len(result.losses)
+        log.warning("Train LoRA: cancelled after %d of %d steps; the model is restored", done, config.steps)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise RuntimeError("Train LoRA: cancelled; the model is restored. Queue the prompt again to train.")
+    model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
+    return model_with_lora, result.lora, {"loss": result.losses}, result.total_steps
