@@ -1,0 +1,52 @@
+"""The tiny model as a host of the engine: its ModelFns, and the held-out denoising measure.
+
+This is what ComfyUI's guider is to a ComfyUI model: it picks each image's conditioning and runs
+the network. The held-out measure is the denoising error on the training images at fixed noise
+levels with fixed noises (its own seed, never the training stream), in native or x0 space.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .data import check_caption_count, flatten_latents
+from .loop import ModelFns, output_coefficient
+from .tiny_model import TinyDiffusion
+
+HELDOUT_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
+HELDOUT_SEED = 987654321
+
+
+def tiny_fns(model: TinyDiffusion, contexts: torch.Tensor) -> ModelFns:
+    """contexts: (1 or N, L, D), one for all images or one per image (N = image count)."""
+    schedule = model.schedule
+
+    def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        context = contexts[[0] * len(indices)] if contexts.shape[0] == 1 else contexts[indices]
+        return model.denoise(noisy, sigma, context)
+
+    return ModelFns(schedule.percent_to_sigma, schedule.noise_scaling, schedule.calculate_denoised, denoise)
+
+
+def checked_contexts(contexts: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    check_caption_count(contexts.shape[0], len(flatten_latents(latents)))
+    return contexts
+
+
+@torch.no_grad()
+def heldout_loss(model: TinyDiffusion, contexts: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor],
+                 space: str = "native") -> float:
+    """Mean MSE over every image × each of HELDOUT_PERCENTS, with noises from HELDOUT_SEED."""
+    fns = tiny_fns(model, contexts)
+    generator = torch.Generator().manual_seed(HELDOUT_SEED)
+    losses = []
+    for index, x0 in enumerate(flatten_latents(latents)):
+        x0 = x0[None]
+        for percent in HELDOUT_PERCENTS:
+            sigma = fns.percent_to_sigma(torch.tensor([percent]))
+            noise = torch.randn(x0.shape, generator=generator)
+            pred = fns.denoise(fns.noise_scaling(sigma, noise, x0), sigma, [index])
+            scale = output_coefficient(fns, sigma) if space == "native" else 1.0
+            losses.append(torch.mean(((pred - x0) / scale) ** 2).item())
+    return sum(losses) / len(losses)
