@@ -1,0 +1,26 @@
+"""`python -m comfyui_lora_trainer demo` (train on the bundled tiny model)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_lora_trainer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train a LoRA on the bundled tiny model and images")
+    demo.add_argument("--out", type=Path, default=Path("output/demo"), help="output folder (default output/demo)")
+    demo.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    demo.add_argument("--kind", choices=("eps", "v", "flow"), default="eps", help="tiny model parameterisation")
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .training.demo import run_demo
+
+        run_demo(args.out, args.steps, args.kind, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Everything of the node layer that needs no ComfyUI: schemas against SPEC.md, the import boundary,
+image-set loading, the loss graph, and the demo end to end."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfyui_lora_trainer as pack
+from comfyui_lora_trainer.lora import load_lora_file
+from comfyui_lora_trainer.training.demo import run_demo
+from comfyui_lora_trainer.training.images import load_image_folder, load_images
+from comfyui_lora_trainer.training.plot import plot_losses, smooth
+
+ROOT = Path(pack.__file__).resolve().parent
+CORE_IDS = {"TrainLoraNode", "SaveLoRA", "LoraModelLoader", "LossGraphNode", "LoadImageSetNode",
+            "LoadImageSetFromFolderNode", "LoadImageTextSetFromFolderNode"}
+
+
+def test_node_ids_unique_and_tooltips_everywhere():
+    assert len(pack.NODE_CLASS_MAPPINGS) == 7 and not CORE_IDS & set(pack.NODE_CLASS_MAPPINGS)
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        for section in spec.values():
+            for name, (_, options) in section.items():
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES), node_id
+        assert cls.FUNCTION == "execute" and cls.DESCRIPTION and cls.CATEGORY
+
+
+def test_train_lora_schema_matches_spec():
+    cls = pack.NODE_CLASS_MAPPINGS["LoRATrainer_TrainLoRA"]
+    spec = cls.INPUT_TYPES()
+    assert {k: v[0] for k, v in spec["required"].items()} == {
+        "model": "MODEL", "latents": "LATENT", "positive": "CONDITIONING"}
+    opt = spec["optional"]
+    expect = {"batch_size": (1, 1, 10000), "steps": (16, 1, 100000), "learning_rate": (0.0005, 1e-7, 1.0),
+              "rank": (8, 1, 128), "seed": (0, 0, 18446744073709551615)}
+    for name, (default, low, high) in expect.items():
+        assert (opt[name][1]["default"], opt[name][1]["min"], opt[name][1]["max"]) == (default, low, high), name
+    combos = {"optimizer": (["AdamW", "Adam", "SGD", "RMSprop"], "AdamW"),
+              "loss_function": (["MSE", "L1", "Huber", "SmoothL1"], "MSE"),
+              "training_dtype": (["bf16", "fp32"], "bf16"), "lora_dtype": (["bf16", "fp32"], "bf16")}
+    for name, (choices, default) in combos.items():
+        assert opt[name][0] == choices and opt[name][1]["default"] == default, name
+    assert opt["existing_lora"][0] == ["[None]"] and opt["existing_lora"][1]["default"] == "[None]"
+    assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
+    assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps") and cls.INPUT_IS_LIST
+
+
+def test_other_schemas_match_spec():
+    m = pack.NODE_CLASS_MAPPINGS
+    save = m["LoRATrainer_SaveLoRA"].INPUT_TYPES()
+    assert save["required"]["lora"][0] == "LORA_MODEL" and save["required"]["prefix"][1]["default"].startswith("loras/")
+    assert save["optional"]["steps"][0] == "INT"
+    load = m["LoRATrainer_LoadLoRAModel"].INPUT_TYPES()["required"]
+    assert [v[0] for v in load.values()] == ["MODEL", "LORA_MODEL", "FLOAT"] and load["strength_model"][1]["min"] < 0
+    plot = m["LoRATrainer_PlotLossGraph"].INPUT_TYPES()["required"]
+    assert plot["loss"][0] == "LOSS_MAP" and plot["filename_prefix"][0] == "STRING"
+    for node_id in ("LoRATrainer_LoadImageSet", "LoRATrainer_LoadImageSetFromFolder"):
+        assert m[node_id].INPUT_TYPES()["optional"]["resize_method"][0] == ["None", "Stretch", "Crop", "Pad"]
+        assert m[node_id].RETURN_TYPES == ("IMAGE",)
+
+
+def test_import_boundary():
+    """training/ and lora/ never import ComfyUI; nodes/ only inside functions (or in glue modules
+    that the node classes import lazily); lora/ never imports training/ or nodes/."""
+    comfy = ("comfy", "comfy_extras", "comfy_api", "folder_paths", "node_helpers", "server")
+    glue = {"comfy_train.py", "comfy_io.py"}
+    for path in ROOT.glob("*/*.py"):
+        top = path.parent.name
+        if top not in ("lora", "training", "nodes"):
+            continue
+        tree = ast.parse(path.read_text())
+        module_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        every = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for node in every if top != "nodes" else (module_level if path.name not in glue else []):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            assert not any(n.split(".")[0] in comfy for n in names), f"{path} imports {names}"
+        if top == "lora":
+            assert not any(isinstance(n, ast.ImportFrom) and n.level and (n.module or "").split(".")[0]
+                           in ("training", "nodes") for n in every), path
+
+
+def _save(path: Path, img: Image.Image, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def test_image_modes_and_exif(tmp_path):
+    rgb = Image.new("RGB", (8, 4), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    paths = [_save(tmp_path / "a.jpg", rgb, exif=exif, quality=100),
+             _save(tmp_path / "b.png", Image.new("L", (4, 8), 128)),
+             _save(tmp_path / "c.png", Image.fromarray(np.full((8, 4), 65535, dtype=np.uint16))),
+             _save(tmp_path / "d.png", Image.new("RGB", (4, 8), (0, 0, 255)).convert("P")),
+             _save(tmp_path / "e.png", Image.new("RGBA", (4, 8), (0, 0, 0, 0)))]
+    images = load_images(paths)
+    assert images.shape == (5, 8, 4, 3) and images.dtype == torch.float32
+    assert images[0, ..., 0].mean() > 0.9  # EXIF applied: 8×4 became 4 wide, 8 high
+    assert torch.allclose(images[1], torch.full((8, 4, 3), 128 / 255))
+    assert torch.allclose(images[2], torch.ones(8, 4, 3))  # 16-bit white stays white
+    assert torch.allclose(images[3, ..., 2], torch.ones(8, 4))
+    assert torch.allclose(images[4], torch.ones(8, 4, 3))  # transparent → white
+
+
+def test_resize_methods(tmp_path):
+    wide = _save(tmp_path / "wide.png", Image.new("RGB", (16, 8), (255, 255, 255)))
+    square = _save(tmp_path / "sq.png", Image.new("RGB", (8, 8), (255, 255, 255)))
+    with pytest.raises(ValueError, match=r"wide.png: size 16x8 differs from 8x8 \(sq.png\); set resize_method"):
+        load_images([square, wide])
+    assert load_images([square, wide], "Stretch").shape == (2, 8, 8, 3)
+    assert torch.allclose(load_images([square, wide], "Crop")[1], torch.ones(8, 8, 3))
+    padded = load_images([square, wide], "Pad")[1]
+    assert torch.allclose(padded[2:6], torch.ones(4, 8, 3)) and padded[0].max() == 0 and padded[7].max() == 0
+
+
+def test_folder_captions_repeats_and_errors(tmp_path):
+    (tmp_path / "3_subject").mkdir()
+    _save(tmp_path / "3_subject" / "x.png", Image.new("RGB", (4, 4)))
+    (tmp_path / "3_subject" / "x.txt").write_text("a photo of sks\n")
+    _save(tmp_path / "y.png", Image.new("RGB", (4, 4)))
+    (tmp_path / "notes.md").write_text("not an image")
+    image_set = load_image_folder(tmp_path)
+    assert image_set.images.shape[0] == 4 and image_set.captions == ["a photo of sks"] * 3 + [""]
+    (tmp_path / "z.png").write_bytes(b"not really a png")
+    with pytest.raises(ValueError, match=r"image .*z.png: cannot be read"):
+        load_image_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"folder: .*empty holds no images"):
+        load_image_folder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("losses", [[0.5], [0.2] * 30, list(np.exp(-np.arange(100) / 10.0))])
+def test_plot_draws_single_flat_and_decaying(losses):
+    image = plot_losses(losses)
+    assert image.shape == (450, 800, 3) and image.dtype == np.uint8 and image.std() > 0
+    with pytest.raises(ValueError, match="loss history is empty"):
+        plot_losses([])
+    assert np.allclose(smooth([1.0, 2.0, 3.0, 4.0, 5.0], 4), [1, 2, 3, 4, 5])  # a line stays a line
+
+
+def test_demo_end_to_end(tmp_path):
+    paths = run_demo(tmp_path, steps=12)
+    sd, meta = load_lora_file(paths["lora"])
+    assert meta["steps"] == "12" and any(k.endswith(".lora_down.weight") for k in sd)
+    for key in paths:
+        if key != "lora":
+            assert Image.open(paths[key]).size[0] > 100
