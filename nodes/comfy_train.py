@@ -51,6 +51,23 @@ def _flat_conditioning(positive: list) -> list:
     return [entry for conditioning in positive for entry in conditioning]
 
 
+def _release_inference_tensors(module: torch.nn.Module) -> None:
+    """Swap inference-mode parameters/buffers for bit-identical normal tensors, one at a time.
+
+    Weights loaded while ComfyUI ran a node under `torch.inference_mode()` are inference tensors,
+    which autograd may not save for backward, even frozen. Core deep-copies the whole model; a
+    per-tensor swap costs one tensor of extra memory at a time, and values stay bit-identical (so
+    every other user of the shared modules sees the same model).
+    """
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_inference():
+                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
+
+
 def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     """Top-level blocks: the diffusion model's children, ModuleLists opened one level."""
     blocks = []
@@ -95,6 +112,7 @@ class TrainSampler(comfy.samplers.Sampler):
         net = base.diffusion_model
         device = model_wrap.model_patcher.load_device
         conds = model_wrap.conds["positive"]
+        _release_inference_tensors(net)
         latents = [base.process_latent_in(x.to(device)) for x in self.latents]  # every path, every latent
         existing, existing_steps = self.existing
         fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args)

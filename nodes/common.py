@@ -18,17 +18,6 @@ def lora_choices() -> list[str]:
     return [NONE_LORA] + sorted(folder_paths.get_filename_list("loras"))
 
 
-def register_output_loras() -> None:
-    """Make `<output>/loras` a `loras` search path, so trained files are listed without moving them."""
-    import os
-
-    import folder_paths
-
-    path = os.path.join(folder_paths.get_output_directory(), OUTPUT_LORA_FOLDER)
-    os.makedirs(path, exist_ok=True)
-    folder_paths.add_model_folder_path("loras", path)
-
-
 def input_files() -> list[str]:
     """Image files directly in ComfyUI's input folder (empty outside ComfyUI)."""
     try:
