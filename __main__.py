@@ -1,9 +1,12 @@
-"""`python -m comfyui_lora_trainer demo` (train on the bundled tiny model)."""
+"""`python -m comfyui_lora_trainer demo` (train on the bundled tiny model) and `... run WORKFLOW.json`
+(drive a running ComfyUI headless)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from .headless.cli import add_run_arguments  # standard library only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,11 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     demo.add_argument("--kind", choices=("eps", "v", "flow"), default="eps", help="tiny model parameterisation")
     demo.add_argument("--seed", type=int, default=0)
+    run = commands.add_parser("run", help="run an API-format workflow on a ComfyUI server (headless training)")
+    add_run_arguments(run)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .training.demo import run_demo
 
         run_demo(args.out, args.steps, args.kind, args.seed)
+    if args.command == "run":
+        from .headless.cli import run_command
+
+        return run_command(args)
     return 0
 
 
