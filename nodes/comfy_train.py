@@ -113,7 +113,8 @@ class TrainSampler(comfy.samplers.Sampler):
         device = model_wrap.model_patcher.load_device
         conds = model_wrap.conds["positive"]
         _release_inference_tensors(net)
-        latents = [base.process_latent_in(x.to(device)) for x in self.latents]  # every path, every latent
+        # every latent through process_latent_in; the engine takes batches, so each image is a batch of 1
+        latents = [base.process_latent_in(x.to(device)[None]) for x in self.latents]
         existing, existing_steps = self.existing
         fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args)
         bar = tqdm(total=self.config.steps, desc="Train LoRA")

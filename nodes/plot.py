@@ -26,4 +26,5 @@ class PlotLossGraph:
         from .comfy_io import save_loss_graph
 
         image, ui_entry = save_loss_graph(loss, filename_prefix)
-        return {"ui": {"images": [ui_entry]}, "result": (image,)}
+        # The values ride along in the UI dict so headless clients can read them from /history.
+        return {"ui": {"images": [ui_entry], "loss": [float(v) for v in loss["loss"]]}, "result": (image,)}

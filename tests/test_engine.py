@@ -144,8 +144,12 @@ def test_nan_guard_names_the_step_and_keeps_last_finite_state():
         return out * float("nan") if len(calls) > 4 else out
 
     before = state(model)
-    with pytest.raises(TrainingDiverged, match=r"step 5; lower learning_rate .* fp32") as err:
+    with pytest.raises(TrainingDiverged, match=r"step 5; lower learning_rate \(now 0.0005\)$") as err:
         train(model.net, fns._replace(denoise=poisoned), latents, TrainConfig(steps=10, **FAST))
+    calls.clear()
+    with pytest.raises(TrainingDiverged, match=r"step 5; lower learning_rate .* or set training_dtype to fp32"):
+        train(model.net, fns._replace(denoise=poisoned), latents, TrainConfig(steps=10, training_dtype="bf16"))
+    calls.clear()
     good = err.value.last_good
     assert len(good.losses) == 4 and all(torch.isfinite(t).all() for t in good.lora.values())
     four = train(model.net, fns, latents, TrainConfig(steps=4, **FAST))

@@ -116,10 +116,10 @@ def train(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
+                fp32_hint = " or set training_dtype to fp32" if config.training_dtype != "fp32" else ""
                 raise TrainingDiverged(
                     f"Train LoRA: the loss became {loss} at step {existing_steps + step + 1}; "
-                    f"lower learning_rate (now {config.learning_rate}) or set training_dtype to fp32",
-                    result())
+                    f"lower learning_rate (now {config.learning_rate}){fp32_hint}", result())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
