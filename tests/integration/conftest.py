@@ -1,266 +1,38 @@
 """Fixtures that run the pack inside a real ComfyUI server (skipped unless COMFYUI_DIR is set).
 
-Environment:
-    COMFYUI_DIR            a ComfyUI checkout (required; without it every test here skips)
-    COMFYUI_PYTHON         interpreter for the server (default: $COMFYUI_DIR/venv/bin/python if
-                           present, else this interpreter)
-    COMFYUI_IT_CACHE       where the tiny checkpoint is cached
-                           (default: ~/.cache/comfyui-lora-trainer-it)
-    COMFYUI_START_TIMEOUT  seconds to wait for the server (default: 180)
-
-The session-scoped `comfy` fixture builds a throw-away ComfyUI base folder (models/checkpoints
-with a tiny SD1.5-shaped checkpoint from make_checkpoint.py, models/loras, input, output, user,
-temp, custom_nodes with this pack symlinked in), starts `main.py --cpu` on a free loopback port
-with `--base-directory` and friends pointing there, and yields a `ComfyClient`. HTTP is stdlib only.
+The server plumbing is in server.py (shared with bench/comfyui); see its docstring for the
+environment variables. Tests reach the client helpers through the `comfy` fixture.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import socket
-import subprocess
+import importlib.util
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-PACK_ROOT = HERE.parents[1]  # the repository root is the package ComfyUI imports
-PACK_FOLDER_NAME = "comfyui-lora-trainer"  # the folder name users clone into custom_nodes/
-CHECKPOINT_NAME = "tiny_sd15.safetensors"
-HOST = "127.0.0.1"
-
-
-class PromptError(Exception):
-    """POST /prompt was refused (HTTP 400): `body` is ComfyUI's JSON (`error`, `node_errors`)."""
-
-    def __init__(self, status: int, body: Any) -> None:
-        super().__init__(f"POST /prompt -> HTTP {status}: {json.dumps(body)[:2000]}")
-        self.status = status
-        self.body = body
-
-
-class ComfyClient:
-    """A running ComfyUI server: HTTP helpers plus the folders and log of the test session.
-
-    Tests reach the helpers through the fixture (conftest modules are not importable under
-    --import-mode=importlib): `comfy.PromptError`, `comfy.execution_error(entry)`.
-    """
-
-    PromptError = PromptError
-
-    def __init__(self, url: str, base_dir: Path, log_path: Path, process: subprocess.Popen) -> None:
-        self.url = url
-        self.base_dir = base_dir
-        self.input_dir = base_dir / "input"
-        self.output_dir = base_dir / "output"
-        self.loras_dir = base_dir / "models" / "loras"
-        self.checkpoint = CHECKPOINT_NAME  # the ckpt_name CheckpointLoaderSimple takes
-        self.log_path = log_path
-        self.process = process
-
-    # -- raw HTTP -------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 60) -> tuple[int, Any]:
-        """Send JSON (if `body`), return (HTTP status, decoded JSON or text). No raise on 4xx/5xx."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        text = raw.decode("utf-8", "replace")
-        try:
-            return status, json.loads(text) if text else None
-        except json.JSONDecodeError:
-            return status, text
-
-    def get(self, path: str) -> Any:
-        status, body = self.request("GET", path)
-        assert status == 200, f"GET {path} -> HTTP {status}: {body!r:.500}"
-        return body
-
-    # -- the API the tests use ------------------------------------------------------------
-    def object_info(self, node_class: str | None = None) -> dict:
-        """GET /object_info (all nodes) or /object_info/<class> (that node's entry, or {})."""
-        if node_class is None:
-            return self.get("/object_info")
-        return self.get(f"/object_info/{node_class}").get(node_class, {})
-
-    def post_prompt(self, prompt: dict, client_id: str = "integration-tests") -> tuple[int, Any]:
-        """POST /prompt with an API-format graph; returns (status, body) without raising."""
-        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": client_id})
-
-    def queue(self, prompt: dict) -> str:
-        """Queue an API-format graph and return its prompt_id; raises PromptError on HTTP 400."""
-        status, body = self.post_prompt(prompt)
-        if status != 200:
-            raise PromptError(status, body)
-        return body["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
-        """Poll /history/<id> until the prompt finished (success or error); return its entry.
-
-        The entry has `outputs` ({node_id: {"images": [...], ...}}) and `status`
-        (`status_str` "success"/"error", `messages` [[event, data], ...]).
-        """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            entry = history.get(prompt_id) if isinstance(history, dict) else None
-            if entry and entry.get("status", {}).get("completed") is not None:
-                return entry
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited ({self.process.returncode}):\n{self.log()[-5000:]}")
-            time.sleep(0.25)
-        raise TimeoutError(f"prompt {prompt_id} not done after {timeout} s; log tail:\n{self.log()[-5000:]}")
-
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        """Queue, wait, and assert success; return the history entry."""
-        entry = self.wait(self.queue(prompt), timeout)
-        assert entry["status"]["status_str"] == "success", execution_error(entry) or entry["status"]
-        return entry
-
-    def interrupt(self) -> None:
-        """POST /interrupt: cancel the prompt that is running now."""
-        self.request("POST", "/interrupt", {})
-
-    def free(self) -> None:
-        """POST /free: unload models and drop cached node outputs."""
-        self.request("POST", "/free", {"unload_models": True, "free_memory": True})
-
-    def log(self, since: int = 0) -> str:
-        """Server stdout+stderr so far (from character `since`; use len(log()) as a mark)."""
-        return self.log_path.read_text("utf-8", "replace")[since:]
-
-    def output_files(self, pattern: str = "**/*") -> list[Path]:
-        return sorted(p for p in self.output_dir.glob(pattern) if p.is_file())
-
-    @staticmethod
-    def execution_error(entry: dict) -> str | None:
-        return execution_error(entry)
-
-
-def execution_error(entry: dict) -> str | None:
-    """The `execution_error` message of a history entry ("NodeType: ExceptionType: text"), or None."""
-    for event, data in entry.get("status", {}).get("messages", []):
-        if event == "execution_error":
-            return f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
-    return None
-
-
-# ---- fixture plumbing --------------------------------------------------------------------
-def _comfyui_dir() -> Path:
-    value = os.environ.get("COMFYUI_DIR")
-    if not value:
-        pytest.skip("integration tests need a ComfyUI checkout: set COMFYUI_DIR")
-    path = Path(value).expanduser().resolve()
-    if not (path / "main.py").is_file():
-        pytest.skip(f"COMFYUI_DIR={value} has no main.py")
-    return path
-
-
-def _comfyui_python(comfy_dir: Path) -> str:
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    venv_python = comfy_dir / "venv" / "bin" / "python"
-    return str(venv_python) if venv_python.exists() else sys.executable
-
-
-def _cached_checkpoint(comfy_dir: Path, python: str) -> Path:
-    """Build the tiny checkpoint once per version of make_checkpoint.py and reuse it."""
-    script = HERE / "make_checkpoint.py"
-    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:10]
-    cache = Path(os.environ.get("COMFYUI_IT_CACHE", "~/.cache/comfyui-lora-trainer-it")).expanduser()
-    path = cache / f"tiny_sd15-{digest}.safetensors"
-    if not path.exists():
-        env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
-        done = subprocess.run([python, str(script), str(path)], cwd=comfy_dir, env=env,
-                              capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.fail(f"make_checkpoint.py failed:\n{done.stdout}\n{done.stderr}")
-    return path
-
-
-def _link(target: Path, link: Path) -> None:
-    try:
-        link.symlink_to(target, target_is_directory=target.is_dir())
-    except OSError:  # no symlinks on this filesystem
-        (shutil.copytree if target.is_dir() else shutil.copy2)(target, link)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _make_base_dir(root: Path, checkpoint: Path) -> None:
-    for sub in ("models/checkpoints", "models/loras", "input", "output", "user", "temp", "custom_nodes"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    _link(checkpoint, root / "models" / "checkpoints" / CHECKPOINT_NAME)
-    _link(PACK_ROOT, root / "custom_nodes" / PACK_FOLDER_NAME)
-
-
-def _wait_until_up(client: ComfyClient, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.process.poll() is not None:
-            break
-        try:
-            if client.request("GET", "/object_info", timeout=10)[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.5)
-    exited = client.process.poll() is not None
-    _stop(client.process)
-    why = f"exited with code {client.process.returncode}" if exited else f"no answer within {timeout} s"
-    pytest.fail(f"ComfyUI did not start ({why}); server log:\n{client.log()[-20000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+_spec = importlib.util.spec_from_file_location("lora_trainer_it_server", Path(__file__).with_name("server.py"))
+server = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = server
+_spec.loader.exec_module(server)
 
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server on CPU with this pack installed; see the module docstring."""
-    comfy_dir = _comfyui_dir()
-    python = _comfyui_python(comfy_dir)
-    base = tmp_path_factory.mktemp("comfyui_base")
-    _make_base_dir(base, _cached_checkpoint(comfy_dir, python))
-
-    port = _free_port()
-    cmd = [python, "main.py", "--cpu", "--listen", HOST, "--port", str(port),
-           "--base-directory", str(base),
-           "--input-directory", str(base / "input"), "--output-directory", str(base / "output"),
-           "--user-directory", str(base / "user"), "--temp-directory", str(base / "temp"),
-           "--database-url", "sqlite:///:memory:",  # keep the checkout's user/comfyui.db untouched
-           "--disable-auto-launch", "--disable-api-nodes"]
-    log_path = base / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    started = time.monotonic()
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    client = ComfyClient(f"http://{HOST}:{port}", base, log_path, process)
     try:
-        _wait_until_up(client, float(os.environ.get("COMFYUI_START_TIMEOUT", "180")))
+        comfy_dir = server.comfyui_dir()
+    except server.NoComfyUI as why:
+        pytest.skip(str(why))
+    python = server.comfyui_python(comfy_dir)
+    base = tmp_path_factory.mktemp("comfyui_base")
+    server.make_base_dir(base, server.cached_checkpoint(comfy_dir, python))
+
+    started = time.monotonic()
+    client = server.start_server(comfy_dir, python, base)
+    try:
         print(f"\nComfyUI up at {client.url} after {time.monotonic() - started:.1f} s (base {base})")
         yield client
     finally:
-        _stop(process)
+        server.stop(client.process)
