@@ -1,0 +1,158 @@
+"""The benchmark's configurations and the one training step each of them times.
+
+A `Case` is a model size × a method × gradient checkpointing off/on, on the bundled tiny model
+(training/tiny_model.py) in fp32 at batch 1, rank 8:
+
+- `floor`: forward + backward of the frozen model with respect to its input only (no trainable
+  parameters): the compute any LoRA trainer has to pay, because the gradient must flow back
+  through every frozen layer to reach the adapters before it.
+- `ours`: one iteration of `train()`'s loop (training/loop.py) with the engine's forward-path
+  adapters (`lora.inject`): LR, `_Run.accumulate_gradients` (noise, forward, loss, backward),
+  gradient clip, AdamW step, zero_grad. tests/test_bench.py checks that N of these give the same
+  losses and LoRA as `train(steps=N)`.
+- `rebuild`: the same step with the LoRA layers run as `W + scale·up·down` rebuilt each forward
+  (bench/rebuild.py), on the same trainable parameters.
+
+Gradient checkpointing wraps `model.net.blocks` as `train()` does. Each prepared case owns its own
+model instance, so every case can stay patched while the benchmark interleaves them.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+from ..lora import LoraConfig, LoraNetwork, inject
+from ..training.checkpointing import gradient_checkpointing
+from ..training.config import TrainConfig
+from ..training.loop import ModelFns, _Run
+from ..training.optim import lr_at, make_optimizer
+from ..training.text import encode_text
+from ..training.tiny_host import tiny_fns
+from ..training.tiny_model import TinyConfig, TinyDiffusion, build_tiny
+from .rebuild import weight_rebuild
+
+SIZES: dict[str, tuple[Callable[[], TinyConfig], int]] = {
+    "default": (TinyConfig.default, 32),  # model config, latent height = width
+    "wide": (TinyConfig.wide, 64),
+}
+METHODS = ("floor", "ours", "rebuild")
+RANK = 8
+CONTEXT_TOKENS = 77  # an SD1.x CLIP context length
+CAPTION = "a photo of a red fox sitting in the snow"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration; its name reads `size/method/ckpt` or `size/method/plain`."""
+
+    size: str
+    method: str
+    checkpointing: bool
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size: got {self.size!r}; choose one of {', '.join(SIZES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: got {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}/{self.method}/{'ckpt' if self.checkpointing else 'plain'}"
+
+    @classmethod
+    def parse(cls, name: str) -> Case:
+        parts = name.split("/")
+        if len(parts) != 3 or parts[2] not in ("ckpt", "plain"):
+            raise ValueError(f"case: got {name!r}; write size/method/ckpt or size/method/plain, "
+                             "e.g. wide/ours/plain")
+        return cls(parts[0], parts[1], parts[2] == "ckpt")
+
+
+def all_cases(sizes: tuple[str, ...] = tuple(SIZES)) -> list[Case]:
+    return [Case(s, m, c) for s in sizes for c in (False, True) for m in METHODS]
+
+
+def bench_config(checkpointing: bool, steps: int = 100000, dtype: str = "fp32") -> TrainConfig:
+    """fp32 (or `dtype` autocast), rank 8, batch 1, AdamW, constant LR: the benchmark's settings."""
+    return TrainConfig(steps=steps, batch_size=1, rank=RANK, training_dtype=dtype, lora_dtype="fp32",
+                       gradient_checkpointing=checkpointing)
+
+
+def bench_inputs(size: str, seed: int = 0) -> tuple[TinyDiffusion, torch.Tensor, torch.Tensor]:
+    """(model, context (1, 77, context_dim), latents (1, 4, H, W)) for a size, all seeded."""
+    make_config, side = SIZES[size]
+    model = build_tiny("eps", make_config(), seed=seed)
+    context = encode_text(CAPTION, model.net.config.context_dim, CONTEXT_TOKENS)
+    latents = torch.randn(1, model.net.config.in_channels, side, side,
+                          generator=torch.Generator().manual_seed(seed))
+    return model, context, latents
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    """The LoraConfig `train()` injects for a TrainConfig."""
+    return LoraConfig(rank=config.rank, alpha=config.alpha or None)
+
+
+class EngineStep:
+    """One iteration of `train()`'s loop body, in its order; call → the step's loss."""
+
+    def __init__(self, network: LoraNetwork, fns: ModelFns, latents: torch.Tensor, config: TrainConfig):
+        self.params = [p for p in network.parameters()]
+        self.optimizer = make_optimizer(self.params, config)
+        self.run = _Run(fns, list(latents.unbind(0)), config, torch.Generator().manual_seed(config.seed))
+        self.config = config
+        self.step = 0
+
+    def __call__(self) -> float:
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.run.accumulate_gradients()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise FloatingPointError(f"benchmark step {self.step + 1}: loss {loss}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss
+
+
+def floor_step(fns: ModelFns, latents: torch.Tensor, config: TrainConfig) -> Callable[[], float]:
+    """The engine's noise → forward → loss → backward with the input as the only leaf needing grad."""
+
+    def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        return fns.denoise(noisy.requires_grad_(), sigma, indices)
+
+    run = _Run(fns._replace(denoise=denoise), list(latents.unbind(0)), config,
+               torch.Generator().manual_seed(config.seed))
+    return run.accumulate_gradients
+
+
+class Prepared(NamedTuple):
+    step: Callable[[], float]  # one step; returns its loss
+    model: TinyDiffusion  # patched while the `with` lasts
+
+
+@contextmanager
+def prepared(case: Case, seed: int = 0, dtype: str = "fp32") -> Iterator[Prepared]:
+    """A fresh model patched for `case`, and its step; the model is restored on exit.
+
+    `dtype` is the training_dtype ("bf16": autocast over fp32 frozen weights, for the profiler).
+    """
+    model, context, latents = bench_inputs(case.size, seed)
+    config = bench_config(case.checkpointing, dtype=dtype)
+    fns = tiny_fns(model, context)
+    with ExitStack() as stack:
+        if case.method == "floor":
+            step = floor_step(fns, latents, config)
+        else:
+            network = stack.enter_context(inject(model.net, lora_config(config), seed=config.seed))
+            if case.method == "rebuild":
+                stack.enter_context(weight_rebuild(model.net, network))
+            step = EngineStep(network, fns, latents, config)
+        stack.enter_context(gradient_checkpointing(model.net.blocks, case.checkpointing))
+        yield Prepared(step, model)
