@@ -93,12 +93,16 @@ class LoraAdapter(nn.Module):
             self.lora_down.weight.copy_(w)
             self.lora_up.weight.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """scale·up(down(x)) + bias. The scale is applied to the rank-wide intermediate and the bias
+        rides in the `up` op, so no extra full-size pass is spent on either."""
         down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
-        if isinstance(self.lora_down, nn.Linear):
-            return nn.functional.linear(nn.functional.linear(x, down), up) * self.scale
-        h = self.lora_down._conv_forward(x, down, None)
-        return self.lora_up._conv_forward(h, up, None) * self.scale
+        bias = bias.to(x.dtype) if bias is not None else None
+        linear = isinstance(self.lora_down, nn.Linear)
+        h = nn.functional.linear(x, down) if linear else self.lora_down._conv_forward(x, down, None)
+        if self.scale != 1.0:
+            h = h * self.scale
+        return nn.functional.linear(h, up, bias) if linear else self.lora_up._conv_forward(h, up, bias)
 
     def delta(self) -> torch.Tensor:
         return lora_delta(self.lora_down.weight, self.lora_up.weight, self.scale)
@@ -125,11 +129,6 @@ class DiffAdapter(nn.Module):
             params["bias"] = module.bias + self.diff_b.to(module.bias.dtype)
         return params
 
-    def bias_term(self, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        """diff_b broadcast along the output's channel dim (last for Linear, 1 for Conv)."""
-        shape = [1] * out.dim()
-        shape[channel_dim] = -1
-        return self.diff_b.to(out.dtype).view(shape)
 
 
 @contextmanager
@@ -162,10 +161,8 @@ class LayerAdapter(nn.Module):
         if self.lora is None:
             with swapped_params(module, self.diffs.patched_params(module)):
                 return base_forward(x)
-        out = base_forward(x) + self.lora(x)
-        if self.diffs is not None and self.diffs.diff_b is not None:
-            out = out + self.diffs.bias_term(out, -1 if isinstance(module, nn.Linear) else 1)
-        return out
+        diff_b = self.diffs.diff_b if self.diffs is not None else None
+        return base_forward(x) + self.lora(x, diff_b)
 
     def export(self) -> LayerWeights:
         """The fp32 master tensors, detached (no copies)."""

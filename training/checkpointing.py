@@ -22,10 +22,14 @@ def _checkpointed(forward):
 
 @contextmanager
 def gradient_checkpointing(blocks: Iterable[nn.Module], enabled: bool = True) -> Iterator[None]:
-    """Checkpoint each block while inside the `with`; a no-op when `enabled` is False."""
+    """Checkpoint each block but the last (blocks in forward order) inside the `with`; a no-op when
+    `enabled` is False."""
     saved = []
+    # The last block in forward order is the first the backward pass reaches: recomputing it would
+    # cost time and save no memory, so it runs normally.
+    blocks = list(blocks)[:-1] if enabled else []
     try:
-        for block in blocks if enabled else ():
+        for block in blocks:
             saved.append((block, block.__dict__.get("forward")))
             block.forward = _checkpointed(block.forward)
         yield

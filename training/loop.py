@@ -113,7 +113,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = run.accumulate_gradients()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            grads = [p.grad for p in params if p.grad is not None]
+            if config.max_grad_norm:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            else:  # only the finiteness check: no rescaling pass over every gradient
+                grad_norm = torch.nn.utils.get_total_norm(grads)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 fp32_hint = " or set training_dtype to fp32" if config.training_dtype != "fp32" else ""
