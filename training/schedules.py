@@ -70,7 +70,21 @@ def _sampling_sigmas(schedule: Schedule, steps: int) -> torch.Tensor:
     return torch.cat([schedule.percent_to_sigma(percent), torch.zeros(1)])
 
 
-class EpsSchedule:
+class _SigmaTable:
+    """`sigmas`: a 1000-entry table ascending with the timestep; its ends are the schedule's range."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+
+class EpsSchedule(_SigmaTable):
     """SD1.x discrete schedule, epsilon prediction: the network predicts the added noise.
 
     x_noisy = x0 + σ·noise; network input x / √(σ²+1); x0 = x − out·σ. Target: out = noise.
@@ -86,14 +100,6 @@ class EpsSchedule:
         sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
         self.sigmas = sigmas.float()  # ascending with the timestep, index 0..999
         self.log_sigmas = sigmas.log().float()
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         """Continuous timestep in [0, 999] → sigma, interpolating log σ between table entries."""
@@ -159,7 +165,7 @@ class VSchedule(EpsSchedule):
         return x_noisy * sd2 / (s ** 2 + sd2) - model_output * s * self.sigma_data / (s ** 2 + sd2).sqrt()
 
 
-class FlowSchedule:
+class FlowSchedule(_SigmaTable):
     """Rectified flow (SD3/Flux-style `CONST` sampling) with a timestep shift.
 
     σ(t) = shift·t / (1 + (shift−1)·t), t in (0, 1] on a 1000-step table; x_noisy = σ·noise + (1−σ)·x0;
@@ -177,14 +183,6 @@ class FlowSchedule:
 
     def _shifted(self, t: torch.Tensor) -> torch.Tensor:
         return self.shift * t / (1 + (self.shift - 1) * t)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """sigma → the network's t = σ·1000."""
