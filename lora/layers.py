@@ -104,6 +104,10 @@ class LoraAdapter(nn.Module):
             h = h * self.scale
         return nn.functional.linear(h, up, bias) if linear else self.lora_up._conv_forward(h, up, bias)
 
+    def delta(self) -> torch.Tensor:
+        """ΔW = scale · up @ down in the base weight's layout (fp32 master tensors, with grad)."""
+        return lora_delta(self.lora_down.weight, self.lora_up.weight, self.scale)
+
 
 def _zeros_like_fp32(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.zeros(t.shape, dtype=torch.float32, device=t.device))
