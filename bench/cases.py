@@ -13,7 +13,7 @@ A `Case` is a model size × a method × gradient checkpointing off/on, on the bu
 - `rebuild`: the same step with the LoRA layers run as `W + scale·up·down` rebuilt each forward
   (bench/rebuild.py), on the same trainable parameters.
 
-Gradient checkpointing wraps `model.net.blocks` as `train()` does. Each prepared case owns its own
+Gradient checkpointing wraps `model.net.blocks`, and the in-place guard `model.net`, as `train()` does. Each prepared case owns its own
 model instance, so every case can stay patched while the benchmark interleaves them.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from ..lora import LoraConfig, LoraNetwork, inject
-from ..training.checkpointing import gradient_checkpointing
+from ..training.checkpointing import training_forward
 from ..training.config import TrainConfig
 from ..training.loop import ModelFns, _Run
 from ..training.optim import lr_at, make_optimizer
@@ -154,5 +154,5 @@ def prepared(case: Case, seed: int = 0, dtype: str = "fp32") -> Iterator[Prepare
             if case.method == "rebuild":
                 stack.enter_context(weight_rebuild(model.net, network))
             step = EngineStep(network, fns, latents, config)
-        stack.enter_context(gradient_checkpointing(model.net.blocks, case.checkpointing))
+        stack.enter_context(training_forward(model.net, model.net.blocks, case.checkpointing))
         yield Prepared(step, model)

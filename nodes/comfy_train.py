@@ -11,6 +11,8 @@ so everything here runs with inference mode off, on clones of the latents and co
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 import comfy.model_management
 import comfy.samplers
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # node input name → TrainConfig field, where they differ
 _RENAMED = {"network_alpha": "alpha", "gradient_accumulation": "grad_accum"}
+_ABSENT = object()
 _PERCENT_EDGE = 1e-5  # ComfyUI maps percent 0 to a near-infinite sigma; keep draws inside (0, 1)
 
 
@@ -66,6 +69,22 @@ def _release_inference_tensors(module: torch.nn.Module) -> None:
         for name, b in m._buffers.items():
             if b is not None and b.is_inference():
                 m._buffers[name] = b.clone()
+
+
+@contextmanager
+def _comfy_training_flag() -> Iterator[None]:
+    """Set ComfyUI's `model_management.in_training` while training, as core's trainer does: some
+    models pick autograd-capable kernels by it (Flux's rope: comfy_kitchen's has no backward)."""
+    mm = comfy.model_management
+    before = mm.__dict__.get("in_training", _ABSENT)
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        if before is _ABSENT:
+            del mm.in_training
+        else:
+            mm.in_training = before
 
 
 def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -126,9 +145,10 @@ class TrainSampler(comfy.samplers.Sampler):
             ui_bar.update(1)
 
         try:
-            self.result = train(net, fns, latents, self.config, checkpoint_blocks=_checkpoint_blocks(net),
-                                existing=existing, existing_steps=existing_steps,
-                                hooks=Hooks(on_step, comfy.model_management.processing_interrupted))
+            with _comfy_training_flag():
+                self.result = train(net, fns, latents, self.config, checkpoint_blocks=_checkpoint_blocks(net),
+                                    existing=existing, existing_steps=existing_steps,
+                                    hooks=Hooks(on_step, comfy.model_management.processing_interrupted))
         finally:
             bar.close()
         return torch.zeros_like(latent_image)

@@ -1,41 +1,152 @@
-"""Gradient checkpointing of a model's top-level blocks, as a context manager that undoes itself.
+"""Autograd through a model's forward: blocks that write in place, and gradient checkpointing.
 
-Each block's forward is swapped for one that runs it under `torch.utils.checkpoint` (non-reentrant),
-so its activations are recomputed in the backward pass instead of kept. The original forwards are
-restored in `finally`.
+`training_forward(net, blocks, checkpointing)` patches the model for the length of a `with`:
+- every call of `net` runs under a fresh `SavedTensorGuard` (saved_tensors.py), so a block that
+  overwrites a tensor autograd saved (Flux's `x += …` after a norm used `x`) trains correctly,
+  with checkpointing or without;
+- with checkpointing, each block but the last (blocks in forward order) keeps only its inputs in
+  the forward pass; the first time backward needs one of its saved tensors, the block runs again
+  (same RNG and autocast state) under a guard of its own and hands over what it saved. The last
+  block is the first the backward pass reaches: recomputing it would cost time and save no memory.
+
+The checkpoint is written here rather than taken from `torch.utils.checkpoint`: torch's keeps
+aliases of the recomputed tensors, so an in-place write later in the same block changes them and
+the gradients come out wrong without an error (tests/test_inplace.py shows both).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterable, Iterator, NamedTuple
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from ..lora.patching import swapped_forwards
+from .saved_tensors import SavedTensor, SavedTensorGuard
 
 
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+class _Forward:
+    """The guard of the `net` call in progress, which checkpointed blocks hold their inputs in."""
 
-    return run
+    def __init__(self) -> None:
+        self.guard: SavedTensorGuard | None = None
+
+    def guarded(self, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled() or self.guard is not None:  # sampling, or a nested call
+                return forward(*args, **kwargs)
+            self.guard = SavedTensorGuard()
+            try:
+                with self.guard.saving():
+                    return forward(*args, **kwargs)
+            finally:
+                self.guard = None
+
+        return run
+
+    def checkpointed(self, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled() or self.guard is None:
+                return forward(*args, **kwargs)
+            return _CheckpointedCall(forward, args, kwargs, self.guard).run()
+
+        return run
+
+
+class _Input(NamedTuple):
+    """A tensor argument of a checkpointed call, held by the forward's guard."""
+
+    holder: SavedTensor
+    requires_grad: bool
+
+
+class _CheckpointedCall:
+    """One block call whose saved tensors are recomputed in the backward pass.
+
+    Tensor arguments (top level of args and kwargs) are held by the forward's guard, so a block
+    that writes into its own input still recomputes from the values it was called with. Dict and
+    list arguments are shallow-copied (ComfyUI updates `transformer_options` between blocks).
+    """
+
+    def __init__(self, forward: Callable, args: tuple, kwargs: dict, guard: SavedTensorGuard):
+        self.forward = forward
+        self.args = [_keep(a, guard) for a in args]
+        self.kwargs = {k: _keep(v, guard) for k, v in kwargs.items()}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        self.cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        self.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda])
+        self.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                         for d in sorted({"cpu", *(t.device.type for t in tensors)})]
+        self.count = 0
+        self.recomputed: list[SavedTensor | None] = []
+
+    def run(self):
+        """The block's forward on the caller's own tensors, saving nothing but a count."""
+        args = [_original(a) for a in self.args]
+        kwargs = {k: _original(v) for k, v in self.kwargs.items()}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return self.forward(*args, **kwargs)
+
+    def _pack(self, tensor: torch.Tensor) -> int:
+        self.count += 1
+        return self.count - 1
+
+    def _unpack(self, index: int) -> torch.Tensor:
+        if index >= len(self.recomputed) or self.recomputed[index] is None:
+            self._recompute()
+        holder, self.recomputed[index] = self.recomputed[index], None  # backward owns it now
+        return holder.tensor
+
+    def _recompute(self) -> None:
+        guard = SavedTensorGuard()
+        saved: list[SavedTensor | None] = []
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self.cuda))
+            torch.set_rng_state(self.rng[0])
+            for device, state in zip(self.cuda, self.rng[1]):
+                torch.cuda.set_rng_state(state, device)
+            for device_type, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(guard.hold(t)) or len(saved) - 1, lambda i: saved[i].tensor))
+            stack.enter_context(guard.copy_on_write())
+            args = [_fresh(a) for a in self.args]  # under enable_grad: backward itself runs without grad
+            kwargs = {k: _fresh(v) for k, v in self.kwargs.items()}
+            self.forward(*args, **kwargs)
+        if len(saved) != self.count:
+            raise RuntimeError(f"gradient checkpointing: the block saved {self.count} tensors for backward "
+                               f"but {len(saved)} when run again; it does not run the same way twice. "
+                               "Set gradient_checkpointing off for this model.")
+        self.recomputed = saved
+
+
+def _keep(value, guard: SavedTensorGuard):
+    if isinstance(value, torch.Tensor):
+        return _Input(guard.hold(value), value.requires_grad)
+    return type(value)(value) if isinstance(value, (dict, list)) else value
+
+
+def _original(value):
+    return value.holder.tensor if isinstance(value, _Input) else value
+
+
+def _fresh(value):
+    """An input for the recomputation, cut from the graph; a copy where the block wrote into it,
+    so that running it again does not write into the caller's tensor a second time."""
+    if not isinstance(value, _Input):
+        return value
+    tensor = value.holder.tensor.detach().requires_grad_(value.requires_grad)
+    # The clone is also a non-leaf, which autograd lets the block write into.
+    return tensor.clone() if value.holder.copied else tensor
 
 
 @contextmanager
-def gradient_checkpointing(blocks: Iterable[nn.Module], enabled: bool = True) -> Iterator[None]:
-    """Checkpoint each block but the last (blocks in forward order) inside the `with`; a no-op when
-    `enabled` is False."""
-    saved = []
-    # The last block in forward order is the first the backward pass reaches: recomputing it would
-    # cost time and save no memory, so it runs normally.
-    blocks = list(blocks)[:-1] if enabled else []
-    try:
-        for block in blocks:
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = _checkpointed(block.forward)
+def training_forward(net: nn.Module, blocks: Iterable[nn.Module] = (), checkpointing: bool = True) -> Iterator[None]:
+    """Guard every call of `net` against in-place writes; checkpoint each block but the last
+    (blocks in forward order, children of `net`) when `checkpointing`. Restored in `finally`."""
+    forward = _Forward()
+    checkpointed = list(blocks)[:-1] if checkpointing else []
+    swaps = [(net, forward.guarded)] + [(block, forward.checkpointed) for block in checkpointed]
+    with swapped_forwards(swaps):
         yield
-    finally:
-        for block, forward in reversed(saved):
-            if forward is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = forward

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..lora import DTYPES, LayerWeights, LoraConfig, inject, to_state_dict
-from .checkpointing import gradient_checkpointing
+from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import batch_indices, flatten_latents, group_by_shape
 from .optim import loss_function, lr_at, make_optimizer
@@ -95,7 +95,7 @@ def train(
     images = flatten_latents(latents)
     lora_config = LoraConfig(rank=config.rank, alpha=config.alpha or None)
     with inject(net, lora_config, seed=config.seed, weights=existing) as network, \
-            gradient_checkpointing(checkpoint_blocks, config.gradient_checkpointing):
+            training_forward(net, checkpoint_blocks, config.gradient_checkpointing):
         params = [p for p in network.parameters()]
         optimizer = make_optimizer(params, config)
         run = _Run(fns, images, config, torch.Generator().manual_seed(config.seed))
