@@ -215,3 +215,43 @@ def test_train_on_an_inplace_dit_learns(checkpointing):
     with merge_lora(model, resolve_state_dict(result.lora, model)):
         after = heldout_loss(diffusion, ctx, latents)
     assert after < 0.5 * before, (before, after)  # measured 1.51 → 0.65
+
+
+def two_calls(model: ToyDiT, checkpointing: bool, inplace_on_second: bool | None = None) -> list[dict]:
+    """Adapter gradients of two forward/backward calls inside one training_forward; optionally
+    switch the blocks to in-place writes between them (a model that changes its ways mid-run)."""
+    x, t, ctx = toy_inputs()
+    grads = []
+    with inject(model, LoraConfig(rank=4), seed=3) as network, \
+            training_forward(model, model.blocks, checkpointing):
+        with torch.no_grad():
+            for p in network.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        for call in range(2):
+            if call == 1 and inplace_on_second is not None:
+                model.double_block.inplace = model.single_block.inplace = inplace_on_second
+            network.zero_grad(set_to_none=True)
+            model(x, t, ctx).square().mean().backward()
+            grads.append({name: p.grad.clone() for name, p in network.named_parameters()})
+    return grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_model_without_inplace_writes_runs_light_after_its_first_call(checkpointing):
+    """The first call finds nothing to copy; the second runs without the guard and gets the same
+    gradients (the out-of-place twin here, so plain autograd is the reference)."""
+    _, twin = toy_pair()
+    expected = adapter_grads(twin, checkpointing=None)
+    for grads in two_calls(twin, checkpointing):
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_inplace_writes_that_start_after_the_first_call_fail_loudly(checkpointing):
+    """Light calls never compute a wrong gradient in silence: autograd's version check (outside
+    checkpointed blocks) or ours (inside them) refuses the overwritten tensor."""
+    _, twin = toy_pair()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|wrote in place into a tensor"):
+        two_calls(twin, checkpointing, inplace_on_second=True)
+    assert all("forward" not in m.__dict__ for m in twin.modules())

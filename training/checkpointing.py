@@ -1,9 +1,10 @@
 """Autograd through a model's forward: blocks that write in place, and gradient checkpointing.
 
 `training_forward(net, blocks, checkpointing)` patches the model for the length of a `with`:
-- every call of `net` runs under a fresh `SavedTensorGuard` (saved_tensors.py), so a block that
+- a call of `net` runs under a fresh `SavedTensorGuard` (saved_tensors.py), so a block that
   overwrites a tensor autograd saved (Flux's `x += …` after a norm used `x`) trains correctly,
-  with checkpointing or without;
+  with checkpointing or without; when the first call shows the model never does that, later
+  calls skip the guard's per-op cost (`_Forward`);
 - with checkpointing, each block but the last (blocks in forward order) keeps only its inputs in
   the forward pass; the first time backward needs one of its saved tensors, the block runs again
   (same RNG and autocast state) under a guard of its own and hands over what it saved. The last
@@ -26,35 +27,51 @@ from .saved_tensors import SavedTensor, SavedTensorGuard
 
 
 class _Forward:
-    """The guard of the `net` call in progress, which checkpointed blocks hold their inputs in."""
+    """The state of one `training_forward`: whether calls run guarded, and the guard in progress.
+
+    The first call with grad runs guarded. If neither it nor its checkpointed blocks' recomputations
+    had to copy anything, the model does not write into tensors autograd saved, and later calls run
+    light, without the per-op cost of the guard: plain autograd, whose own version check refuses an
+    in-place write outside checkpointed blocks, and checkpointed blocks whose saved tensors and
+    inputs are version-checked when used (`SavedTensor.value`). Either way a wrong gradient is
+    never computed silently.
+    """
 
     def __init__(self) -> None:
         self.guard: SavedTensorGuard | None = None
+        self.calls = 0  # guarded calls so far
+        self.copies = 0  # copy-on-write events of those calls and of their recomputations
+
+    @property
+    def light(self) -> bool:
+        return self.calls > 0 and self.copies == 0
 
     def guarded(self, forward: Callable) -> Callable:
         def run(*args, **kwargs):
-            if not torch.is_grad_enabled() or self.guard is not None:  # sampling, or a nested call
+            if not torch.is_grad_enabled() or self.guard is not None or self.light:  # sampling, nested, light
                 return forward(*args, **kwargs)
             self.guard = SavedTensorGuard()
             try:
                 with self.guard.saving():
                     return forward(*args, **kwargs)
             finally:
+                self.calls += 1
+                self.copies += self.guard.copies
                 self.guard = None
 
         return run
 
     def checkpointed(self, forward: Callable) -> Callable:
         def run(*args, **kwargs):
-            if not torch.is_grad_enabled() or self.guard is None:
+            if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            return _CheckpointedCall(forward, args, kwargs, self.guard).run()
+            return _CheckpointedCall(forward, args, kwargs, self).run()
 
         return run
 
 
 class _Input(NamedTuple):
-    """A tensor argument of a checkpointed call, held by the forward's guard."""
+    """A tensor argument of a checkpointed call, held by the forward's guard (when guarded)."""
 
     holder: SavedTensor
     requires_grad: bool
@@ -65,13 +82,16 @@ class _CheckpointedCall:
 
     Tensor arguments (top level of args and kwargs) are held by the forward's guard, so a block
     that writes into its own input still recomputes from the values it was called with. Dict and
-    list arguments are shallow-copied (ComfyUI updates `transformer_options` between blocks).
+    list arguments are shallow-copied (ComfyUI updates `transformer_options` between blocks). A call
+    made under a guard recomputes under a guard of its own; a light one checks versions instead.
     """
 
-    def __init__(self, forward: Callable, args: tuple, kwargs: dict, guard: SavedTensorGuard):
-        self.forward = forward
-        self.args = [_keep(a, guard) for a in args]
-        self.kwargs = {k: _keep(v, guard) for k, v in kwargs.items()}
+    def __init__(self, forward: Callable, args: tuple, kwargs: dict, owner: _Forward):
+        self.forward, self.owner = forward, owner
+        self.guarded = owner.guard is not None
+        hold = owner.guard.hold if self.guarded else SavedTensor
+        self.args = [_keep(a, hold) for a in args]
+        self.kwargs = {k: _keep(v, hold) for k, v in kwargs.items()}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         self.cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         self.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda])
@@ -95,10 +115,11 @@ class _CheckpointedCall:
         if index >= len(self.recomputed) or self.recomputed[index] is None:
             self._recompute()
         holder, self.recomputed[index] = self.recomputed[index], None  # backward owns it now
-        return holder.tensor
+        return holder.value()
 
     def _recompute(self) -> None:
-        guard = SavedTensorGuard()
+        guard = SavedTensorGuard() if self.guarded else None
+        hold = guard.hold if guard is not None else SavedTensor
         saved: list[SavedTensor | None] = []
         with ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=self.cuda))
@@ -109,8 +130,9 @@ class _CheckpointedCall:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(guard.hold(t)) or len(saved) - 1, lambda i: saved[i].tensor))
-            stack.enter_context(guard.copy_on_write())
+                lambda t: saved.append(hold(t)) or len(saved) - 1, lambda i: saved[i].tensor))
+            if guard is not None:
+                stack.enter_context(guard.copy_on_write())
             args = [_fresh(a) for a in self.args]  # under enable_grad: backward itself runs without grad
             kwargs = {k: _fresh(v) for k, v in self.kwargs.items()}
             self.forward(*args, **kwargs)
@@ -118,12 +140,14 @@ class _CheckpointedCall:
             raise RuntimeError(f"gradient checkpointing: the block saved {self.count} tensors for backward "
                                f"but {len(saved)} when run again; it does not run the same way twice. "
                                "Set gradient_checkpointing off for this model.")
+        if guard is not None:
+            self.owner.copies += guard.copies
         self.recomputed = saved
 
 
-def _keep(value, guard: SavedTensorGuard):
+def _keep(value, hold: Callable[[torch.Tensor], SavedTensor]):
     if isinstance(value, torch.Tensor):
-        return _Input(guard.hold(value), value.requires_grad)
+        return _Input(hold(value), value.requires_grad)
     return type(value)(value) if isinstance(value, (dict, list)) else value
 
 
@@ -136,7 +160,7 @@ def _fresh(value):
     so that running it again does not write into the caller's tensor a second time."""
     if not isinstance(value, _Input):
         return value
-    tensor = value.holder.tensor.detach().requires_grad_(value.requires_grad)
+    tensor = value.holder.value().detach().requires_grad_(value.requires_grad)
     # The clone is also a non-leaf, which autograd lets the block write into.
     return tensor.clone() if value.holder.copied else tensor
 

@@ -14,7 +14,11 @@ wrong as well.)
 `TorchDispatchMode` sees every op that writes into a tensor (from the op's schema) and, just
 before the write, gives every holder of that storage a private copy of the old values. Only
 tensors that are really overwritten are copied; values and gradients equal those of the same
-block written out of place.
+block written out of place. The mode costs a Python call per op, so checkpointing.py runs it only
+for models that need it.
+
+Every holder also remembers its tensor's version counter: `SavedTensor.value()` refuses a tensor
+that was overwritten behind its back, so a write the guard did not see fails loudly, never silently.
 """
 from __future__ import annotations
 
@@ -29,11 +33,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class SavedTensor:
     """A saved tensor's value for backward: the tensor itself until something overwrites it."""
 
-    __slots__ = ("tensor", "copied", "__weakref__")
+    __slots__ = ("tensor", "version", "copied", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
+        self.version = tensor._version
         self.copied = False  # True once an in-place write made us keep a private copy
+
+    def keep_copy(self) -> None:
+        self.tensor = self.tensor.clone()
+        self.version, self.copied = self.tensor._version, True
+
+    def value(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "Train LoRA: the model wrote in place into a tensor it had saved for backward, on a "
+                "call where it had not done so before, so its gradients would be wrong. Please report "
+                "this model; setting gradient_checkpointing off may avoid it.")
+        return self.tensor
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -53,10 +70,14 @@ def _written_tensors(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 class SavedTensorGuard:
-    """Holders for saved tensors, and the copy-on-write that protects them from in-place writes."""
+    """Holders for saved tensors, and the copy-on-write that protects them from in-place writes.
+
+    `copies` counts the holders that had to keep a copy: 0 means nothing was overwritten.
+    """
 
     def __init__(self) -> None:
         self._by_storage: dict[tuple[str, int], list[weakref.ref]] = {}
+        self.copies = 0
 
     def hold(self, tensor: torch.Tensor) -> SavedTensor:
         """Keep `tensor`'s current values for later, copying them only if something overwrites them."""
@@ -71,7 +92,8 @@ class SavedTensorGuard:
         for ref in refs or ():
             holder = ref()
             if holder is not None:
-                holder.tensor, holder.copied = holder.tensor.clone(), True
+                holder.keep_copy()
+                self.copies += 1
 
     def copy_on_write(self) -> TorchDispatchMode:
         """A mode under which every in-place write first copies what this guard holds of its target."""
@@ -80,12 +102,8 @@ class SavedTensorGuard:
     @contextmanager
     def saving(self) -> Iterator[None]:
         """Autograd saves through this guard, and in-place writes copy what it holds, inside the `with`."""
-        with torch.autograd.graph.saved_tensors_hooks(self.hold, _unpack), self.copy_on_write():
+        with torch.autograd.graph.saved_tensors_hooks(self.hold, SavedTensor.value), self.copy_on_write():
             yield
-
-
-def _unpack(holder: SavedTensor) -> torch.Tensor:
-    return holder.tensor
 
 
 class _CopyOnWrite(TorchDispatchMode):
