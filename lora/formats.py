@@ -10,17 +10,18 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .keys import ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, DOWN, KOHYA_UNET_PREFIX, UP, kohya_name, split_key
+from .files import write_atomically
+from .keys import (ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, DOWN, KOHYA_UNET_PREFIX, UP, is_text_encoder_key,
+                   kohya_name, split_key)
 from .layers import LayerWeights, can_take_lora
 
 log = logging.getLogger(__name__)
@@ -49,27 +50,46 @@ def _cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype).contiguous()
 
 
+_LAYOUTS = ("kohya (lora_down/lora_up/alpha/diff/diff_b), PEFT/diffusers (lora_A/lora_B, lora.down/lora.up) "
+            "and diffusers' attention processors (processor.to_q_lora.down)")
+_OTHER_MODEL = ("this LoRA was likely trained for another base model (for example an SDXL LoRA on an SD1.x "
+                "model); pick a LoRA made for this model, or train a new one")
+
+
 def resolve_state_dict(
-    sd: Mapping[str, torch.Tensor], model: nn.Module, aliases: Mapping[str, str] | None = None
+    sd: Mapping[str, torch.Tensor], model: nn.Module, aliases: Mapping[str, str] | None = None,
+    label: str | None = None,
 ) -> dict[str, LayerWeights]:
     """Any supported layout → module path → LayerWeights, checked against `model`'s layers.
 
     `aliases` maps foreign module names (e.g. diffusers') to the model's module paths. Raises
     ValueError naming the key for an unknown layout or layer, and the key, layer and both shapes for
-    a tensor that does not fit.
+    a tensor that does not fit; with `label` (the input, e.g. "existing_lora: x.safetensors") the
+    message starts with it, and a LoRA that fits no layer or the wrong shapes gets the likely cause.
     """
+    try:
+        return _resolve(sd, model, aliases or {})
+    except _NotThisModel as err:
+        raise ValueError(f"{label}: {err}; {_OTHER_MODEL}" if label else str(err)) from None
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}" if label else str(err)) from None
+
+
+class _NotThisModel(ValueError):
+    """A LoRA tensor with no layer of this name or shape: most likely a LoRA for another model."""
+
+
+def _resolve(sd: Mapping[str, torch.Tensor], model: nn.Module, aliases: Mapping[str, str]) -> dict[str, LayerWeights]:
     modules = dict(model.named_modules())
     by_kohya = {kohya_name(p): p for p in modules if p}
     fields: dict[str, dict[str, object]] = defaultdict(dict)
     for key, tensor in sd.items():
         parts = split_key(key)
         if parts is None:
-            raise ValueError(f"LoRA key {key!r}: not a LoRA tensor this pack can read "
-                             "(expected lora_down/lora_up/alpha/diff/diff_b or lora_A/lora_B)")
-        path = _module_path(parts[0], modules, by_kohya, aliases or {})
+            raise ValueError(f"LoRA key {key!r}: not a LoRA tensor this pack can read; it reads {_LAYOUTS}")
+        path = _module_path(parts[0], modules, by_kohya, aliases)
         if path is None:
-            raise ValueError(f"LoRA key {key!r}: matches no layer of the model; "
-                             "is this LoRA for a different model family?")
+            raise _NotThisModel(f"LoRA key {key!r}: matches no layer of the model")
         fields[path][parts[1]] = tensor.item() if parts[1] == "alpha" else tensor
         fields[path].setdefault("_keys", {})[parts[1]] = key
     return {path: _checked(path, modules[path], f) for path, f in fields.items()}
@@ -95,7 +115,7 @@ def _checked(path: str, module: nn.Module, f: dict[str, object]) -> LayerWeights
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
 
     def fail(field: str, got: torch.Size, need: object) -> ValueError:
-        return ValueError(f"LoRA key {keys[field]!r} does not fit layer {path!r}: "
+        return _NotThisModel(f"LoRA key {keys[field]!r} does not fit layer {path!r}: "
                           f"the file has shape {tuple(got)}, the layer needs {need}")
 
     if (w.down is None) != (w.up is None):
@@ -117,30 +137,38 @@ def _checked(path: str, module: nn.Module, f: dict[str, object]) -> LayerWeights
 
 
 def save_lora_file(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> Path:
-    """Write atomically (temp file in the same folder, then rename); never overwrites a file."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path}: already exists; choose another filename prefix")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically with ComfyUI's output permissions (files.py); never overwrites a file."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: t.contiguous() for k, t in sd.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    tensors = {k: t.contiguous() for k, t in sd.items()}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta), "LoRA")
 
 
-def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, metadata) of a .safetensors LoRA; FileNotFoundError names the path."""
+def load_lora_file(path: str | os.PathLike, label: str = "existing_lora") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a .safetensors LoRA. Errors name `label` (the input) and the path:
+    FileNotFoundError if missing, ValueError if empty, not safetensors, or holding NaN/inf values."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"existing_lora: {path} does not exist; pick a file from the list")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        raise FileNotFoundError(f"{label}: {path} does not exist; pick a file from the list")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{label}: {path} is empty (0 bytes), not a readable safetensors file, e.g. from an "
+                         "interrupted download; download or save it again, or pick another file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sd, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{label}: {path} is not a readable safetensors file ({err}); it may be damaged or "
+                         "incomplete: download or save it again, or pick another file") from err
+    bad = next((k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ValueError(f"{label}: {path} holds NaN/inf values (first in {bad!r}), e.g. from a run whose loss "
+                         "diverged; continue from an earlier save or train from scratch")
+    return sd, metadata
+
+
+def split_text_encoder(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(diffusion-model part, text-encoder part) of a state dict; keys.TEXT_ENCODER_PREFIXES decide."""
+    unet = {k: t for k, t in sd.items() if not is_text_encoder_key(k)}
+    return unet, {k: t for k, t in sd.items() if is_text_encoder_key(k)}
 
 
 def parse_steps(filename: str) -> int:

@@ -2,10 +2,14 @@
 
 Our files use the kohya-ss sd-scripts layout that ComfyUI, A1111/Forge and kohya tools load
 (`networks/lora.py`): `lora_unet_<module path, dots → underscores>` followed by one of the suffixes
-below. The loader also reads ComfyUI core training's files (`diffusion_model.<path>.lora_up.weight`)
-and diffusers/PEFT files (`<prefix>.<path>.lora_A.weight` / `lora_B.weight`).
+below. The loader also reads ComfyUI core training's files (`diffusion_model.<path>.lora_up.weight`),
+diffusers/PEFT files (`<prefix>.<path>.lora_A.weight` / `lora_B.weight`), and diffusers' 2023
+attention-processor files (`<path>.processor.to_q_lora.down.weight`, as comfy/lora.py maps them).
+Text-encoder keys (`lora_te_…`, `text_encoder.…`) are recognised so that they can be kept aside.
 """
 from __future__ import annotations
+
+import re
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 
@@ -39,6 +43,21 @@ DOTTED_PREFIXES: tuple[str, ...] = (
 )
 
 
+# Text-encoder parts of a LoRA (kohya SD1.x / SDXL / SD3 / Flux, diffusers, ComfyUI's generic form).
+TEXT_ENCODER_PREFIXES: tuple[str, ...] = (
+    "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_",
+    "text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.",
+)
+
+# diffusers' attention-processor LoRA (LoRAAttnProcessor, 2023): `<attn>.processor.to_q_lora.down.weight`
+# is the LoRA of `<attn>.to_q`; `to_out_lora` is that of `<attn>.to_out.0`.
+_PROCESSOR_KEY = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def is_text_encoder_key(key: str) -> bool:
+    return key.startswith(TEXT_ENCODER_PREFIXES)
+
+
 def kohya_name(module_path: str) -> str:
     """`input_blocks.1.1.proj_in` → `lora_unet_input_blocks_1_1_proj_in`."""
     return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
@@ -46,6 +65,10 @@ def kohya_name(module_path: str) -> str:
 
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a state-dict key into (layer name, field) or None if no known suffix ends it."""
+    processor = _PROCESSOR_KEY.match(key)
+    if processor is not None:
+        attn, proj, field = processor.groups()
+        return f"{attn}.{proj}" + (".0" if proj == "to_out" else ""), field
     for suffix in sorted(SUFFIX_FIELDS, key=len, reverse=True):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], SUFFIX_FIELDS[suffix]

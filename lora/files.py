@@ -1,0 +1,76 @@
+"""Writing output files: atomically, with the permissions ComfyUI's own outputs get, errors in words.
+
+A file is written to a temp file in the target folder and moved into place with `os.replace`, so a
+reader never sees half a file and a failure leaves none. The temp file is created with mode 0666
+filtered by the process umask, which is what `open(path, "wb")` gives and therefore what ComfyUI's
+SaveImage (PIL `Image.save`) gives its PNGs: with the usual umask 022, 0644, readable by other
+accounts (a service user, a shared box). That mode is set again after writing, since `tempfile.mkstemp`
+and safetensors' own atomic save (0.8) give 0600.
+
+A failure (read-only or immutable folder, full disk, quota) raises an OSError whose message names
+the target path and the cause in words instead of the temp file's errno line.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+from typing import Callable
+
+_WRITABLE = "make the folder writable for the account the server runs as, or choose another filename prefix"
+_SPACE = "free some space, or choose a filename prefix on another disk"
+_CAUSES = {  # errno → (the cause in words, the fix)
+    errno.EACCES: ("permission denied: the folder is read-only for this account", _WRITABLE),
+    errno.EPERM: ("operation not permitted: the folder or file system is read-only or immutable", _WRITABLE),
+    errno.EROFS: ("the file system is mounted read-only", "choose a filename prefix on a writable disk"),
+    errno.ENOSPC: ("the disk is full (no space left on device)", _SPACE),
+    errno.EDQUOT: ("this account's disk quota is used up", _SPACE),
+    errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter filename prefix"),
+}
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")  # safetensors reports I/O errors as "... (os error 28)"
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what: str = "file") -> Path:
+    """Create `path` through `write(temp_path)`; never overwrites an existing file.
+
+    Raises FileExistsError if `path` exists, and OSError / PermissionError naming `path` and the
+    cause when the folder cannot be made or written. `what` names the file in messages ("LoRA").
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; choose another filename prefix")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 & ~umask, as open() gives
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.close(fd)
+        write(str(tmp))
+        os.chmod(tmp, mode)  # the writer may have replaced the file: safetensors writes its own 0600 temp file
+        os.replace(tmp, path)
+    except Exception as err:
+        cause = write_error_cause(err)
+        if cause is None:
+            raise
+        code, words, fix = cause
+        kind = PermissionError if code in (errno.EACCES, errno.EPERM, errno.EROFS) else OSError
+        raise kind(f"cannot write the {what} {path}: {words}; {fix}") from err
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_error_cause(err: BaseException) -> tuple[int, str, str] | None:
+    """(errno, the cause in words, the fix) of an OSError or a library error carrying an OS error; else None."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        match = _RUST_OS_ERROR.search(str(err))
+        code = int(match.group(1)) if match else None
+    if code is None:
+        return None
+    words, fix = _CAUSES.get(code, (os.strerror(code), "check the folder, or choose another filename prefix"))
+    return code, words, fix
