@@ -32,6 +32,58 @@ def check_caption_count(n_captions: int, n_images: int) -> None:
                          "give 1 for all images, or one per image")
 
 
+def caption_entries(entry_counts: Sequence[int], n_images: int) -> list[list[int]]:
+    """Which conditioning entries each image trains with: one list of entry indices per image.
+
+    `entry_counts[i]` is how many entries the i-th CONDITIONING holds: 1 for a text encode, several
+    for a ConditioningCombine, whose prompts are one combined caption, as when sampling with it.
+    One CONDITIONING serves every image; otherwise there must be one per image.
+    """
+    check_caption_count(len(entry_counts), n_images)
+    starts = [sum(entry_counts[:i]) for i in range(len(entry_counts))]
+    combined = [list(range(start, start + count)) for start, count in zip(starts, entry_counts)]
+    return combined * n_images if len(combined) == 1 else combined
+
+
+def describe_captions(entry_counts: Sequence[int], n_images: int) -> str:
+    """One line saying how the captions reach the images, e.g. for a ConditioningCombine."""
+    combined = sum(1 for c in entry_counts if c > 1)
+    if len(entry_counts) == 1:
+        what = (f"one combined caption ({entry_counts[0]} prompts, e.g. from ConditioningCombine) for every image"
+                if combined else "one caption for every image")
+    else:
+        what = "one caption per image" + (f" ({combined} of them combined from several prompts)" if combined else "")
+    return f"Train LoRA: {n_images} images, {what}"
+
+
+def check_latent_channels(images: Sequence[torch.Tensor], channels: int, model_name: str) -> None:
+    """Every (C, H, W) latent has the model's `channels`; else a ValueError naming the VAE/model mismatch."""
+    wrong = next((x for x in images if x.shape[0] != channels), None)
+    if wrong is None:
+        return
+    got = wrong.shape[0]
+    raise ValueError(
+        f"latents: they have {got} channels, but this model ({model_name}) takes {channels}-channel latents; the "
+        f"images were encoded with the VAE of another model ({_vae_family(got)}); encode them with the VAE that "
+        f"belongs to this model ({_vae_family(channels)}), e.g. its checkpoint loader's VAE output")
+
+
+def _vae_family(channels: int) -> str:
+    families = {4: "4 channels: SD1.x/SDXL", 16: "16 channels: SD3/Flux", 128: "128 channels: Flux 2"}
+    return families.get(channels, f"{channels} channels")
+
+
+def oversized_batch_note(batch_size: int, n_images: int, order: str) -> str | None:
+    """One line for a batch_size above the image count (what each step then trains on), else None."""
+    if batch_size <= n_images:
+        return None
+    if order == "random":
+        what = f"each step trains on all {n_images} images once"
+    else:
+        what = f"each step fills its {batch_size} places by repeating images"
+    return f"Train LoRA: batch_size {batch_size} is larger than the {n_images} images; {what}"
+
+
 def group_by_shape(indices: Sequence[int], images: Sequence[torch.Tensor]) -> list[list[int]]:
     """Split a batch into same-shape groups (order of first appearance) that can be stacked."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)

@@ -3,11 +3,15 @@
 Images come out as ComfyUI's IMAGE layout: float32 (N, H, W, 3) in [0, 1]. EXIF orientation is
 applied; greyscale, 16-bit, palette and alpha images are converted to RGB (alpha composited on
 white). Resize methods: None (sizes must match), Stretch, Crop (scale to cover, centre crop),
-Pad (fit inside, pad with black). Captions are `<image>.txt` beside the image; kohya-ss repeat
-folders (`<N>_<name>/`) repeat their images N times.
+Pad (fit inside, pad with black). Captions are `<image>.txt` beside the image, read as UTF-8 (a BOM
+accepted), UTF-16 with a BOM, or else Windows-1252 (what Windows editors save as "ANSI"); kohya-ss
+repeat folders (`<N>_<name>/`) repeat their images N times. Walking a folder skips hidden files and
+folders (`.name`: `.ipynb_checkpoints/`, `.DS_Store`, macOS `._*` AppleDouble files) and `__MACOSX/`.
 """
 from __future__ import annotations
 
+import codecs
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,6 +24,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 RESIZE_METHODS = ("None", "Stretch", "Crop", "Pad")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
+_SKIPPED_FOLDERS = ("__MACOSX",)  # resource-fork copies a zip made on macOS carries
+_LEGACY_ENCODING = "cp1252"
+_LISTED = 10  # uncaptioned images named in the warning before "and N more"
+
+log = logging.getLogger(__name__)
 
 
 class ImageSet(NamedTuple):
@@ -29,11 +38,21 @@ class ImageSet(NamedTuple):
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files in `folder` and its subfolders, sorted; non-image files are skipped."""
+    """Image files in `folder` and its subfolders, sorted; non-image files, hidden files and folders
+    (`.name`) and `__MACOSX` folders are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder: {folder} is not a folder; choose a subfolder of the input folder")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_skipped(d)]
+        found += [Path(dirpath, f) for f in filenames if not is_skipped(f) and f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(p for p in found if p.is_file())
+
+
+def is_skipped(name: str) -> bool:
+    """Hidden files and folders (`.name`) and `__MACOSX`: never part of a dataset."""
+    return name.startswith(".") or name in _SKIPPED_FOLDERS
 
 
 def repeats_of(path: Path, root: Path) -> int:
@@ -46,8 +65,47 @@ def repeats_of(path: Path, root: Path) -> int:
 
 
 def read_caption(path: Path) -> str:
+    """The caption of image `path` (`<image>.txt`), stripped; "" if there is none."""
     caption = path.with_suffix(".txt")
-    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+    if not caption.is_file():
+        return ""
+    try:
+        raw = caption.read_bytes()
+    except OSError as err:
+        raise ValueError(f"caption file {caption}: cannot be read ({err.strerror}); check its permissions") from err
+    return decode_caption(raw, caption).strip()
+
+
+def decode_caption(raw: bytes, path: Path) -> str:
+    """UTF-8 (BOM accepted), UTF-16 with a BOM, else Windows-1252; ValueError naming the file if none fits."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encodings = ("utf-16",)
+    elif b"\0" in raw:  # NUL bytes: not a text file in any 8-bit encoding
+        encodings = ()
+    else:
+        encodings = ("utf-8-sig", _LEGACY_ENCODING)
+    for encoding in encodings:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if encoding == _LEGACY_ENCODING:
+            log.info("caption %s is not UTF-8; read it as Windows-1252", path)
+        return text
+    raise ValueError(f"caption file {path}: cannot be read as text (tried UTF-8, UTF-16 and Windows-1252); "
+                     "open it in a text editor and save it as UTF-8")
+
+
+def fill_captions(paths: Sequence[Path], captions: Sequence[str], default: str) -> list[str]:
+    """Captions with `default` where an image has none; one warning lists the uncaptioned images."""
+    missing = list(dict.fromkeys(p for p, c in zip(paths, captions) if not c))
+    if missing:
+        names = ", ".join(p.name for p in missing[:_LISTED])
+        more = f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
+        got = f"the default_caption {default!r}" if default else "an empty caption (default_caption is empty)"
+        log.warning("Load Captioned Image Set: %d of %d images have no .txt caption (%s%s); they train with %s",
+                    len(missing), len(dict.fromkeys(paths)), names, more, got)
+    return [c or default for c in captions]
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -109,9 +167,11 @@ def load_image_folder(folder: str | os.PathLike, resize_method: str = "None", wi
     root = Path(folder)
     files = list_images(root)
     if not files:
-        raise ValueError(f"folder: {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or pick another")
+        raise ValueError(f"folder: {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files "
+                         "and __MACOSX are skipped); add some or pick another")
     paths = [p for p in files for _ in range(repeats_of(p, root) if use_repeats else 1)]
     unique = load_images(files, resize_method, width, height)
     index = {p: i for i, p in enumerate(files)}
     images = unique[[index[p] for p in paths]]
-    return ImageSet(images, paths, [read_caption(p) for p in paths])
+    captions = {p: read_caption(p) for p in files}
+    return ImageSet(images, paths, [captions[p] for p in paths])

@@ -13,6 +13,7 @@ does (weighting noisy steps by about σ²).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
@@ -23,8 +24,10 @@ from torch import nn
 from ..lora import DTYPES, LayerWeights, LoraConfig, inject, to_state_dict
 from .checkpointing import training_forward
 from .config import TrainConfig
-from .data import batch_indices, flatten_latents, group_by_shape
+from .data import batch_indices, flatten_latents, group_by_shape, oversized_batch_note
 from .optim import loss_function, lr_at, make_optimizer
+
+log = logging.getLogger(__name__)
 
 
 class ModelFns(NamedTuple):
@@ -93,6 +96,9 @@ def train(
     """
     hooks = hooks or Hooks()
     images = flatten_latents(latents)
+    note = oversized_batch_note(config.batch_size, len(images), config.batch_order)
+    if note:
+        log.warning(note)
     lora_config = LoraConfig(rank=config.rank, alpha=config.alpha or None)
     with inject(net, lora_config, seed=config.seed, weights=existing) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing):
