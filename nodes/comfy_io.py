@@ -1,11 +1,10 @@
 """ComfyUI glue for the small nodes: saving LoRAs, applying them, the loss graph, image sets.
 
 Imported only when a node runs. Files go to ComfyUI's output folder via `folder_paths`, written
-atomically (lora/formats.py); prefixes may not leave the output folder.
+atomically with ComfyUI's output permissions (lora/files.py); prefixes follow nodes/paths.py.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import comfy.sd
@@ -14,45 +13,39 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..lora import save_lora_file
+from ..lora import save_lora_file, split_text_encoder
+from ..lora.files import write_atomically
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
+from .paths import PrefixInput, next_free, output_target
 
 
-def _output_target(prefix: str) -> tuple[Path, str]:
-    """(folder, file stem) inside the output folder; ValueError if the prefix escapes it."""
-    output = Path(folder_paths.get_output_directory()).resolve()
-    target = (output / prefix).resolve()
-    if not prefix.strip() or os.path.isabs(prefix) or output not in target.parents:
-        raise ValueError(f"prefix: {prefix!r} points outside the output folder; use a relative name like 'loras/my_lora'")
-    return target.parent, target.name
+SAVE_LORA_PREFIX = PrefixInput("prefix", "ComfyUI_trained_lora", "loras/my_lora")
+PLOT_PREFIX = PrefixInput("filename_prefix", "loss_graph", "loss_graphs/my_run")
 
 
-def _next_free(folder: Path, make_name) -> Path:
-    """First `make_name(counter)` (counter from 1) that does not exist yet: never overwrite."""
-    counter = 1
-    while (folder / make_name(counter)).exists():
-        counter += 1
-    return folder / make_name(counter)
+def _output_dir() -> Path:
+    return Path(folder_paths.get_output_directory()).resolve()
 
 
 def save_lora(lora: dict, prefix: str, steps: int | None) -> str:
     """`<prefix>_<steps>_steps_<counter>_.safetensors` (or without steps); returns the relative path."""
     if not isinstance(lora, dict) or not lora:
         raise ValueError("lora: got no LoRA weights; connect the lora output of Train LoRA")
-    folder, stem = _output_target(prefix)
+    folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
     middle = f"_{steps}_steps" if steps is not None else ""
-    path = _next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
+    path = next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
     metadata = {"format": "comfyui-lora-trainer", "steps": str(steps) if steps is not None else ""}
     save_lora_file(path, lora, metadata)
-    return path.relative_to(Path(folder_paths.get_output_directory()).resolve()).as_posix()
+    return path.relative_to(_output_dir()).as_posix()
 
 
 def apply_lora(model, lora: dict, strength: float):
     """ComfyUI's normal LoRA patching on a clone; strength 0 passes the model through."""
     if strength == 0:
         return model
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    unet, _ = split_text_encoder(lora)  # a text-encoder part (kept from a continued kohya LoRA) needs a CLIP
+    patched, _ = comfy.sd.load_lora_for_models(model, None, unet, strength, 0)
     return patched
 
 
@@ -62,14 +55,10 @@ def save_loss_graph(loss: dict, prefix: str) -> tuple[torch.Tensor, dict]:
     if not values:
         raise ValueError("loss: no loss values; connect the loss output of Train LoRA")
     pixels = plot_losses([float(v) for v in values])
-    folder, stem = _output_target(prefix)
-    path = _next_free(folder, lambda n: f"{stem}_{n:05}_.png")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    output = Path(folder_paths.get_output_directory()).resolve()
-    subfolder = path.parent.relative_to(output).as_posix()
+    folder, stem = output_target(_output_dir(), prefix, PLOT_PREFIX)
+    path = next_free(folder, lambda n: f"{stem}_{n:05}_.png")
+    write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), "loss graph")
+    subfolder = path.parent.relative_to(_output_dir()).as_posix()
     entry = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
     return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None], entry
 

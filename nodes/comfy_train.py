@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import comfy.model_management
 import comfy.samplers
@@ -23,10 +23,10 @@ import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from tqdm.auto import tqdm
 
-from ..lora import load_lora_file, parse_steps, resolve_state_dict
-from ..lora.keys import KOHYA_UNET_PREFIX
+from ..lora import load_lora_file, parse_steps, resolve_state_dict, split_text_encoder
+from ..lora.keys import KOHYA_UNET_PREFIX, TEXT_ENCODER_PREFIXES
 from ..training.config import TrainConfig
-from ..training.data import check_caption_count, flatten_latents
+from ..training.data import caption_entries, check_latent_channels, describe_captions, flatten_latents
 from ..training.loop import Hooks, ModelFns, TrainResult, train
 from .common import NONE_LORA
 
@@ -49,9 +49,13 @@ def _clone_tree(value):
     return value
 
 
-def _flat_conditioning(positive: list) -> list:
-    """INPUT_IS_LIST conditioning → one flat list of [tensor, options] entries (one per caption)."""
-    return [entry for conditioning in positive for entry in conditioning]
+def _flat_conditioning(positive: list) -> tuple[list, list[int]]:
+    """INPUT_IS_LIST conditioning → (one flat list of [tensor, options] entries, entries per CONDITIONING).
+
+    Each CONDITIONING is one caption; one with several entries (ConditioningCombine) is a combined
+    caption whose entries are applied together, as when sampling (training/data.caption_entries).
+    """
+    return [entry for conditioning in positive for entry in conditioning], [len(c) for c in positive]
 
 
 def _release_inference_tensors(module: torch.nn.Module) -> None:
@@ -105,25 +109,42 @@ def _diffusers_aliases(base_model) -> dict[str, str]:
     return aliases
 
 
-def _existing(name: str, base_model) -> tuple[dict | None, int]:
-    """The LoRA to continue (any format the LoRA core reads) and its earlier steps, from its name."""
+class Existing(NamedTuple):
+    """The LoRA to continue: its diffusion-model weights, earlier steps, and text-encoder tensors kept as they are."""
+
+    weights: dict | None = None
+    steps: int = 0
+    text_encoder: dict | None = None
+
+
+def _existing(name: str, base_model) -> Existing:
+    """The LoRA to continue (any format the LoRA core reads) and its earlier steps, from its name.
+
+    A text-encoder part (kohya `lora_te_…`) is not trained; it is returned to go into the output unchanged.
+    """
     if name in (None, "", NONE_LORA):
-        return None, 0
+        return Existing()
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise FileNotFoundError(f"existing_lora: {name!r} is not in the loras folder; pick a file from the list")
-    sd, _ = load_lora_file(path)
+    unet, text_encoder = split_text_encoder(load_lora_file(path)[0])
+    if text_encoder:
+        kinds = sorted({p for k in text_encoder for p in TEXT_ENCODER_PREFIXES if k.startswith(p)})
+        log.info("Train LoRA: existing_lora %r has %d text-encoder tensors (%s); they go into the output LoRA "
+                 "unchanged and untrained, only the diffusion-model part is trained", name, len(text_encoder),
+                 ", ".join(f"{k}…" for k in kinds))
     aliases = _diffusers_aliases(base_model) if hasattr(base_model.model_config, "unet_config") else {}
-    return resolve_state_dict(sd, base_model.diffusion_model, aliases), parse_steps(name)
+    weights = resolve_state_dict(unet, base_model.diffusion_model, aliases, label=f"existing_lora {name!r}")
+    return Existing(weights, parse_steps(name), text_encoder)
 
 
 class TrainSampler(comfy.samplers.Sampler):
     """Runs the whole training loop where a sampler would sample; keeps the result."""
 
-    def __init__(self, latents: list[torch.Tensor], captions: list[int], config: TrainConfig,
-                 existing: tuple[dict | None, int]):
+    def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
         self.result: TrainResult | None = None
+        self.steps_done = 0  # completed steps, also when ComfyUI's progress hook raises on cancel
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -134,12 +155,12 @@ class TrainSampler(comfy.samplers.Sampler):
         _release_inference_tensors(net)
         # every latent through process_latent_in; the engine takes batches, so each image is a batch of 1
         latents = [base.process_latent_in(x.to(device)[None]) for x in self.latents]
-        existing, existing_steps = self.existing
         fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args)
         bar = tqdm(total=self.config.steps, desc="Train LoRA")
         ui_bar = comfy.utils.ProgressBar(self.config.steps)
 
         def on_step(step: int, loss: float, lr: float) -> None:
+            self.steps_done = step
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
             ui_bar.update(1)
@@ -147,7 +168,7 @@ class TrainSampler(comfy.samplers.Sampler):
         try:
             with _comfy_training_flag():
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=_checkpoint_blocks(net),
-                                    existing=existing, existing_steps=existing_steps,
+                                    existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=Hooks(on_step, comfy.model_management.processing_interrupted))
         finally:
             bar.close()
@@ -159,11 +180,11 @@ class TrainSampler(comfy.samplers.Sampler):
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
         def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
-            # One guider call per caption: the guider would average several conds over the whole batch.
+            # One guider call per caption: the guider combines every cond it holds over the whole batch.
             out = torch.empty_like(noisy)
-            for caption in dict.fromkeys(self.captions[i] for i in indices):
-                rows = [r for r, i in enumerate(indices) if self.captions[i] == caption]
-                model_wrap.conds["positive"] = [conds[caption]]
+            for caption in dict.fromkeys(tuple(self.captions[i]) for i in indices):
+                rows = [r for r, i in enumerate(indices) if tuple(self.captions[i]) == caption]
+                model_wrap.conds["positive"] = [conds[e] for e in caption]
                 pred = model_wrap(noisy[rows], sigma[rows], **extra_args)
                 out = out.index_put((torch.tensor(rows, device=noisy.device),), pred.to(out.dtype))
             return out
@@ -186,20 +207,36 @@ def train_lora(model, latents: list[dict], positive: list, options: dict) -> tup
     config = _config(options)
     with torch.inference_mode(False), torch.enable_grad():
         images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
-        entries = _clone_tree(_flat_conditioning(positive))
-        check_caption_count(len(entries), len(images))
-        captions = [0] * len(images) if len(entries) == 1 else list(range(len(images)))
+        _check_channels(images, model.model)
+        entries, counts = _flat_conditioning(_clone_tree(positive))
+        captions = caption_entries(counts, len(images))
+        log.info(describe_captions(counts, len(images)))
         existing = _existing(options.get("existing_lora", NONE_LORA), model.model)
         sampler = TrainSampler(images, captions, config, existing)
         guider = Guider_Basic(model.clone())
         guider.set_conds(entries)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
-        guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
+        try:
+            guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
+        except comfy.model_management.InterruptProcessingException:  # raised by ComfyUI's progress hook
+            _log_cancel(sampler.steps_done, config.steps)
+            raise
     result = sampler.result
     if result is None or result.cancelled:
-        done = 0 if result is None else len(result.losses)
-        log.warning("Train LoRA: cancelled after %d of %d steps; the model is restored", done, config.steps)
+        _log_cancel(0 if result is None else len(result.losses), config.steps)
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise RuntimeError("Train LoRA: cancelled; the model is restored. Queue the prompt again to train.")
     model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
-    return model_with_lora, result.lora, {"loss": result.losses}, result.total_steps
+    lora = {**result.lora, **(existing.text_encoder or {})}  # the text-encoder part of a continued LoRA, untouched
+    return model_with_lora, lora, {"loss": result.losses}, result.total_steps
+
+
+def _check_channels(images: list[torch.Tensor], base_model) -> None:
+    latent_format = getattr(base_model, "latent_format", None)
+    channels = getattr(latent_format, "latent_channels", None)
+    if isinstance(channels, int):
+        check_latent_channels(images, channels, type(base_model.model_config).__name__)
+
+
+def _log_cancel(done: int, steps: int) -> None:
+    log.warning("Train LoRA: cancelled after %d of %d steps; the model is restored", done, steps)

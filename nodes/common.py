@@ -24,24 +24,28 @@ def input_files() -> list[str]:
         import folder_paths
     except ImportError:
         return []
-    from ..training.images import IMAGE_SUFFIXES
+    from ..training.images import IMAGE_SUFFIXES, is_skipped
     import os
 
     root = folder_paths.get_input_directory()
-    return sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(root, f)))
+    return sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES) and not is_skipped(f)
+                  and os.path.isfile(os.path.join(root, f)))
 
 
 def input_subfolders() -> list[str]:
-    """Subfolders of ComfyUI's input folder, relative, '/'-separated (empty outside ComfyUI)."""
+    """Subfolders of ComfyUI's input folder, relative, '/'-separated (empty outside ComfyUI); hidden
+    folders and `__MACOSX`, and everything under them, are left out."""
     try:
         import folder_paths
     except ImportError:
         return []
     import os
 
+    from ..training.images import is_skipped
+
     root = folder_paths.get_input_directory()
     found = []
     for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        found += [os.path.relpath(os.path.join(dirpath, d), root).replace(os.sep, "/") for d in dirnames if not d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not is_skipped(d))
+        found += [os.path.relpath(os.path.join(dirpath, d), root).replace(os.sep, "/") for d in dirnames]
     return sorted(found)

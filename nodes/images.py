@@ -90,8 +90,9 @@ class LoadCaptionedImageSet:
 
     def execute(self, folder: str, clip, default_caption: str = "", resize_method: str = "None",
                 width: int = 0, height: int = 0) -> tuple:
+        from ..training.images import fill_captions
         from .comfy_io import encode_captions, load_input_folder
 
         image_set = load_input_folder(folder, resize_method, width, height)
-        captions = [c or default_caption for c in image_set.captions]
+        captions = fill_captions(image_set.paths, image_set.captions, default_caption)
         return image_set.images, encode_captions(clip, captions), captions

@@ -19,7 +19,7 @@ class SaveLoRA:
         return {
             "required": {
                 "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
-                "prefix": ("STRING", {"default": f"{OUTPUT_LORA_FOLDER}/ComfyUI_trained_lora", "tooltip": "File name prefix, relative to the output folder (may not leave it)."}),
+                "prefix": ("STRING", {"default": f"{OUTPUT_LORA_FOLDER}/ComfyUI_trained_lora", "tooltip": "File name prefix, relative to the output folder (may not leave it); ending in / saves into that folder."}),
             },
             "optional": {
                 "steps": ("INT", {"forceInput": True, "tooltip": "Total steps trained; written into the name so training can continue later."}),

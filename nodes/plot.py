@@ -18,7 +18,7 @@ class PlotLossGraph:
         return {
             "required": {
                 "loss": ("LOSS_MAP", {"tooltip": "The loss history from Train LoRA ({'loss': [...]})."}),
-                "filename_prefix": ("STRING", {"default": "loss_graph", "tooltip": "Prefix of the PNG saved in the output folder."}),
+                "filename_prefix": ("STRING", {"default": "loss_graph", "tooltip": "Prefix of the PNG saved in the output folder (relative; ending in / saves into that folder)."}),
             },
         }
 

@@ -28,7 +28,7 @@ class TrainLoRA:
             "required": {
                 "model": ("MODEL", {"tooltip": "The base model to train."}),
                 "latents": ("LATENT", {"tooltip": "The training images, VAE-encoded: one batch, or several LATENTs of different sizes."}),
-                "positive": ("CONDITIONING", {"tooltip": "The caption(s): one for all images, or one per image."}),
+                "positive": ("CONDITIONING", {"tooltip": "The caption(s): one for all images, or one per image. A ConditioningCombine is one combined caption (its prompts applied together)."}),
             },
             "optional": {
                 "batch_size": ("INT", {"default": _D.batch_size, "min": 1, "max": 10000, "tooltip": "Images per step."}),
