@@ -308,6 +308,8 @@ def test_cancel_leaves_comfyui_healthy_and_the_model_restored(comfy, trained, ba
     entry = comfy.wait(prompt_id, timeout=120)
     events = [event for event, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in events, entry["status"]
+    assert re.search(r"Train LoRA: cancelled after [1-9]\d* of 100000 steps; the model is restored", comfy.log(mark)), \
+        comfy.log(mark)[-3000:]
     assert not list(comfy.output_dir.glob("loras/it_cancel*")), "a cancelled run wrote a LoRA"
     assert_base_model_restored(comfy, baseline, checkpoint_loads(comfy), "after_cancel")
 
@@ -367,7 +369,9 @@ def test_lora_that_does_not_fit_the_model_is_an_error(comfy, dataset, baseline):
         "lora_unet_input_blocks_0_0.lora_up.weight": np.zeros((320, 4, 1, 1), np.float32),
     })
     _, error = run_failing(comfy, train_graph(comfy, steps=1, existing_lora="it_wrong_shape.safetensors"))
-    assert "does not fit layer 'input_blocks.0.0'" in error and "(4, 7, 3, 3)" in error, error
+    assert "existing_lora 'it_wrong_shape.safetensors': LoRA key 'lora_unet_input_blocks_0_0.lora_down.weight' " \
+           "does not fit layer 'input_blocks.0.0'" in error and "(4, 7, 3, 3)" in error, error
+    assert "likely trained for another base model" in error, error
 
 
 def test_diverging_loss_is_an_error_and_the_model_is_restored(comfy, dataset, baseline):
@@ -379,8 +383,8 @@ def test_diverging_loss_is_an_error_and_the_model_is_restored(comfy, dataset, ba
     assert_base_model_restored(comfy, baseline, checkpoint_loads(comfy), "after_divergence")
 
 
-def test_nan_lora_weights_make_a_nan_loss_error(comfy, trained, baseline):
-    # Continuing a LoRA whose up weights are NaN makes the very first loss NaN.
+def test_nan_lora_weights_are_refused_when_loading(comfy, trained, baseline):
+    # A LoRA from a run that diverged: refused before training, naming the file and the first bad key.
     torch = pytest.importorskip("torch")  # the saved file is bf16, which numpy cannot hold
     from safetensors.torch import load_file, save_file
 
@@ -389,7 +393,9 @@ def test_nan_lora_weights_make_a_nan_loss_error(comfy, trained, baseline):
     save_file(poisoned, str(comfy.loras_dir / "it_nan_5_steps_.safetensors"))
     _, error = run_failing(comfy, train_graph(comfy, steps=3, existing_lora="it_nan_5_steps_.safetensors",
                                               prefix="loras/it_nan"))
-    assert "the loss became nan at step 6" in error and "learning_rate" in error, error
+    first_bad = min(k for k in poisoned if k.endswith("lora_up.weight"))  # safetensors lists keys sorted
+    assert "existing_lora:" in error and "it_nan_5_steps_.safetensors holds NaN/inf values" in error, error
+    assert f"(first in {first_bad!r})" in error, error
     assert not list(comfy.output_dir.glob("loras/it_nan*"))
     assert_base_model_restored(comfy, baseline, checkpoint_loads(comfy), "after_nan")
 
