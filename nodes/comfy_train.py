@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..lora import load_lora_file, parse_steps, resolve_state_dict, split_text_encoder
 from ..lora.keys import KOHYA_UNET_PREFIX, TEXT_ENCODER_PREFIXES
+from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
 from ..training.data import caption_entries, check_latent_channels, describe_captions, flatten_latents
 from ..training.loop import Hooks, ModelFns, TrainResult, train
@@ -89,14 +90,6 @@ def _comfy_training_flag() -> Iterator[None]:
             del mm.in_training
         else:
             mm.in_training = before
-
-
-def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Top-level blocks: the diffusion model's children, ModuleLists opened one level."""
-    blocks = []
-    for child in diffusion_model.children():
-        blocks.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
-    return [b for b in blocks if any(True for _ in b.parameters())]
 
 
 def _diffusers_aliases(base_model) -> dict[str, str]:
@@ -167,7 +160,7 @@ class TrainSampler(comfy.samplers.Sampler):
 
         try:
             with _comfy_training_flag():
-                self.result = train(net, fns, latents, self.config, checkpoint_blocks=_checkpoint_blocks(net),
+                self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=Hooks(on_step, comfy.model_management.processing_interrupted))
         finally:

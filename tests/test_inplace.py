@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyui_lora_trainer.lora import LoraConfig, inject, merge_lora, resolve_state_dict
-from comfyui_lora_trainer.training.checkpointing import training_forward
+from comfyui_lora_trainer.training.checkpointing import model_blocks, training_forward
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.schedules import make_schedule
@@ -255,3 +255,37 @@ def test_inplace_writes_that_start_after_the_first_call_fail_loudly(checkpointin
     with pytest.raises(RuntimeError, match="modified by an inplace operation|wrote in place into a tensor"):
         two_calls(twin, checkpointing, inplace_on_second=True)
     assert all("forward" not in m.__dict__ for m in twin.modules())
+
+
+class WalkedSequential(nn.Sequential):
+    """A container whose own forward the parent never calls: it walks the layers itself, as
+    ComfyUI's UNet does with TimestepEmbedSequential."""
+
+
+class WalkingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([WalkedSequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+                                     for _ in range(2)])
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for container in self.blocks:
+            for layer in container:
+                x = layer(x)
+        return self.out(x)
+
+
+def test_model_blocks_open_containers_so_checkpointing_engages():
+    net = WalkingNet().requires_grad_(False)
+    blocks = model_blocks(net)
+    assert blocks == [net.blocks[0][0], net.blocks[0][2], net.blocks[1][0], net.blocks[1][2], net.out]
+    x = torch.randn(3, 8)
+    with inject(net, LoraConfig(rank=2)) as network, training_forward(net, blocks, True) as forward:
+        net(x).square().sum().backward()
+        checkpointed = {name: p.grad.clone() for name, p in network.named_parameters()}
+        assert forward.describe().startswith("gradient checkpointing: 4 of 4 patched blocks ran checkpointed")
+    with inject(net, LoraConfig(rank=2)) as network:
+        net(x).square().sum().backward()
+        for name, p in network.named_parameters():
+            torch.testing.assert_close(checkpointed[name], p.grad, msg=name)

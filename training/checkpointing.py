@@ -37,10 +37,19 @@ class _Forward:
     never computed silently.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, checkpointed_blocks: int) -> None:
         self.guard: SavedTensorGuard | None = None
         self.calls = 0  # guarded calls so far
         self.copies = 0  # copy-on-write events of those calls and of their recomputations
+        self.checkpointed_blocks = checkpointed_blocks
+        self.blocks_run: set[int] = set()  # ids of checkpointed blocks whose patched forward ran
+
+    def describe(self) -> str:
+        """One line for the log: what checkpointing and the in-place guard did so far."""
+        guard = ("on: the model writes in place into tensors saved for backward" if self.copies
+                 else "off: the model writes into no tensor saved for backward")
+        return (f"gradient checkpointing: {len(self.blocks_run)} of {self.checkpointed_blocks} "
+                f"patched blocks ran checkpointed; in-place guard {guard}")
 
     @property
     def light(self) -> bool:
@@ -61,10 +70,11 @@ class _Forward:
 
         return run
 
-    def checkpointed(self, forward: Callable) -> Callable:
+    def checkpointed(self, forward: Callable, block: nn.Module) -> Callable:
         def run(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
+            self.blocks_run.add(id(block))
             return _CheckpointedCall(forward, args, kwargs, self).run()
 
         return run
@@ -165,12 +175,34 @@ def _fresh(value):
     return tensor.clone() if value.holder.copied else tensor
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def model_blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks to checkpoint: the first modules under `net` that are not containers, in
+    definition order, with parameters.
+
+    Containers are opened because their own forward may never run: ComfyUI's UNet walks the
+    layers of each `TimestepEmbedSequential` (an nn.Sequential) itself and calls them one by one.
+    """
+    blocks = []
+    for child in net.children():
+        if isinstance(child, _CONTAINERS):
+            blocks.extend(model_blocks(child))
+        elif any(True for _ in child.parameters()):
+            blocks.append(child)
+    return blocks
+
+
 @contextmanager
-def training_forward(net: nn.Module, blocks: Iterable[nn.Module] = (), checkpointing: bool = True) -> Iterator[None]:
+def training_forward(net: nn.Module, blocks: Iterable[nn.Module] = (),
+                     checkpointing: bool = True) -> Iterator[_Forward]:
     """Guard every call of `net` against in-place writes; checkpoint each block but the last
-    (blocks in forward order, children of `net`) when `checkpointing`. Restored in `finally`."""
-    forward = _Forward()
+    (blocks in forward order, e.g. `model_blocks(net)`) when `checkpointing`. Restored in `finally`.
+    Yields the state, whose `describe()` tells what happened."""
     checkpointed = list(blocks)[:-1] if checkpointing else []
-    swaps = [(net, forward.guarded)] + [(block, forward.checkpointed) for block in checkpointed]
+    forward = _Forward(len(checkpointed))
+    swaps = [(net, forward.guarded)]
+    swaps += [(block, lambda f, b=block: forward.checkpointed(f, b)) for block in checkpointed]
     with swapped_forwards(swaps):
-        yield
+        yield forward

@@ -101,7 +101,7 @@ def train(
         log.warning(note)
     lora_config = LoraConfig(rank=config.rank, alpha=config.alpha or None)
     with inject(net, lora_config, seed=config.seed, weights=existing) as network, \
-            training_forward(net, checkpoint_blocks, config.gradient_checkpointing):
+            training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
         params = [p for p in network.parameters()]
         optimizer = make_optimizer(params, config)
         run = _Run(fns, images, config, torch.Generator().manual_seed(config.seed))
@@ -133,6 +133,8 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
+            if step == 0:
+                log.info("Train LoRA: %s", forward.describe())
             if hooks.on_step is not None:
                 hooks.on_step(step + 1, loss, lr)
         return result()
