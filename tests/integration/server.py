@@ -4,8 +4,8 @@ Environment:
     COMFYUI_DIR            a ComfyUI checkout (required; without it every test here skips)
     COMFYUI_PYTHON         interpreter for the server (default: $COMFYUI_DIR/venv/bin/python if
                            present, else this interpreter)
-    COMFYUI_IT_CACHE       where the tiny checkpoint is cached
-                           (default: ~/.cache/comfyui-lora-trainer-it)
+    COMFYUI_IT_CACHE       where the tiny checkpoint (and make_flux.py's tiny Flux model and VAE)
+                           are cached (default: ~/.cache/comfyui-lora-trainer-it)
     COMFYUI_START_TIMEOUT  seconds to wait for the server (default: 180)
 
 conftest.py's session-scoped `comfy` fixture builds a throw-away ComfyUI base folder (models/checkpoints
@@ -192,6 +192,26 @@ def cached_checkpoint(comfy_dir: Path, python: str) -> Path:
     return path
 
 
+FLUX_MODEL_NAME = "tiny_flux.safetensors"  # make_flux.py's files: UNETLoader's unet_name
+FLUX_VAE_NAME = "tiny_flux_vae.safetensors"  # and VAELoader's vae_name
+
+
+def cached_flux(comfy_dir: Path, python: str) -> tuple[Path, Path]:
+    """Build the tiny Flux model and its VAE once per version of make_flux.py; (model, vae)."""
+    script = HERE / "make_flux.py"
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:10]
+    cache = Path(os.environ.get("COMFYUI_IT_CACHE", "~/.cache/comfyui-lora-trainer-it")).expanduser()
+    folder = cache / f"tiny_flux-{digest}"
+    model, vae = folder / FLUX_MODEL_NAME, folder / FLUX_VAE_NAME
+    if not (model.exists() and vae.exists()):
+        env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
+        done = subprocess.run([python, str(script), str(folder)], cwd=comfy_dir, env=env,
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"make_flux.py failed:\n{done.stdout}\n{done.stderr}")
+    return model, vae
+
+
 def _link(target: Path, link: Path) -> None:
     try:
         link.symlink_to(target, target_is_directory=target.is_dir())
@@ -205,11 +225,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_dir(root: Path, checkpoint: Path) -> None:
+def make_base_dir(root: Path, checkpoint: Path | None, extra: dict[str, Path] | None = None) -> None:
+    """The folders of a ComfyUI base dir, the checkpoint (if any) and this pack linked in, plus
+    `extra` files linked in at their paths relative to `root` (e.g. models/vae/x.safetensors)."""
     for sub in ("models/checkpoints", "models/loras", "input", "output", "user", "temp", "custom_nodes"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    _link(checkpoint, root / "models" / "checkpoints" / CHECKPOINT_NAME)
+    if checkpoint is not None:
+        _link(checkpoint, root / "models" / "checkpoints" / CHECKPOINT_NAME)
     _link(PACK_ROOT, root / "custom_nodes" / PACK_FOLDER_NAME)
+    for relative, target in (extra or {}).items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        _link(target, root / relative)
 
 
 def _wait_until_up(client: ComfyClient, timeout: float) -> None:
