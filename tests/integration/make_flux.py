@@ -30,6 +30,7 @@ import os
 import sys
 
 import torch
+from make_checkpoint import _init_weights as init_torch_layers  # run as a script: its folder is on sys.path
 
 SEED = 0
 FLUX_NAME = "tiny_flux.safetensors"
@@ -52,16 +53,8 @@ VAE_DECODER_CH = 32
 
 
 def _init_weights(module: torch.nn.Module) -> torch.nn.Module:
-    """Give every parameter a value: ComfyUI's ops skip init and leave memory uninitialised."""
-    for p in module.parameters():
-        torch.nn.init.normal_(p, std=0.02)  # anything no torch layer below claims
-    torch_layers = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm,
-                    torch.nn.LayerNorm, torch.nn.Embedding)
-    for m in module.modules():
-        for cls in torch_layers:
-            if isinstance(m, cls):
-                cls.reset_parameters(m)  # torch's own default init, not ComfyUI's no-op
-                break
+    """make_checkpoint.py's init (torch's defaults over a normal fill), plus RMSNorm scales of 1."""
+    init_torch_layers(module)
     for name, m in module.named_modules():
         if type(m).__name__ == "RMSNorm" and getattr(m, "weight", None) is not None:
             torch.nn.init.ones_(m.weight)  # RMSNorm scales: 1, as a real model starts
