@@ -2,11 +2,12 @@
 from .formats import (DTYPES, load_lora_file, parse_steps, resolve_state_dict, save_lora_file, split_text_encoder,
                       to_state_dict)
 from .inject import LoraConfig, LoraNetwork, inject, is_injected
+from .algos import ALGORITHMS
 from .layers import LayerWeights
 from .merge import MergedLora, merge_lora
 
 __all__ = [
-    "DTYPES", "LayerWeights", "LoraConfig", "LoraNetwork", "MergedLora", "inject", "is_injected",
+    "ALGORITHMS", "DTYPES", "LayerWeights", "LoraConfig", "LoraNetwork", "MergedLora", "inject", "is_injected",
     "load_lora_file", "merge_lora", "parse_steps", "resolve_state_dict", "save_lora_file", "split_text_encoder",
     "to_state_dict",
 ]

@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import write_atomically
-from .keys import (ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, DOWN, KOHYA_UNET_PREFIX, UP, is_text_encoder_key,
-                   kohya_name, split_key)
-from .layers import LayerWeights, can_take_lora
+from .algos import detect
+from .algos.lora import DOWN, UP
+from .keys import ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, KOHYA_UNET_PREFIX, is_text_encoder_key, kohya_name, split_key
+from .layers import LayerWeights, layer_shape
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,11 @@ def to_state_dict(weights: Mapping[str, LayerWeights], dtype: torch.dtype) -> di
     sd = {}
     for path, w in weights.items():
         name = kohya_name(path)
-        if w.down is not None:
-            sd[f"{name}.{DOWN}"] = _cpu(w.down, dtype)
-            sd[f"{name}.{UP}"] = _cpu(w.up, dtype)
-            sd[f"{name}.{ALPHA}"] = torch.tensor(float(w.alpha), dtype=torch.float32)
-        if w.diff is not None:
-            sd[f"{name}.{DIFF}"] = _cpu(w.diff, dtype)
-        if w.diff_b is not None:
-            sd[f"{name}.{DIFF_B}"] = _cpu(w.diff_b, dtype)
+        for suffix, tensor in w.tensors.items():
+            if suffix == ALPHA:
+                sd[f"{name}.{ALPHA}"] = torch.tensor(float(tensor), dtype=torch.float32)
+            else:
+                sd[f"{name}.{suffix}"] = _cpu(tensor, dtype)
     return sd
 
 
@@ -50,7 +48,7 @@ def _cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype).contiguous()
 
 
-_LAYOUTS = ("kohya (lora_down/lora_up/alpha/diff/diff_b), PEFT/diffusers (lora_A/lora_B, lora.down/lora.up) "
+_LAYOUTS = ("kohya (lora_down/lora_up/alpha/diff/diff_b), LyCORIS (hada_w1_a…, lokr_w1…, dora_scale), PEFT/diffusers (lora_A/lora_B, lora.down/lora.up) "
             "and diffusers' attention processors (processor.to_q_lora.down)")
 _OTHER_MODEL = ("this LoRA was likely trained for another base model (for example an SDXL LoRA on an SD1.x "
                 "model); pick a LoRA made for this model, or train a new one")
@@ -90,7 +88,7 @@ def _resolve(sd: Mapping[str, torch.Tensor], model: nn.Module, aliases: Mapping[
         path = _module_path(parts[0], modules, by_kohya, aliases)
         if path is None:
             raise _NotThisModel(f"LoRA key {key!r}: matches no layer of the model")
-        fields[path][parts[1]] = tensor.item() if parts[1] == "alpha" else tensor
+        fields[path][parts[1]] = tensor
         fields[path].setdefault("_keys", {})[parts[1]] = key
     return {path: _checked(path, modules[path], f) for path, f in fields.items()}
 
@@ -111,29 +109,38 @@ def _module_path(name: str, modules: Mapping[str, nn.Module], by_kohya: Mapping[
 
 def _checked(path: str, module: nn.Module, f: dict[str, object]) -> LayerWeights:
     keys = f.pop("_keys")
-    w = LayerWeights(**f)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
 
     def fail(field: str, got: torch.Size, need: object) -> ValueError:
         return _NotThisModel(f"LoRA key {keys[field]!r} does not fit layer {path!r}: "
-                          f"the file has shape {tuple(got)}, the layer needs {need}")
+                             f"the file has shape {tuple(got)}, the layer needs {need}")
 
-    if (w.down is None) != (w.up is None):
-        missing = "up" if w.up is None else "down"
-        present = "down" if missing == "up" else "up"
+    algo = detect(frozenset(f))
+    if algo is not None:
+        _check_algorithm(algo, path, module, f, keys, fail)
+    diff, diff_b = f.get(DIFF), f.get(DIFF_B)
+    if diff is not None and (weight is None or diff.shape != weight.shape):
+        raise fail(DIFF, diff.shape, tuple(weight.shape) if weight is not None else "no weight")
+    if diff_b is not None and (bias is None or diff_b.shape != bias.shape):
+        raise fail(DIFF_B, diff_b.shape, tuple(bias.shape) if bias is not None else "no bias")
+    order = [*(algo.SUFFIXES if algo is not None else (ALPHA,)), DIFF, DIFF_B]
+    return LayerWeights(algo.NAME if algo is not None else None, {s: f[s] for s in order if s in f})
+
+
+def _check_algorithm(algo, path: str, module: nn.Module, f: dict, keys: dict, fail) -> None:
+    """The layer's keys are one algorithm's, complete, and fit the layer (the algorithm checks shapes)."""
+    if DOWN in algo.SUFFIXES and (DOWN in f) != (UP in f):
+        missing, present = ("up", DOWN) if UP not in f else ("down", UP)
         raise ValueError(f"LoRA key {keys[present]!r}: layer {path!r} has no matching lora_{missing} tensor")
-    if w.down is not None:
-        if weight is None or weight.dim() < 2 or not can_take_lora(module):
-            raise fail("down", w.down.shape, f"no LoRA ({type(module).__name__} takes a weight difference)")
-        if w.down.shape[1:] != weight.shape[1:]:
-            raise fail("down", w.down.shape, f"(rank, {', '.join(map(str, weight.shape[1:]))})")
-        if w.up.shape[0] != weight.shape[0] or w.up.shape[1] != w.down.shape[0] or any(d != 1 for d in w.up.shape[2:]):
-            raise fail("up", w.up.shape, f"({weight.shape[0]}, {w.down.shape[0]}" + ", 1" * (weight.dim() - 2) + ")")
-    if w.diff is not None and (weight is None or w.diff.shape != weight.shape):
-        raise fail("diff", w.diff.shape, tuple(weight.shape) if weight is not None else "no weight")
-    if w.diff_b is not None and (bias is None or w.diff_b.shape != bias.shape):
-        raise fail("diff_b", w.diff_b.shape, tuple(bias.shape) if bias is not None else "no bias")
-    return w
+    stray = sorted(set(f) - set(algo.SUFFIXES) - {DIFF, DIFF_B})
+    if stray:
+        raise ValueError(f"LoRA key {keys[stray[0]]!r}: layer {path!r} mixes {algo.NAME} keys with another "
+                         "algorithm's; the file is damaged or merged wrongly")
+    shape = layer_shape(module) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+    first = next(s for s in algo.SUFFIXES if s in f and s != ALPHA)
+    if shape is None:
+        raise fail(first, f[first].shape, f"no {algo.NAME} ({type(module).__name__} takes a weight difference)")
+    algo.check(shape, f, fail)
 
 
 def save_lora_file(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> Path:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .algos import ALGORITHMS, AlgoOptions, Algorithm, LayerShape
 from .keys import kohya_name
 from .layers import LayerAdapter, LayerWeights, build_adapter
+from .patching import swapped_forwards
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,12 @@ _MARK = "__lora_trainer_patch__"
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """What to inject. alpha None or 0 means alpha = rank (scale 1), as in kohya-ss."""
+    """What to inject. alpha None or 0 means alpha = rank (scale 1), as in kohya-ss.
+
+    conv_rank / conv_alpha (kohya's conv_dim / conv_alpha) set conv layers apart; None means "as
+    Linear layers": conv_rank = rank, and conv_alpha = alpha (or, with a conv_rank given,
+    conv_alpha = conv_rank). `factor` is LoKr's split (-1: the most square).
+    """
 
     rank: int = 8
     alpha: float | None = None
@@ -35,6 +43,10 @@ class LoraConfig:
     train_diffs: bool = True  # weight differences for <2-D weights, bias differences for biases
     include: str | None = None  # regex on the module path; None selects every eligible layer
     exclude: str | None = None
+    algorithm: str = "lora"
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    factor: int = -1
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -43,15 +55,41 @@ class LoraConfig:
             raise ValueError(f"alpha: got {self.alpha}; give 0 or more (0 means alpha = rank)")
         if self.init not in INITS:
             raise ValueError(f"init: got {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: got {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.conv_rank is not None and (not isinstance(self.conv_rank, int) or self.conv_rank < 1):
+            raise ValueError(f"conv_rank: got {self.conv_rank!r}; give an integer of 1 or more, or None (= rank)")
+        if self.conv_alpha is not None and self.conv_alpha < 0:
+            raise ValueError(f"conv_alpha: got {self.conv_alpha}; give 0 or more (0 means conv_alpha = conv_rank)")
+        AlgoOptions(factor=self.factor)  # validates factor
+        for name in ("include", "exclude"):
+            _check_pattern(name, getattr(self, name))
 
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha) if self.alpha else float(self.rank)
 
+    def options(self, shape: LayerShape) -> AlgoOptions:
+        """The rank, alpha, init and factor of one layer (conv layers may have their own rank/alpha)."""
+        rank, alpha = self.rank, self.effective_alpha
+        if shape.is_conv and (self.conv_rank is not None or self.conv_alpha):
+            rank = self.conv_rank or self.rank
+            alpha = float(self.conv_alpha) if self.conv_alpha else (float(rank) if self.conv_rank else alpha)
+        return AlgoOptions(rank=rank, alpha=alpha, init=self.init, factor=self.factor)
+
     def selects(self, path: str) -> bool:
         if self.include is not None and not re.search(self.include, path):
             return False
         return self.exclude is None or not re.search(self.exclude, path)
+
+
+def _check_pattern(name: str, pattern: str | None) -> None:
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({err}); fix or clear it") from None
 
 
 class LoraNetwork(nn.Module):
@@ -65,7 +103,7 @@ class LoraNetwork(nn.Module):
         self.paths = {kohya_name(p): p for p in adapters}  # ModuleDict keys may not contain dots
         self.adapters = nn.ModuleDict({kohya_name(p): a for p, a in adapters.items()})
         self._targets = targets  # plain dict: the model's modules must not become ours
-        self._saved_forwards: dict[str, object] = {}
+        self._forwards = ExitStack()
         self._saved_grad = {id(p): p.requires_grad for p in model.parameters()}
         self._model_params = list(model.parameters())
         self.active = False
@@ -77,20 +115,13 @@ class LoraNetwork(nn.Module):
     def _patch(self) -> None:
         for p in self._model_params:
             p.requires_grad_(False)
-        for path, module in self._targets.items():
-            self._saved_forwards[path] = module.__dict__.get("forward")
-            module.forward = _patched_forward(module, self.adapters[kohya_name(path)])
+        swaps = [(module, _wrapper(module, self.adapters[kohya_name(path)])) for path, module in self._targets.items()]
+        self._forwards.enter_context(swapped_forwards(swaps))
         self.active = True
 
     def remove(self) -> None:
         """Restore every forward and requires_grad flag; safe to call twice."""
-        for path, saved in self._saved_forwards.items():
-            module = self._targets[path]
-            if saved is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved
-        self._saved_forwards.clear()
+        self._forwards.close()
         for p in self._model_params:
             p.requires_grad_(self._saved_grad[id(p)])
         self.active = False
@@ -102,14 +133,15 @@ class LoraNetwork(nn.Module):
         self.remove()
 
 
-def _patched_forward(module: nn.Module, adapter: LayerAdapter) -> Callable[..., torch.Tensor]:
-    base_forward = module.forward
+def _wrapper(module: nn.Module, adapter: LayerAdapter) -> Callable[[Callable], Callable[..., torch.Tensor]]:
+    def wrap(base_forward: Callable) -> Callable[..., torch.Tensor]:
+        def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            return adapter.run(module, lambda inp: base_forward(inp, *args, **kwargs), x)
 
-    def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return adapter.run(module, lambda inp: base_forward(inp, *args, **kwargs), x)
+        setattr(forward, _MARK, True)
+        return forward
 
-    setattr(forward, _MARK, True)
-    return forward
+    return wrap
 
 
 def is_injected(module: nn.Module) -> bool:
@@ -135,12 +167,15 @@ def inject(
     config: LoraConfig,
     seed: int = 0,
     weights: dict[str, LayerWeights] | None = None,
+    device: torch.device | str | None = None,
 ) -> LoraNetwork:
-    """Wrap every selected layer of `model` as `base(x) + scale·up(down(x))` and freeze the model.
+    """Wrap every selected layer of `model` as `base(x) + h(x)` (the config's algorithm) and freeze it.
 
-    `seed` drives the random `down` init (layer order is the model's module order). `weights`
-    (module path → LayerWeights, from `formats.resolve_state_dict`) resumes a trained LoRA exactly;
-    its rank and alpha win over the config's. Raises ValueError if the model is already injected.
+    `seed` drives the random init (layer order is the model's module order). `weights` (module path →
+    LayerWeights, from `formats.resolve_state_dict`) resumes a trained adapter exactly; its algorithm,
+    rank and alpha win over the config's. `device` is where the layers compute (under ComfyUI's
+    offloading not where their weights rest); None: each layer's weight's device. Raises ValueError
+    if the model is already injected.
     """
     if any(is_injected(m) for m in model.modules()):
         raise ValueError("model: already has LoRA adapters injected; remove() them before injecting again")
@@ -148,34 +183,47 @@ def inject(
     generator = torch.Generator().manual_seed(seed)
     targets, adapters = {}, {}
     for path, module in eligible_modules(model, config).items():
-        loaded = weights.get(path)
-        rank, alpha = config.rank, config.effective_alpha
-        if loaded is not None and loaded.down is not None:  # a file's rank and alpha win
-            rank = loaded.down.shape[0]
-            alpha = loaded.alpha or float(rank)
-        adapter = build_adapter(module, rank, alpha, config.train_diffs)
+        at = torch.device(device) if device is not None else _resting_device(module)
+        make = _maker(module, config, generator, at, weights.get(path))
+        adapter = build_adapter(module, make, config.train_diffs, config.train_diffs, at)
         if adapter is None:
             continue
-        if adapter.lora is None:
-            log.debug("weight difference instead of LoRA for %s (%s)", path, type(module).__name__)
-        else:
-            adapter.lora.reset(generator, config.init)
-        if loaded is not None:
-            _load_layer(adapter, loaded)
+        if adapter.algo is None:
+            log.debug("weight difference instead of an adapter for %s (%s)", path, type(module).__name__)
+        if path in weights:
+            _load_diffs(adapter, weights[path])
         targets[path], adapters[path] = module, adapter
     network = LoraNetwork(model, targets, adapters)
     network._patch()
     return network
 
 
-def _load_layer(adapter: LayerAdapter, loaded: LayerWeights) -> None:
-    """Copy a file's tensors into an adapter's fp32 master weights (shapes checked by formats)."""
+def _resting_device(module: nn.Module) -> torch.device:
+    weight = getattr(module, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+
+
+def _maker(module: nn.Module, config: LoraConfig, generator: torch.Generator, device: torch.device,
+           loaded: LayerWeights | None) -> Callable[[LayerShape], Algorithm]:
+    """The builder of one layer's algorithm: fresh (drawing from `generator` in every case, so the
+    other layers' init does not depend on which ones a file holds), or the file's."""
+    weight = lambda: module.weight  # noqa: E731 (fetched when needed: DoRA's norm)
+
+    def make(shape: LayerShape) -> Algorithm:
+        fresh = ALGORITHMS[config.algorithm].create(shape, config.options(shape), generator, device, weight)
+        if loaded is None or loaded.algorithm is None:
+            return fresh
+        return ALGORITHMS[loaded.algorithm].load(shape, loaded.tensors, device, weight)
+
+    return make
+
+
+def _load_diffs(adapter: LayerAdapter, loaded: LayerWeights) -> None:
+    """Copy a file's diff / diff_b into the adapter's fp32 master weights (shapes checked by formats)."""
+    if adapter.diffs is None:
+        return
     with torch.no_grad():
-        if adapter.lora is not None and loaded.down is not None:
-            adapter.lora.lora_down.weight.copy_(loaded.down.reshape(adapter.lora.lora_down.weight.shape))
-            adapter.lora.lora_up.weight.copy_(loaded.up.reshape(adapter.lora.lora_up.weight.shape))
-        if adapter.diffs is not None:
-            if loaded.diff is not None and adapter.diffs.diff is not None:
-                adapter.diffs.diff.copy_(loaded.diff)
-            if loaded.diff_b is not None and adapter.diffs.diff_b is not None:
-                adapter.diffs.diff_b.copy_(loaded.diff_b)
+        if loaded.diff is not None and adapter.diffs.diff is not None:
+            adapter.diffs.diff.copy_(loaded.diff)
+        if loaded.diff_b is not None and adapter.diffs.diff_b is not None:
+            adapter.diffs.diff_b.copy_(loaded.diff_b)

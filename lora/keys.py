@@ -11,25 +11,25 @@ from __future__ import annotations
 
 import re
 
+from .algos import ALGORITHM_SUFFIXES
+from .algos.lora import DOWN, UP
+
 KOHYA_UNET_PREFIX = "lora_unet_"
 
-DOWN = "lora_down.weight"
-UP = "lora_up.weight"
 ALPHA = "alpha"
 DIFF = "diff"
 DIFF_B = "diff_b"
 
-# Foreign suffix → our field name. PEFT's lora_A is the down projection, lora_B the up.
+# Key suffix → the suffix we hold it under: every algorithm's own (lora/algos/), the differences,
+# and foreign spellings. PEFT's lora_A is the down projection, lora_B the up.
 SUFFIX_FIELDS: dict[str, str] = {
-    DOWN: "down",
-    UP: "up",
-    ALPHA: "alpha",
-    DIFF: "diff",
-    DIFF_B: "diff_b",
-    "lora_A.weight": "down",
-    "lora_B.weight": "up",
-    "lora.down.weight": "down",
-    "lora.up.weight": "up",
+    **{suffix: suffix for suffix in sorted(ALGORITHM_SUFFIXES)},
+    DIFF: DIFF,
+    DIFF_B: DIFF_B,
+    "lora_A.weight": DOWN,
+    "lora_B.weight": UP,
+    "lora.down.weight": DOWN,
+    "lora.up.weight": UP,
 }
 
 # Prefixes before a dotted module path, longest first: ComfyUI core training, full ComfyUI
@@ -64,11 +64,11 @@ def kohya_name(module_path: str) -> str:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """Split a state-dict key into (layer name, field) or None if no known suffix ends it."""
+    """Split a state-dict key into (layer name, our suffix) or None if no known suffix ends it."""
     processor = _PROCESSOR_KEY.match(key)
     if processor is not None:
         attn, proj, field = processor.groups()
-        return f"{attn}.{proj}" + (".0" if proj == "to_out" else ""), field
+        return f"{attn}.{proj}" + (".0" if proj == "to_out" else ""), DOWN if field == "down" else UP
     for suffix in sorted(SUFFIX_FIELDS, key=len, reverse=True):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], SUFFIX_FIELDS[suffix]

@@ -1,135 +1,89 @@
-"""The per-layer math: LoRA adapters and weight/bias differences.
-
-A LoRA adapter adds `h(x) = scale · up(down(x))` to a frozen layer's output, with
-`scale = alpha / rank` (Hu et al. 2021, "LoRA"; kohya-ss sd-scripts' `networks/lora.py` for the
-conv form): for `Linear`, `down` is rank×in and `up` is out×rank; for `ConvNd`, `down` is a conv
-with the base kernel, stride, padding and dilation into `rank` channels and `up` a 1×1 conv back to
-`out`. Its weight difference is `ΔW = scale · up @ down` (reshaped to the base kernel).
+"""One layer's trainable parts: an algorithm's adapter (lora/algos/) and weight/bias differences.
 
 Layers an adapter cannot serve (weights of fewer than 2 dims such as norms, grouped convs) train a
-full weight difference `diff` instead, and any bias a bias difference `diff_b`.
+full weight difference `diff` instead, and any bias a bias difference `diff_b` (keys as ComfyUI's
+loader reads them). An adapter's forward is `base(x) + h(x)`; the bias difference rides in h.
 
 Parameters are fp32 master weights; they are cast to the input's dtype in the forward pass, so a
 bf16 (or autocast) forward stays bf16.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
+
+from .algos import Algorithm, LayerShape
+from .algos.lora import DOWN, UP
+from .keys import ALPHA, DIFF, DIFF_B
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LayerWeights(NamedTuple):
-    """One layer's LoRA tensors as a file holds them; absent parts are None.
+    """One layer's tensors as a file holds them: the algorithm (None: differences only) and
+    {key suffix: tensor}, alpha a 0-d tensor. down/up/alpha/diff/diff_b read the common suffixes."""
 
-    down: (rank, in) or (rank, in/groups, *kernel); up: (out, rank) or (out, rank, 1, ...);
-    alpha: scale = alpha / rank; diff: shape of the base weight; diff_b: shape of the base bias.
-    """
+    algorithm: str | None
+    tensors: Mapping[str, torch.Tensor]
 
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
-    alpha: float | None = None
-    diff: torch.Tensor | None = None
-    diff_b: torch.Tensor | None = None
+    @property
+    def down(self) -> torch.Tensor | None:
+        return self.tensors.get(DOWN)
+
+    @property
+    def up(self) -> torch.Tensor | None:
+        return self.tensors.get(UP)
+
+    @property
+    def alpha(self) -> float | None:
+        alpha = self.tensors.get(ALPHA)
+        return float(alpha) if alpha is not None else None
+
+    @property
+    def diff(self) -> torch.Tensor | None:
+        return self.tensors.get(DIFF)
+
+    @property
+    def diff_b(self) -> torch.Tensor | None:
+        return self.tensors.get(DIFF_B)
 
 
-def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW = scale · up @ down, in the base weight's layout (out, in[, *kernel])."""
-    delta = up.flatten(1) @ down.flatten(1)
-    return (scale * delta).reshape(up.shape[0], *down.shape[1:])
+def layer_shape(module: nn.Module) -> LayerShape | None:
+    """The shapes of a Linear or ungrouped Conv1d/2d/3d (ComfyUI's op classes subclass these), from
+    the layer's attributes; None for any other layer (it takes a weight difference)."""
+    if isinstance(module, nn.Linear):
+        return LayerShape(module.out_features, module.in_features)
+    if isinstance(module, CONV_TYPES) and module.groups == 1:
+        padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+        return LayerShape(module.out_channels, module.in_channels, tuple(module.kernel_size), tuple(module.stride),
+                          padding, tuple(module.dilation), module.padding_mode)
+    return None
 
 
 def can_take_lora(module: nn.Module) -> bool:
-    """Linear, and ungrouped Conv1d/2d/3d (ComfyUI's op classes subclass these)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, CONV_TYPES) and module.groups == 1
-
-
-class LoraAdapter(nn.Module):
-    """`scale · up(down(x))` for one Linear or Conv layer; build with `from_linear` / `from_conv`."""
-
-    def __init__(self, down: nn.Module, up: nn.Module, alpha: float):
-        super().__init__()
-        self.lora_down = down
-        self.lora_up = up
-        self.alpha = float(alpha)
-
-    @property
-    def rank(self) -> int:
-        return self.lora_down.weight.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @classmethod
-    def from_linear(cls, base: nn.Linear, rank: int, alpha: float) -> LoraAdapter:
-        down = nn.Linear(base.in_features, rank, bias=False, device="meta", dtype=torch.float32)
-        up = nn.Linear(rank, base.out_features, bias=False, device="meta", dtype=torch.float32)
-        return cls(down.to_empty(device=base.weight.device), up.to_empty(device=base.weight.device), alpha)
-
-    @classmethod
-    def from_conv(cls, base: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int, alpha: float) -> LoraAdapter:
-        conv = next(c for c in CONV_TYPES if isinstance(base, c))  # the torch class under ComfyUI's ops
-        down = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                    base.dilation, bias=False, padding_mode=base.padding_mode, device="meta", dtype=torch.float32)
-        up = conv(rank, base.out_channels, 1, bias=False, device="meta", dtype=torch.float32)
-        return cls(down.to_empty(device=base.weight.device), up.to_empty(device=base.weight.device), alpha)
-
-    def reset(self, generator: torch.Generator, init: str) -> None:
-        """down random (kaiming-uniform as nn.Linear, or normal 1/rank), up zeros: ΔW starts at 0."""
-        with torch.no_grad():
-            w = torch.empty(self.lora_down.weight.shape, dtype=torch.float32)
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-            else:
-                nn.init.normal_(w, std=1.0 / self.rank, generator=generator)
-            self.lora_down.weight.copy_(w)
-            self.lora_up.weight.zero_()
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """scale·up(down(x)) + bias. The scale is applied to the rank-wide intermediate and the bias
-        rides in the `up` op, so no extra full-size pass is spent on either."""
-        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
-        bias = bias.to(x.dtype) if bias is not None else None
-        linear = isinstance(self.lora_down, nn.Linear)
-        h = nn.functional.linear(x, down) if linear else self.lora_down._conv_forward(x, down, None)
-        if self.scale != 1.0:
-            h = h * self.scale
-        return nn.functional.linear(h, up, bias) if linear else self.lora_up._conv_forward(h, up, bias)
-
-    def delta(self) -> torch.Tensor:
-        """ΔW = scale · up @ down in the base weight's layout (fp32 master tensors, with grad)."""
-        return lora_delta(self.lora_down.weight, self.lora_up.weight, self.scale)
-
-
-def _zeros_like_fp32(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(t.shape, dtype=torch.float32, device=t.device))
+    return layer_shape(module) is not None
 
 
 class DiffAdapter(nn.Module):
-    """Trainable `diff` (weight difference) and/or `diff_b` (bias difference) for one layer."""
+    """Trainable `diff` (weight difference) and/or `diff_b` (bias difference) for one layer, fp32 zeros."""
 
-    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    def __init__(self, weight_shape: tuple[int, ...] | None, bias_shape: tuple[int, ...] | None, device: torch.device):
         super().__init__()
-        self.diff = _zeros_like_fp32(weight) if weight is not None else None
-        self.diff_b = _zeros_like_fp32(bias) if bias is not None else None
+        zeros = lambda shape: nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))  # noqa: E731
+        self.diff = zeros(weight_shape) if weight_shape is not None else None
+        self.diff_b = zeros(bias_shape) if bias_shape is not None else None
 
     def patched_params(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The module's weight/bias plus the differences, in the base parameters' dtype."""
+        """The module's weight/bias plus the differences, in the base parameters' dtype and device."""
         params = {}
         if self.diff is not None:
-            params["weight"] = module.weight + self.diff.to(module.weight.dtype)
+            params["weight"] = module.weight + self.diff.to(module.weight.device, module.weight.dtype)
         if self.diff_b is not None:
-            params["bias"] = module.bias + self.diff_b.to(module.bias.dtype)
+            params["bias"] = module.bias + self.diff_b.to(module.bias.device, module.bias.dtype)
         return params
-
 
 
 @contextmanager
@@ -149,48 +103,55 @@ def swapped_params(module: nn.Module, params: dict[str, torch.Tensor]) -> Iterat
 class LayerAdapter(nn.Module):
     """All trainable parts of one layer, and the forward that replaces the layer's own.
 
-    With a LoRA: `base(x) + scale·up(down(x)) [+ diff_b]`. Without (norms, grouped convs):
-    the layer runs on `weight + diff`, `bias + diff_b`.
+    With an algorithm: `base(x) + h(x) [+ diff_b]`. Without (norms, grouped convs): the layer runs
+    on `weight + diff`, `bias + diff_b`.
     """
 
-    def __init__(self, lora: LoraAdapter | None, diff: DiffAdapter | None):
+    def __init__(self, algo: Algorithm | None, diff: DiffAdapter | None):
         super().__init__()
-        self.lora = lora
+        self.algo = algo
         self.diffs = diff
 
-    def run(self, module: nn.Module, base_forward, x: torch.Tensor) -> torch.Tensor:
-        if self.lora is None:
+    def run(self, module: nn.Module, base_forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.algo is None:
             with swapped_params(module, self.diffs.patched_params(module)):
                 return base_forward(x)
         diff_b = self.diffs.diff_b if self.diffs is not None else None
-        return base_forward(x) + self.lora(x, diff_b)
+        return self.algo.run(base_forward, x, diff_b)
 
     def export(self) -> LayerWeights:
         """The fp32 master tensors, detached (no copies)."""
-        lora, diffs = self.lora, self.diffs
-        return LayerWeights(
-            down=lora.lora_down.weight.detach() if lora else None,
-            up=lora.lora_up.weight.detach() if lora else None,
-            alpha=lora.alpha if lora else None,
-            diff=diffs.diff.detach() if diffs is not None and diffs.diff is not None else None,
-            diff_b=diffs.diff_b.detach() if diffs is not None and diffs.diff_b is not None else None,
-        )
+        tensors = dict(self.algo.export()) if self.algo is not None else {}
+        if self.diffs is not None and self.diffs.diff is not None:
+            tensors[DIFF] = self.diffs.diff.detach()
+        if self.diffs is not None and self.diffs.diff_b is not None:
+            tensors[DIFF_B] = self.diffs.diff_b.detach()
+        return LayerWeights(self.algo.NAME if self.algo is not None else None, tensors)
 
 
-def build_adapter(module: nn.Module, rank: int, alpha: float, train_diffs: bool) -> LayerAdapter | None:
-    """One dispatch from layer type to adapter kind; None if the layer has nothing to train."""
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    weight = weight if isinstance(weight, torch.Tensor) else None
-    bias = bias if isinstance(bias, torch.Tensor) else None
-    lora = None
-    if weight is not None and weight.dim() >= 2 and can_take_lora(module):
-        make = LoraAdapter.from_linear if isinstance(module, nn.Linear) else LoraAdapter.from_conv
-        lora = make(module, rank, alpha)
-        weight = None  # the LoRA serves the weight
-    if not train_diffs:
-        weight = bias = None
-    diff = DiffAdapter(weight, bias) if (weight is not None or bias is not None) else None
-    if lora is None and diff is None:
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def build_adapter(module: nn.Module, make: Callable[[LayerShape], Algorithm], train_weights: bool,
+                  train_biases: bool, device: torch.device) -> LayerAdapter | None:
+    """One dispatch from layer type to adapter kind; None if the layer has nothing to train.
+
+    `make(shape)` builds the algorithm for a Linear/Conv layer; other layers with a weight get a
+    `diff` when `train_weights`, layers with a bias a `diff_b` when `train_biases`.
+    """
+    weight, bias = _param(module, "weight"), _param(module, "bias")
+    shape = layer_shape(module) if weight is not None else None
+    algo = make(shape) if shape is not None else None
+    weight_shape = tuple(weight.shape) if weight is not None and algo is None and train_weights else None
+    bias_shape = tuple(bias.shape) if bias is not None and train_biases else None
+    has_diffs = weight_shape is not None or bias_shape is not None
+    diff = DiffAdapter(weight_shape, bias_shape, device) if has_diffs else None
+    if algo is None and diff is None:
         return None
-    return LayerAdapter(lora, diff)
+    return LayerAdapter(algo, diff)
+
+
+__all__ = ["CONV_TYPES", "DIFF", "DIFF_B", "DiffAdapter", "LayerAdapter", "LayerWeights",
+           "build_adapter", "can_take_lora", "layer_shape", "swapped_params"]

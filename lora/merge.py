@@ -1,6 +1,7 @@
 """Applying a LoRA to a plain torch model by merging it into the weights, and undoing it exactly.
 
-`W ← W + strength · ΔW` with `ΔW = (alpha/rank) · up @ down` (plus `diff`, `diff_b`). The originals
+`W ← W + strength · ΔW` with ΔW the layer's algorithm's (lora/algos/; for LoRA `(alpha/rank) · up @ down`,
+for DoRA `W' − W`), plus `diff`, `diff_b`. The originals
 are kept, so undoing copies them back bit-exactly rather than subtracting (which would round).
 Used outside ComfyUI (demo, tests); inside ComfyUI the nodes use ComfyUI's own LoRA patching.
 """
@@ -11,7 +12,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .layers import LayerWeights, lora_delta
+from .algos import ALGORITHMS
+from .layers import LayerWeights
 
 
 class MergedLora:
@@ -33,12 +35,13 @@ class MergedLora:
         self.undo()
 
 
-def layer_deltas(w: LayerWeights) -> dict[str, torch.Tensor]:
+def layer_deltas(w: LayerWeights, module: nn.Module) -> dict[str, torch.Tensor]:
     """{"weight": ΔW, "bias": Δb} of one layer, fp32; a part is absent when the LoRA has none."""
     deltas = {}
-    if w.down is not None:
-        rank = w.down.shape[0]
-        deltas["weight"] = lora_delta(w.down.float(), w.up.float(), (w.alpha or rank) / rank)
+    if w.algorithm is not None:
+        weight = module.weight.detach().float()
+        tensors = {k: t.to(weight.device) for k, t in w.tensors.items()}
+        deltas["weight"] = ALGORITHMS[w.algorithm].delta(tensors, weight)
     if w.diff is not None:
         deltas["weight"] = deltas.get("weight", 0) + w.diff.float()
     if w.diff_b is not None:
@@ -55,7 +58,7 @@ def merge_lora(model: nn.Module, weights: Mapping[str, LayerWeights], strength: 
     originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
         for path, w in weights.items():
-            for name, delta in layer_deltas(w).items():
+            for name, delta in layer_deltas(w, modules[path]).items():
                 param = getattr(modules[path], name)
                 originals[f"{path}.{name}"] = (param, param.detach().clone())
                 param.add_((strength * delta).to(param.device, param.dtype))

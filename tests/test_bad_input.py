@@ -251,7 +251,7 @@ def test_old_diffusers_attention_processor_layout_loads():
     assert torch.equal(w["proj"].down, q_down) and torch.equal(w["out"].up, o_up)
     with pytest.raises(ValueError, match=r"not a LoRA tensor this pack can read; it reads kohya .* diffusers' "
                                          r"attention processors \(processor.to_q_lora.down\)"):
-        resolve_state_dict({"lora_unet_proj.hada_w1_a": torch.zeros(2, 8)}, Toy())
+        resolve_state_dict({"lora_unet_proj.oft_blocks": torch.zeros(2, 8)}, Toy())
 
 
 # ---- 15. file permissions like ComfyUI's own outputs ------------------------------------------------

@@ -72,7 +72,7 @@ def test_rebuild_matches_forward_path_and_restores_the_model():
         injected = {p: model.net.get_submodule(p).forward for p in network.paths.values()}
         loss, grads = loss_and_grads(network, fns, latents, config)
         with weight_rebuild(model.net, network):
-            assert not any(is_injected(model.net.get_submodule(p)) and network.adapters[k].lora is not None
+            assert not any(is_injected(model.net.get_submodule(p)) and network.adapters[k].algo is not None
                            for k, p in network.paths.items())
             rebuilt_loss, rebuilt_grads = loss_and_grads(network, fns, latents, config)
         assert all(model.net.get_submodule(p).forward is f for p, f in injected.items())

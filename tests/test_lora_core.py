@@ -75,7 +75,7 @@ def test_fresh_adapter_leaves_output_unchanged(toy, x):
 
 def test_layer_kinds(toy):
     with inject(toy, LoraConfig(rank=4)) as net:
-        kinds = {net.paths[k]: (a.lora is not None, a.diffs is not None) for k, a in net.adapters.items()}
+        kinds = {net.paths[k]: (a.algo is not None, a.diffs is not None) for k, a in net.adapters.items()}
         w = net.weights()
     assert kinds["conv_in"] == (True, True) and kinds["proj"] == (True, True)
     assert kinds["out"] == (True, False)  # no bias
@@ -87,7 +87,7 @@ def test_layer_kinds(toy):
 
 def test_alpha_defaults_to_rank_and_is_stored(toy):
     with inject(toy, LoraConfig(rank=4)) as net:
-        assert all(a.lora.scale == 1.0 for a in net.adapters.values() if a.lora)
+        assert all(a.algo.scale == 1.0 for a in net.adapters.values() if a.algo)
     with inject(toy, LoraConfig(rank=4, alpha=2)) as net:
         sd = to_state_dict(net.weights(), torch.float32)
     assert sd["lora_unet_proj.alpha"].item() == 2.0 and sd["lora_unet_proj.alpha"].dtype == torch.float32
@@ -148,7 +148,7 @@ def test_save_load_round_trip_bit_exact(toy, tmp_path, dtype):
     # Continuing from the file resumes the exact weights: re-exported, it is the same file content.
     with inject(toy, LoraConfig(rank=8), weights=resolve_state_dict(loaded, toy)) as again:
         assert all(torch.equal(v, sd[k]) for k, v in to_state_dict(again.weights(), dtype).items())
-        assert again.adapters["lora_unet_proj"].lora.rank == 4
+        assert again.adapters["lora_unet_proj"].algo.rank == 4
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
 
 
@@ -191,7 +191,7 @@ def test_bf16_forward_stays_bf16(toy, x):
         assert toy(x.to(torch.bfloat16)).dtype == torch.bfloat16
     with inject(Toy(), LoraConfig(rank=4)) as net, torch.autocast("cpu", dtype=torch.bfloat16):
         randomize(net)
-        assert net.adapters["lora_unet_proj"].lora(torch.randn(2, 8)).dtype == torch.bfloat16
+        assert net.adapters["lora_unet_proj"].algo.contribution(torch.randn(2, 8), None).dtype == torch.bfloat16
 
 
 def test_foreign_formats_load(toy):

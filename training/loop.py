@@ -100,7 +100,8 @@ def train(
     if note:
         log.warning(note)
     lora_config = LoraConfig(rank=config.rank, alpha=config.alpha or None)
-    with inject(net, lora_config, seed=config.seed, weights=existing) as network, \
+    # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
+    with inject(net, lora_config, seed=config.seed, weights=existing, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
         params = [p for p in network.parameters()]
         optimizer = make_optimizer(params, config)

@@ -1,0 +1,128 @@
+"""The adapter maths as small pure functions on tensors (the way LyCORIS's `functional/` does it).
+
+Every function takes the trained factors and returns a weight difference ΔW in the base weight's
+layout `(out, in, *kernel)`, or runs a layer's op on given tensors. Sources: Hu et al. 2021 (LoRA),
+Hyeon-Woo et al. 2022 (FedPara, "LoHa"), Yeh et al. 2024 (LyCORIS, LoKr) and Liu et al. 2024
+(DoRA); file layouts as ComfyUI core reads them (`comfy/weight_adapter/`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LayerShape(NamedTuple):
+    """What an adapter needs of a Linear or ungrouped ConvNd layer: its shapes and conv settings.
+
+    Read from the layer's own attributes (`in_features`, `kernel_size`, ...), never from its weight
+    tensor, which under ComfyUI's offloading may live elsewhere or be fp8 / GGUF.
+    """
+
+    out: int
+    inp: int
+    kernel: tuple[int, ...] = ()  # () for Linear
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out, self.inp, *self.kernel)
+
+    @property
+    def is_conv(self) -> bool:
+        return bool(self.kernel)
+
+
+def layer_op(shape: LayerShape, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's own op on other tensors: F.linear, or F.convNd with its stride, padding and dilation.
+
+    A padding_mode other than "zeros" pads with F.pad first, as nn.ConvNd does.
+    """
+    if not shape.is_conv:
+        return F.linear(x, weight, bias)
+    conv = _CONVS[len(shape.kernel)]
+    padding = shape.padding
+    if shape.padding_mode != "zeros":
+        pads = [p for p in reversed(padding) for _ in range(2)]
+        x, padding = F.pad(x, pads, mode=shape.padding_mode), 0
+    return conv(x, weight, bias, shape.stride, padding, shape.dilation)
+
+
+def pointwise_op(shape: LayerShape, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1×1 projection over the channel dim (F.linear, or a 1×1 F.convNd): the `up` op of LoRA."""
+    if not shape.is_conv:
+        return F.linear(x, weight, bias)
+    return _CONVS[len(shape.kernel)](x, weight, bias)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = scale · up @ down, in the base weight's layout (out, in[, *kernel]).
+
+    down: (rank, in[, *kernel]); up: (out, rank[, 1, ...]).
+    """
+    delta = up.flatten(1) @ down.flatten(1)
+    return (scale * delta).reshape(up.shape[0], *down.shape[1:])
+
+
+def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float,
+               weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b), reshaped to `weight_shape` (the Hadamard product of two
+    rank-r products: rank up to r²). w1a, w2a: (out, r); w1b, w2b: (r, in·∏kernel)."""
+    return (scale * (w1a @ w1b) * (w2a @ w2b)).reshape(weight_shape)
+
+
+def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """ΔW = scale · w1 ⊗ w2 (Kronecker product), reshaped to `weight_shape`.
+
+    w1: (out_a, in_a); w2: (out_b, in_b·∏kernel) or (out_b, in_b, *kernel), with out = out_a·out_b and
+    in = in_a·in_b. The flat and the kernel-shaped w2 give the same element order.
+    """
+    w2 = w2.flatten(1)
+    return (scale * torch.kron(w1, w2)).reshape(weight_shape)
+
+
+def lokr_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
+    """(w1 ⊗ w2) x for a Linear layer without building w1 ⊗ w2: y[i·b+p] = Σ w1[i,j] w2[p,q] x[j·d+q].
+
+    x: (..., in_a·in_b) → (..., out_a·out_b).
+    """
+    x = x.unflatten(-1, (w1.shape[1], w2.shape[1]))
+    y = torch.einsum("ij,pq,...jq->...ip", w1, w2, x)
+    return (scale * y).flatten(-2)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m·n = dimension, m ≤ n and m as close to √dimension as allowed; with factor > 0,
+    m ≤ factor (m = factor if it divides the dimension), as LyCORIS's LoKr splits a layer's dims."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    limit = math.isqrt(dimension) if factor <= 0 else min(factor, math.isqrt(dimension))
+    m = next(d for d in range(max(limit, 1), 0, -1) if dimension % d == 0)
+    return m, dimension // m
+
+
+def dora_column_norm(weight: torch.Tensor) -> torch.Tensor:
+    """‖W‖ per input channel: the norm over every dim but dim 1, shape (1, in, 1, ...).
+
+    This is the axis ComfyUI's loader uses for a `dora_scale` of shape (1, in, ...)
+    (comfy/weight_adapter/base.py, weight_decompose), as LyCORIS writes by default.
+    """
+    norm = weight.transpose(0, 1).flatten(1).norm(dim=1)
+    return norm.reshape(1, -1, *[1] * (weight.dim() - 2))
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (Liu et al. 2024, eq. 5), the norm per input channel.
+
+    weight, delta: (out, in, *kernel); magnitude: (1, in, 1, ...). The eps is the one ComfyUI adds.
+    """
+    merged = weight + delta
+    norm = dora_column_norm(merged) + torch.finfo(weight.dtype).eps
+    return merged * (magnitude / norm)
