@@ -28,7 +28,7 @@ import torch
 from ..lora import LoraConfig, LoraNetwork, inject
 from ..training.checkpointing import training_forward
 from ..training.config import TrainConfig
-from ..training.loop import ModelFns, _Run
+from ..training.loop import ModelFns, _Run, lora_config_of
 from ..training.optim import lr_at, make_optimizer
 from ..training.text import encode_text
 from ..training.tiny_host import tiny_fns
@@ -94,7 +94,7 @@ def bench_inputs(size: str, seed: int = 0) -> tuple[TinyDiffusion, torch.Tensor,
 
 def lora_config(config: TrainConfig) -> LoraConfig:
     """The LoraConfig `train()` injects for a TrainConfig."""
-    return LoraConfig(rank=config.rank, alpha=config.alpha or None)
+    return lora_config_of(config)
 
 
 class EngineStep:

@@ -1,6 +1,6 @@
 """The LoRA core: adapters, injection and removal, state-dict formats, merging into plain models."""
-from .formats import (DTYPES, load_lora_file, parse_steps, resolve_state_dict, save_lora_file, split_text_encoder,
-                      to_state_dict)
+from .formats import (DTYPES, load_lora_file, network_metadata, parse_steps, resolve_state_dict, save_lora_file,
+                      split_text_encoder, to_state_dict)
 from .inject import LoraConfig, LoraNetwork, inject, is_injected
 from .algos import ALGORITHMS
 from .layers import LayerWeights
@@ -8,6 +8,6 @@ from .merge import MergedLora, merge_lora
 
 __all__ = [
     "ALGORITHMS", "DTYPES", "LayerWeights", "LoraConfig", "LoraNetwork", "MergedLora", "inject", "is_injected",
-    "load_lora_file", "merge_lora", "parse_steps", "resolve_state_dict", "save_lora_file", "split_text_encoder",
-    "to_state_dict",
+    "load_lora_file", "merge_lora", "network_metadata", "parse_steps", "resolve_state_dict", "save_lora_file",
+    "split_text_encoder", "to_state_dict",
 ]

@@ -44,6 +44,26 @@ def to_state_dict(weights: Mapping[str, LayerWeights], dtype: torch.dtype) -> di
     return sd
 
 
+# How kohya-ss and LyCORIS name the network in a file's metadata (sd-scripts train_network.py;
+# LyCORIS's kohya wrapper with its `algo` network argument; DoRA is LyCORIS's `dora_wd`).
+_NETWORK_ARGS = {"loha": {"algo": "loha"}, "lokr": {"algo": "lokr"}, "dora": {"algo": "locon", "dora_wd": "True"}}
+
+
+def network_metadata(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """`ss_network_module` (and LyCORIS's `ss_network_args`) for a state dict, as kohya/LyCORIS write them:
+    "networks.lora" for LoRA, "lycoris.kohya" with {"algo": ...} for LoHa, LoKr and DoRA."""
+    suffixes: dict[str, set[str]] = defaultdict(set)
+    for key in sd:
+        parts = split_key(key)
+        if parts is not None and not is_text_encoder_key(key):
+            suffixes[parts[0]].add(parts[1])
+    found = {algo.NAME for algo in (detect(frozenset(s)) for s in suffixes.values()) if algo is not None}
+    lycoris = sorted(found & set(_NETWORK_ARGS))
+    if not lycoris:
+        return {"ss_network_module": "networks.lora"}
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(_NETWORK_ARGS[lycoris[0]])}
+
+
 def _cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype).contiguous()
 

@@ -21,6 +21,7 @@ from .algos import ALGORITHMS, AlgoOptions, Algorithm, LayerShape
 from .keys import kohya_name
 from .layers import LayerAdapter, LayerWeights, build_adapter
 from .patching import swapped_forwards
+from .targets import TARGETS, in_target
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None
     init: str = "kaiming"
-    train_diffs: bool = True  # weight differences for <2-D weights, bias differences for biases
     include: str | None = None  # regex on the module path; None selects every eligible layer
     exclude: str | None = None
     algorithm: str = "lora"
+    target: str = "all"  # lora/targets.py
+    train_norms: bool = True  # weight differences for layers no adapter serves (norms, grouped convs)
+    train_biases: bool = True  # bias differences
     conv_rank: int | None = None
     conv_alpha: float | None = None
     factor: int = -1
@@ -61,6 +64,8 @@ class LoraConfig:
             raise ValueError(f"conv_rank: got {self.conv_rank!r}; give an integer of 1 or more, or None (= rank)")
         if self.conv_alpha is not None and self.conv_alpha < 0:
             raise ValueError(f"conv_alpha: got {self.conv_alpha}; give 0 or more (0 means conv_alpha = conv_rank)")
+        if self.target not in TARGETS:
+            raise ValueError(f"target: got {self.target!r}; choose one of {', '.join(TARGETS)}")
         AlgoOptions(factor=self.factor)  # validates factor
         for name in ("include", "exclude"):
             _check_pattern(name, getattr(self, name))
@@ -77,7 +82,10 @@ class LoraConfig:
             alpha = float(self.conv_alpha) if self.conv_alpha else (float(rank) if self.conv_rank else alpha)
         return AlgoOptions(rank=rank, alpha=alpha, init=self.init, factor=self.factor)
 
-    def selects(self, path: str) -> bool:
+    def selects(self, path: str, module: nn.Module | None = None) -> bool:
+        """The target preset (given the module) and the include/exclude patterns on its path."""
+        if module is not None and not in_target(self.target, path, module):
+            return False
         if self.include is not None and not re.search(self.include, path):
             return False
         return self.exclude is None or not re.search(self.exclude, path)
@@ -149,7 +157,7 @@ def is_injected(module: nn.Module) -> bool:
 
 
 def eligible_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
-    """Modules that own a `weight` or `bias` parameter and pass the config's name filter."""
+    """Modules that own a `weight` or `bias` parameter and pass the config's target and name filter."""
     found = {}
     for path, module in model.named_modules():
         own = module._parameters
@@ -157,7 +165,7 @@ def eligible_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Modul
             if path and own:
                 log.debug("no adapter for %s: parameters %s are not weight/bias", path, list(own))
             continue
-        if config.selects(path):
+        if config.selects(path, module):
             found[path] = module
     return found
 
@@ -185,7 +193,7 @@ def inject(
     for path, module in eligible_modules(model, config).items():
         at = torch.device(device) if device is not None else _resting_device(module)
         make = _maker(module, config, generator, at, weights.get(path))
-        adapter = build_adapter(module, make, config.train_diffs, config.train_diffs, at)
+        adapter = build_adapter(module, make, config.train_norms, config.train_biases, at)
         if adapter is None:
             continue
         if adapter.algo is None:

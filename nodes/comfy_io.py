@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..lora import save_lora_file, split_text_encoder
+from ..lora import network_metadata, save_lora_file, split_text_encoder
 from ..lora.files import write_atomically
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
@@ -35,7 +35,8 @@ def save_lora(lora: dict, prefix: str, steps: int | None) -> str:
     folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
     middle = f"_{steps}_steps" if steps is not None else ""
     path = next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
-    metadata = {"format": "comfyui-lora-trainer", "steps": str(steps) if steps is not None else ""}
+    metadata = {"format": "comfyui-lora-trainer", "steps": str(steps) if steps is not None else "",
+                **network_metadata(lora)}
     save_lora_file(path, lora, metadata)
     return path.relative_to(_output_dir()).as_posix()
 

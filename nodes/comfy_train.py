@@ -34,7 +34,8 @@ from .common import NONE_LORA
 log = logging.getLogger(__name__)
 
 # node input name → TrainConfig field, where they differ
-_RENAMED = {"network_alpha": "alpha", "gradient_accumulation": "grad_accum"}
+_RENAMED = {"network_alpha": "alpha", "gradient_accumulation": "grad_accum", "include_layers": "include",
+            "exclude_layers": "exclude"}
 _ABSENT = object()
 _PERCENT_EDGE = 1e-5  # ComfyUI maps percent 0 to a near-infinite sigma; keep draws inside (0, 1)
 

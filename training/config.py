@@ -5,7 +5,11 @@ checkpointing, loss space, batch order, gradient clipping) default to SPEC behav
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
+
+from ..lora.algos import ALGORITHMS
+from ..lora.targets import TARGETS
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
 LOSSES = ("MSE", "L1", "Huber", "SmoothL1")
@@ -15,6 +19,7 @@ LOSS_SPACES = ("native", "x0")  # native: eps / v / flow velocity; x0: the denoi
 BATCH_ORDERS = ("random", "epoch")  # random: randperm(n)[:batch] each step; epoch: each image once a pass
 
 MAX_SEED = 2**64 - 1
+ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -25,6 +30,13 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _in_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ValueError(f"{name}: got {value}; give a value from {low} to {high}")
+
+
+def _pattern(name: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"{name}: {value!r} is not a valid regular expression ({err}); fix or clear it") from None
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,15 @@ class TrainConfig:
     loss_space: str = "native"
     batch_order: str = "random"
     max_grad_norm: float = 0.0  # 0 = no clipping
+    algorithm: str = "lora"
+    target: str = "all"
+    conv_rank: int = 0  # 0 = as rank (kohya's conv_dim)
+    conv_alpha: float = 0.0  # 0 = as alpha, or conv_rank when that is set (kohya's conv_alpha)
+    lokr_factor: int = -1  # -1 = the most square split
+    include: str = ""  # regex on module paths; empty = every layer of the target
+    exclude: str = ""
+    train_norms: bool = True
+    train_biases: bool = True
 
     def __post_init__(self) -> None:
         _in_range("batch_size", self.batch_size, 1, 10000)
@@ -64,6 +85,14 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("loss_space", self.loss_space, LOSS_SPACES)
         _choice("batch_order", self.batch_order, BATCH_ORDERS)
+        _choice("algorithm", self.algorithm, ALGORITHM_NAMES)
+        _choice("target", self.target, TARGETS)
+        _in_range("conv_rank", self.conv_rank, 0, 128)
+        _in_range("conv_alpha", self.conv_alpha, 0.0, 1e6)
+        if self.lokr_factor != -1 and self.lokr_factor < 1:
+            raise ValueError(f"lokr_factor: got {self.lokr_factor}; give -1 (automatic) or a positive integer")
+        for name in ("include", "exclude"):
+            _pattern(name, getattr(self, name))
 
     def as_metadata(self) -> dict[str, object]:
         return asdict(self)

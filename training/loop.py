@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..lora import DTYPES, LayerWeights, LoraConfig, inject, to_state_dict
+from ..lora import DTYPES, LayerWeights, LoraConfig, inject, network_metadata, to_state_dict
 from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import batch_indices, flatten_latents, group_by_shape, oversized_batch_note
@@ -99,7 +99,7 @@ def train(
     note = oversized_batch_note(config.batch_size, len(images), config.batch_order)
     if note:
         log.warning(note)
-    lora_config = LoraConfig(rank=config.rank, alpha=config.alpha or None)
+    lora_config = lora_config_of(config)
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
     with inject(net, lora_config, seed=config.seed, weights=existing, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
@@ -111,7 +111,7 @@ def train(
         def result(cancelled: bool = False) -> TrainResult:  # the LoRA as of the last completed step
             total = existing_steps + len(losses)
             lora = to_state_dict(network.weights(), DTYPES[config.lora_dtype])
-            return TrainResult(lora, list(losses), total, cancelled, _metadata(config, total))
+            return TrainResult(lora, list(losses), total, cancelled, _metadata(config, total, lora))
 
         for step in range(config.steps):
             if hooks.should_cancel is not None and hooks.should_cancel():
@@ -141,9 +141,17 @@ def train(
         return result()
 
 
-def _metadata(config: TrainConfig, total_steps: int) -> dict[str, object]:
+def lora_config_of(config: TrainConfig) -> LoraConfig:
+    """The LoraConfig a TrainConfig injects: algorithm, target, ranks, patterns, switches."""
+    return LoraConfig(rank=config.rank, alpha=config.alpha or None, algorithm=config.algorithm, target=config.target,
+                      conv_rank=config.conv_rank or None, conv_alpha=config.conv_alpha or None,
+                      factor=config.lokr_factor, include=config.include or None, exclude=config.exclude or None,
+                      train_norms=config.train_norms, train_biases=config.train_biases)
+
+
+def _metadata(config: TrainConfig, total_steps: int, lora: dict[str, torch.Tensor]) -> dict[str, object]:
     return {"steps": total_steps, "rank": config.rank, "alpha": config.alpha or config.rank,
-            "dtype": config.lora_dtype, "settings": config.as_metadata()}
+            "dtype": config.lora_dtype, "settings": config.as_metadata(), **network_metadata(lora)}
 
 
 class _Run:
