@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from ..lora import LoraConfig, LoraNetwork, inject
+from ..lora import LoraConfig, LoraNetwork, inject, to_state_dict
 from ..training.checkpointing import training_forward
 from ..training.config import TrainConfig
 from ..training.loop import ModelFns, _Run, lora_config_of
@@ -40,6 +40,7 @@ SIZES: dict[str, tuple[Callable[[], TinyConfig], int]] = {
     "wide": (TinyConfig.wide, 64),
 }
 METHODS = ("floor", "ours", "rebuild")
+ALGORITHM_METHODS = ("loha", "lokr", "dora")  # our engine with that algorithm instead of LoRA (issue 11)
 RANK = 8
 CONTEXT_TOKENS = 77  # an SD1.x CLIP context length
 CAPTION = "a photo of a red fox sitting in the snow"
@@ -56,8 +57,8 @@ class Case:
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ValueError(f"size: got {self.size!r}; choose one of {', '.join(SIZES)}")
-        if self.method not in METHODS:
-            raise ValueError(f"method: got {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in METHODS + ALGORITHM_METHODS:
+            raise ValueError(f"method: got {self.method!r}; choose one of {', '.join(METHODS + ALGORITHM_METHODS)}")
 
     @property
     def name(self) -> str:
@@ -73,7 +74,9 @@ class Case:
 
 
 def all_cases(sizes: tuple[str, ...] = tuple(SIZES)) -> list[Case]:
-    return [Case(s, m, c) for s in sizes for c in (False, True) for m in METHODS]
+    """Every method with checkpointing off and on; the other algorithms on the wide model, off."""
+    core = [Case(s, m, c) for s in sizes for c in (False, True) for m in METHODS]
+    return core + [Case("wide", a, False) for a in ALGORITHM_METHODS if "wide" in sizes]
 
 
 def bench_config(checkpointing: bool, steps: int = 100000, dtype: str = "fp32") -> TrainConfig:
@@ -95,6 +98,19 @@ def bench_inputs(size: str, seed: int = 0) -> tuple[TinyDiffusion, torch.Tensor,
 def lora_config(config: TrainConfig) -> LoraConfig:
     """The LoraConfig `train()` injects for a TrainConfig."""
     return lora_config_of(config)
+
+
+def file_kib(case: Case) -> float:
+    """Size of the case's adapter file in bf16, KiB (0 for the floor, which trains none)."""
+    if case.method == "floor":
+        return 0.0
+    model = bench_inputs(case.size)[0]
+    config = bench_config(case.checkpointing)
+    if case.method in ALGORITHM_METHODS:
+        config = replace(config, algorithm=case.method)
+    with inject(model.net, lora_config(config), seed=config.seed) as network:
+        sd = to_state_dict(network.weights(), torch.bfloat16)
+    return sum(t.numel() * t.element_size() for t in sd.values()) / 1024
 
 
 class EngineStep:
@@ -145,6 +161,8 @@ def prepared(case: Case, seed: int = 0, dtype: str = "fp32") -> Iterator[Prepare
     """
     model, context, latents = bench_inputs(case.size, seed)
     config = bench_config(case.checkpointing, dtype=dtype)
+    if case.method in ALGORITHM_METHODS:
+        config = replace(config, algorithm=case.method)
     fns = tiny_fns(model, context)
     with ExitStack() as stack:
         if case.method == "floor":

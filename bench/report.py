@@ -1,7 +1,9 @@
 """The speed benchmark's ratios, its targets (PASS/MISS) and its markdown report.
 
 Rows come from bench/speed.py: case name (`size/method/plain|ckpt`) → `median_s` (step time),
-`seconds` (every repeat) and `peak_increase_mib` (peak RSS above setup, from its own process).
+`seconds` (every repeat), `peak_increase_mib` (peak RSS above setup, from its own process) and
+`file_kib` (the adapter's file in bf16). Methods loha/lokr/dora (wide model, checkpointing off) are
+reported against LoRA ("ours") at the same rank.
 
 Targets (issue 5), on the wide model in fp32 at rank 8:
 - ours/floor step time ≤ 1.15 with checkpointing off;
@@ -11,6 +13,8 @@ Targets (issue 5), on the wide model in fp32 at rank 8:
 from __future__ import annotations
 
 from typing import NamedTuple
+
+from .cases import ALGORITHM_METHODS
 
 OURS_OVER_FLOOR = 1.15
 CKPT_MEMORY = 0.70
@@ -43,6 +47,9 @@ def ratios(rows: dict[str, dict[str, object]], sizes: tuple[str, ...]) -> dict[s
                 found[f"{label} ours/rebuild {mode}"] = _ratio(get("ours", mode, key), get("rebuild", mode, key))
             for method in ("floor", "ours", "rebuild"):
                 found[f"{label} {method} ckpt/plain"] = _ratio(get(method, "ckpt", key), get(method, "plain", key))
+            for algo in ALGORITHM_METHODS:  # each algorithm against LoRA ("ours") at the same rank
+                if f"{size}/{algo}/plain" in rows:
+                    found[f"{label} {algo}/lora plain"] = _ratio(get(algo, "plain", key), get("ours", "plain", key))
         out[size] = found
     return out
 
@@ -71,13 +78,14 @@ def targets(found: dict[str, dict[str, float]], sizes: tuple[str, ...]) -> list[
 
 
 def _case_table(rows: dict[str, dict[str, object]]) -> list[str]:
-    lines = ["| model | method | checkpointing | step ms (median) | min–max ms | peak +MiB |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = ["| model | method | checkpointing | step ms (median) | min–max ms | peak +MiB | file KiB (bf16) |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for name, row in rows.items():
         size, method, mode = name.split("/")
         seconds = row["seconds"]
         lines.append(f"| {size} | {method} | {'on' if mode == 'ckpt' else 'off'} | {row['median_s'] * 1e3:.1f} | "
-                     f"{min(seconds) * 1e3:.1f}–{max(seconds) * 1e3:.1f} | {row['peak_increase_mib']:.1f} |")
+                     f"{min(seconds) * 1e3:.1f}–{max(seconds) * 1e3:.1f} | {row['peak_increase_mib']:.1f} | "
+                     f"{row.get('file_kib', 0.0):.1f} |")
     return lines
 
 

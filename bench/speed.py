@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import RANK, SIZES, Case, all_cases, prepared
+from .cases import RANK, SIZES, Case, all_cases, file_kib, prepared
 from .report import markdown, ratios, targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def run_benchmark(sizes: tuple[str, ...], repeats: int, warmup: int,
     times = time_cases(cases, repeats, warmup)
     memory = {case.name: peak_memory(case, memory_steps) for case in cases}
     rows = {case.name: {"seconds": times[case.name], "median_s": statistics.median(times[case.name]),
-                        **memory[case.name]} for case in cases}
+                        **memory[case.name], "file_kib": file_kib(case)} for case in cases}
     result = {"machine": info, "settings": {"dtype": "fp32", "device": "cpu", "rank": RANK,
                                                  "batch_size": 1, "repeats": repeats, "warmup": warmup,
                                                  "sizes": list(sizes)},

@@ -120,3 +120,20 @@ def test_conv_rank_in_the_file():
     assert result.lora["lora_unet_conv_in.lora_down.weight"].shape[0] == 2
     assert result.lora["lora_unet_conv_in.alpha"].item() == 1.0
     assert result.lora["lora_unet_time_embed_0.lora_down.weight"].shape[0] == 4
+
+
+def test_bench_has_a_row_per_algorithm():
+    from comfyui_lora_trainer.bench.cases import Case, all_cases, file_kib, prepared
+    from comfyui_lora_trainer.bench.report import ratios
+
+    names = [c.name for c in all_cases(("wide",))]
+    assert {"wide/loha/plain", "wide/lokr/plain", "wide/dora/plain"} <= set(names)
+    assert not any(n.startswith("default/loha") for n in [c.name for c in all_cases(("default",))])
+    for algo in ("loha", "lokr", "dora"):
+        with prepared(Case("default", algo, False)) as case:
+            assert torch.isfinite(torch.tensor(case.step()))
+    assert file_kib(Case("default", "lokr", False)) < file_kib(Case("default", "ours", False))
+    row = {"median_s": 1.0, "peak_increase_mib": 1.0}
+    rows = {c.name: dict(row) for c in all_cases(("wide",))}
+    rows["wide/dora/plain"]["median_s"] = 1.5
+    assert ratios(rows, ("wide",))["wide"]["time dora/lora plain"] == 1.5
