@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
