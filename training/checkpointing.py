@@ -75,7 +75,7 @@ class _Forward:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
             self.blocks_run.add(id(block))
-            return _CheckpointedCall(forward, args, kwargs, self).run()
+            return _CheckpointedCall(forward, args, kwargs, self).run(args, kwargs)
 
         return run
 
@@ -92,7 +92,8 @@ class _CheckpointedCall:
 
     Tensor arguments (top level of args and kwargs) are held by the forward's guard, so a block
     that writes into its own input still recomputes from the values it was called with. Dict and
-    list arguments are shallow-copied (ComfyUI updates `transformer_options` between blocks). A call
+    list arguments are shallow-copied for the recomputation (ComfyUI updates `transformer_options`
+    between blocks); the forward itself gets the caller's own objects. A call
     made under a guard recomputes under a guard of its own; a light one checks versions instead.
     """
 
@@ -110,10 +111,8 @@ class _CheckpointedCall:
         self.count = 0
         self.recomputed: list[SavedTensor | None] = []
 
-    def run(self):
-        """The block's forward on the caller's own tensors, saving nothing but a count."""
-        args = [_original(a) for a in self.args]
-        kwargs = {k: _original(v) for k, v in self.kwargs.items()}
+    def run(self, args: tuple, kwargs: dict):
+        """The block's forward on the caller's own arguments, saving nothing but a count."""
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return self.forward(*args, **kwargs)
 
@@ -159,10 +158,6 @@ def _keep(value, hold: Callable[[torch.Tensor], SavedTensor]):
     if isinstance(value, torch.Tensor):
         return _Input(hold(value), value.requires_grad)
     return type(value)(value) if isinstance(value, (dict, list)) else value
-
-
-def _original(value):
-    return value.holder.tensor if isinstance(value, _Input) else value
 
 
 def _fresh(value):
