@@ -1,8 +1,9 @@
-"""LoRA state dicts and files: our kohya-style layout out, every layout of `keys.py` in.
+"""LoRA state dicts and files: our kohya-style layout out (layer names by naming.py), every layout of
+`keys.py` in.
 
-The in-memory LoRA (what the LORA_MODEL output carries) is the same plain `{key: tensor}` dict a
-file holds, so ComfyUI core's LoRA nodes accept ours. Files are safetensors with string metadata
-(steps, rank, alpha, dtype, settings), written to a temp file and moved into place.
+The in-memory LoRA (what the LORA_MODEL output carries) is the same `{key: tensor}` dict a file holds
+(metadata.LoraStateDict), so ComfyUI core's LoRA nodes accept ours. Files are safetensors with string
+metadata (metadata.py), written to a temp file and moved into place.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .files import write_atomically
 from .algos import detect
 from .algos.lora import DOWN, UP
 from .keys import ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, KOHYA_UNET_PREFIX, is_text_encoder_key, kohya_name, split_key
+from .naming import MODULE_PATHS, Naming
 from .layers import LayerWeights, layer_shape
 
 log = logging.getLogger(__name__)
@@ -31,37 +33,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _STEPS = re.compile(r"_(\d+)_steps_")
 
 
-def to_state_dict(weights: Mapping[str, LayerWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """module path → LayerWeights into kohya keys; tensors in `dtype` on CPU, alpha a float32 scalar."""
+def to_state_dict(weights: Mapping[str, LayerWeights], dtype: torch.dtype,
+                  naming: Naming = MODULE_PATHS) -> dict[str, torch.Tensor]:
+    """module path → LayerWeights into kohya keys (layer names by `naming`); tensors in `dtype` on CPU,
+    alpha a float32 scalar."""
     sd = {}
     for path, w in weights.items():
-        name = kohya_name(path)
+        name = naming.name(path)
         for suffix, tensor in w.tensors.items():
             if suffix == ALPHA:
                 sd[f"{name}.{ALPHA}"] = torch.tensor(float(tensor), dtype=torch.float32)
             else:
                 sd[f"{name}.{suffix}"] = _cpu(tensor, dtype)
     return sd
-
-
-# How kohya-ss and LyCORIS name the network in a file's metadata (sd-scripts train_network.py;
-# LyCORIS's kohya wrapper with its `algo` network argument; DoRA is LyCORIS's `dora_wd`).
-_NETWORK_ARGS = {"loha": {"algo": "loha"}, "lokr": {"algo": "lokr"}, "dora": {"algo": "locon", "dora_wd": "True"}}
-
-
-def network_metadata(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """`ss_network_module` (and LyCORIS's `ss_network_args`) for a state dict, as kohya/LyCORIS write them:
-    "networks.lora" for LoRA, "lycoris.kohya" with {"algo": ...} for LoHa, LoKr and DoRA."""
-    suffixes: dict[str, set[str]] = defaultdict(set)
-    for key in sd:
-        parts = split_key(key)
-        if parts is not None and not is_text_encoder_key(key):
-            suffixes[parts[0]].add(parts[1])
-    found = {algo.NAME for algo in (detect(frozenset(s)) for s in suffixes.values()) if algo is not None}
-    lycoris = sorted(found & set(_NETWORK_ARGS))
-    if not lycoris:
-        return {"ss_network_module": "networks.lora"}
-    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(_NETWORK_ARGS[lycoris[0]])}
 
 
 def _cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -120,6 +120,20 @@ class LoraNetwork(nn.Module):
         """module path → the fp32 master tensors (detached views, not copies)."""
         return {self.paths[k]: a.export() for k, a in self.adapters.items()}
 
+    def difference_share(self) -> float:
+        """The diff / diff_b tensors' share of the whole weight change, by squared Frobenius norm
+        (adapters' ΔW plus the differences): what a portable file, which leaves them out, loses."""
+        total = differences = 0.0
+        with torch.no_grad():
+            for adapter in self.adapters.values():
+                if adapter.algo is not None:
+                    total += float(adapter.algo.weight_delta().float().square().sum())
+                for diff in (adapter.diffs.diff, adapter.diffs.diff_b) if adapter.diffs is not None else ():
+                    if diff is not None:
+                        differences += float(diff.square().sum())
+        total += differences
+        return differences / total if total > 0 else 0.0
+
     def _patch(self) -> None:
         for p in self._model_params:
             p.requires_grad_(False)

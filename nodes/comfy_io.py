@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..lora import network_metadata, save_lora_file, split_text_encoder
+from ..lora import save_lora_file, split_text_encoder
 from ..lora.files import write_atomically
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
+from .lora_file import file_contents
 from .paths import PrefixInput, next_free, output_target
 
 
@@ -28,16 +29,16 @@ def _output_dir() -> Path:
     return Path(folder_paths.get_output_directory()).resolve()
 
 
-def save_lora(lora: dict, prefix: str, steps: int | None) -> str:
+def save_lora(lora: dict, prefix: str, steps: int | None, file_format: str = "portable") -> str:
     """`<prefix>_<steps>_steps_<counter>_.safetensors` (or without steps); returns the relative path."""
     if not isinstance(lora, dict) or not lora:
         raise ValueError("lora: got no LoRA weights; connect the lora output of Train LoRA")
+    sd, metadata = file_contents(lora, steps, file_format)
     folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
     middle = f"_{steps}_steps" if steps is not None else ""
     path = next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
-    metadata = {"format": "comfyui-lora-trainer", "steps": str(steps) if steps is not None else "",
-                **network_metadata(lora)}
-    save_lora_file(path, lora, metadata)
+    metadata["modelspec.title"] = stem
+    save_lora_file(path, sd, metadata)
     return path.relative_to(_output_dir()).as_posix()
 
 

@@ -23,12 +23,13 @@ import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from tqdm.auto import tqdm
 
-from ..lora import load_lora_file, parse_steps, resolve_state_dict, split_text_encoder
-from ..lora.keys import KOHYA_UNET_PREFIX, TEXT_ENCODER_PREFIXES
+from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, parse_steps, resolve_state_dict, split_text_encoder
+from ..lora.keys import TEXT_ENCODER_PREFIXES
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
 from ..training.data import caption_entries, check_latent_channels, describe_captions, flatten_latents
 from ..training.loop import Hooks, ModelFns, TrainResult, train
+from . import families
 from .common import NONE_LORA
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,22 @@ def _comfy_training_flag() -> Iterator[None]:
             mm.in_training = before
 
 
-def _diffusers_aliases(base_model) -> dict[str, str]:
-    """diffusers module names (dotted and kohya-style) → the UNet's module paths, where ComfyUI knows them."""
-    aliases = {}
-    for diffusers_key, unet_key in comfy.utils.unet_to_diffusers(base_model.model_config.unet_config).items():
+def _diffusers_paths(base_model) -> dict[str, str]:
+    """The UNet's module path → diffusers' module path, where ComfyUI knows them (UNet families)."""
+    unet_config = getattr(base_model.model_config, "unet_config", None)
+    if not unet_config:
+        return {}
+    paths = {}
+    for diffusers_key, unet_key in comfy.utils.unet_to_diffusers(unet_config).items():
         if diffusers_key.endswith(".weight"):
-            name, path = diffusers_key[: -len(".weight")], unet_key[: -len(".weight")]
-            aliases[name] = aliases[KOHYA_UNET_PREFIX + name.replace(".", "_")] = path
-    return aliases
+            paths[unet_key[: -len(".weight")]] = diffusers_key[: -len(".weight")]
+    return paths
+
+
+def base_model_of(base_model) -> BaseModel:
+    """The model's family for the file: kohya's naming and metadata (nodes/families.py)."""
+    model_type = getattr(getattr(base_model, "model_type", None), "name", "")
+    return families.base_model(type(base_model.model_config).__name__, model_type, _diffusers_paths(base_model))
 
 
 class Existing(NamedTuple):
@@ -127,7 +136,7 @@ def _existing(name: str, base_model) -> Existing:
         log.info("Train LoRA: existing_lora %r has %d text-encoder tensors (%s); they go into the output LoRA "
                  "unchanged and untrained, only the diffusion-model part is trained", name, len(text_encoder),
                  ", ".join(f"{k}…" for k in kinds))
-    aliases = _diffusers_aliases(base_model) if hasattr(base_model.model_config, "unet_config") else {}
+    aliases = Naming("kohya-diffusers", _diffusers_paths(base_model)).aliases()  # either naming reads back
     weights = resolve_state_dict(unet, base_model.diffusion_model, aliases, label=f"existing_lora {name!r}")
     return Existing(weights, parse_steps(name), text_encoder)
 
@@ -163,7 +172,8 @@ class TrainSampler(comfy.samplers.Sampler):
             with _comfy_training_flag():
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
-                                    hooks=Hooks(on_step, comfy.model_management.processing_interrupted))
+                                    hooks=Hooks(on_step, comfy.model_management.processing_interrupted),
+                                    base=base_model_of(base))
         finally:
             bar.close()
         return torch.zeros_like(latent_image)
@@ -221,7 +231,8 @@ def train_lora(model, latents: list[dict], positive: list, options: dict) -> tup
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise RuntimeError("Train LoRA: cancelled; the model is restored. Queue the prompt again to train.")
     model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
-    lora = {**result.lora, **(existing.text_encoder or {})}  # the text-encoder part of a continued LoRA, untouched
+    # the text-encoder part of a continued LoRA goes into the output untouched
+    lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, result.lora.metadata)
     return model_with_lora, lora, {"loss": result.losses}, result.total_steps
 
 

@@ -1,6 +1,7 @@
 """Save LoRA and Load LoRA Model (SPEC.md)."""
 from __future__ import annotations
 
+from ..lora import FORMATS
 from .common import CATEGORY, OUTPUT_LORA_FOLDER
 
 
@@ -23,13 +24,14 @@ class SaveLoRA:
             },
             "optional": {
                 "steps": ("INT", {"forceInput": True, "tooltip": "Total steps trained; written into the name so training can continue later."}),
+                "format": (list(FORMATS), {"default": FORMATS[0], "tooltip": "portable: only what every loader reads (ComfyUI, A1111/Forge, diffusers); weight/bias differences (diff/diff_b), which only ComfyUI reads, are left out with a warning. full: everything, for ComfyUI."}),
             },
         }
 
-    def execute(self, lora: dict, prefix: str, steps: int | None = None) -> dict:
+    def execute(self, lora: dict, prefix: str, steps: int | None = None, format: str = FORMATS[0]) -> dict:  # noqa: A002 (the input's name)
         from .comfy_io import save_lora
 
-        name = save_lora(lora, prefix, steps)
+        name = save_lora(lora, prefix, steps, format)
         return {"ui": {"text": [name]}, "result": (name,)}
 
 

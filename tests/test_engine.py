@@ -191,7 +191,7 @@ def test_continue_resumes_exact_weights_and_counts_steps():
     weights = resolve_state_dict(first.lora, model.net)
     zero_lr = TrainConfig(steps=1, optimizer="SGD", learning_rate=1e-7, seed=9, **FAST)
     again = train(model.net, fns, latents, zero_lr, existing=weights, existing_steps=3)
-    assert again.total_steps == 4 and again.metadata["steps"] == 4
+    assert again.total_steps == 4 and again.metadata["ss_steps"] == "4"
     assert all(torch.allclose(again.lora[k], first.lora[k], atol=1e-6) for k in first.lora)
 
 

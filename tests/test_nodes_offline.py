@@ -58,6 +58,7 @@ def test_other_schemas_match_spec():
     save = m["LoRATrainer_SaveLoRA"].INPUT_TYPES()
     assert save["required"]["lora"][0] == "LORA_MODEL" and save["required"]["prefix"][1]["default"].startswith("loras/")
     assert save["optional"]["steps"][0] == "INT"
+    assert save["optional"]["format"][0] == ["portable", "full"] and save["optional"]["format"][1]["default"] == "portable"
     load = m["LoRATrainer_LoadLoRAModel"].INPUT_TYPES()["required"]
     assert [v[0] for v in load.values()] == ["MODEL", "LORA_MODEL", "FLOAT"] and load["strength_model"][1]["min"] < 0
     plot = m["LoRATrainer_PlotLossGraph"].INPUT_TYPES()["required"]
@@ -149,7 +150,7 @@ def test_plot_draws_single_flat_and_decaying(losses):
 def test_demo_end_to_end(tmp_path):
     paths = run_demo(tmp_path, steps=12)
     sd, meta = load_lora_file(paths["lora"])
-    assert meta["steps"] == "12" and any(k.endswith(".lora_down.weight") for k in sd)
+    assert meta["ss_steps"] == "12" and meta["lora_trainer.format"] == "full" and any(k.endswith(".lora_down.weight") for k in sd)
     for key in paths:
         if key != "lora":
             assert Image.open(paths[key]).size[0] > 100

@@ -22,6 +22,13 @@ MAX_SEED = 2**64 - 1
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
 
 
+_KOHYA_LOSSES = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}  # sd-scripts --loss_type
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: got {value!r}; choose one of {', '.join(choices)}")
@@ -96,3 +103,24 @@ class TrainConfig:
 
     def as_metadata(self) -> dict[str, object]:
         return asdict(self)
+
+    def network_args(self) -> dict[str, str]:
+        """The network args kohya/LyCORIS write for these settings: conv_dim, conv_alpha, LoKr's factor."""
+        conv = {"conv_dim": str(self.conv_rank), "conv_alpha": _number(self.conv_alpha or self.conv_rank)} \
+            if self.conv_rank else {}
+        return {**conv, **({"factor": str(self.lokr_factor)} if self.algorithm == "lokr" else {})}
+
+    def kohya_metadata(self, images: int) -> dict[str, str]:
+        """These settings under kohya-ss' `ss_*` keys (sd-scripts train_network.py), as strings."""
+        return {
+            "ss_network_dim": str(self.rank), "ss_network_alpha": _number(self.alpha or self.rank),
+            "ss_learning_rate": str(self.learning_rate), "ss_unet_lr": str(self.learning_rate),
+            "ss_optimizer": f"torch.optim.{self.optimizer}", "ss_lr_scheduler": self.lr_schedule,
+            "ss_lr_warmup_steps": str(self.warmup_steps), "ss_max_train_steps": str(self.steps),
+            "ss_batch_size_per_device": str(self.batch_size), "ss_total_batch_size": str(self.batch_size),
+            "ss_gradient_accumulation_steps": str(self.grad_accum),
+            "ss_gradient_checkpointing": str(self.gradient_checkpointing),
+            "ss_max_grad_norm": str(self.max_grad_norm), "ss_seed": str(self.seed),
+            "ss_mixed_precision": "bf16" if self.training_dtype == "bf16" else "no",
+            "ss_loss_type": _KOHYA_LOSSES[self.loss_function], "ss_num_train_images": str(images),
+        }

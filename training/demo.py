@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..lora import merge_lora, resolve_state_dict, save_lora_file
+from ..lora import file_metadata, merge_lora, resolve_state_dict, save_lora_file
 from .config import TrainConfig
 from .images import load_image_folder
 from .loop import Hooks, train
 from .plot import plot_losses
 from .text import encode_captions
-from .tiny_host import heldout_loss, tiny_fns
+from .tiny_host import TINY_BASE, heldout_loss, tiny_fns
 from .tiny_model import build_tiny, decode_latents, encode_images, sample
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_images"
@@ -67,7 +67,7 @@ def run_demo(out_dir: Path, steps: int = 400, kind: str = "eps", seed: int = 0) 
     before_grid = sample_grid(model, contexts, seed)
     heldout_before = heldout_loss(model, contexts, latents)
     result = train(model.net, tiny_fns(model, contexts), latents, config, checkpoint_blocks=model.net.blocks,
-                   hooks=Hooks(on_step=progress_bar(steps)))
+                   hooks=Hooks(on_step=progress_bar(steps)), base=TINY_BASE)
     weights = resolve_state_dict(result.lora, model.net)
     with merge_lora(model.net, weights):
         after_grid = sample_grid(model, contexts, seed)
@@ -75,8 +75,8 @@ def run_demo(out_dir: Path, steps: int = 400, kind: str = "eps", seed: int = 0) 
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = {
-        "lora": save_lora_file(out_dir / f"demo_lora_{result.total_steps}_steps_{stamp}_.safetensors",
-                               result.lora, result.metadata),
+        "lora": save_lora_file(out_dir / f"demo_lora_{result.total_steps}_steps_{stamp}_.safetensors", result.lora,
+                               file_metadata(result.lora, result.total_steps, "full", result.metadata, "demo LoRA")),
         "loss graph": out_dir / f"demo_loss_{stamp}.png",
         "samples (rows: training images, before, after)": out_dir / f"demo_samples_{stamp}.png",
     }

@@ -13,6 +13,7 @@ does (weighting noisy steps by about σ²).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..lora import DTYPES, LayerWeights, LoraConfig, inject, network_metadata, to_state_dict
+from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraStateDict, inject, network_metadata,
+                    to_state_dict)
+from ..lora.metadata import PREFIX
 from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import batch_indices, flatten_latents, group_by_shape, oversized_batch_note
@@ -60,7 +63,7 @@ class TrainResult:
     losses: list[float]  # one per completed optimizer step of this run
     total_steps: int  # earlier steps of a continued LoRA + steps completed now
     cancelled: bool = False
-    metadata: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # for the file: lora/metadata.py
 
 
 class TrainingDiverged(FloatingPointError):
@@ -88,10 +91,12 @@ def train(
     existing: dict[str, LayerWeights] | None = None,
     existing_steps: int = 0,
     hooks: Hooks | None = None,
+    base: BaseModel | None = None,
 ) -> TrainResult:
     """Train a LoRA on `net` and return it; `net` is left exactly as it was, also on error.
 
     `existing` (module path → LayerWeights) continues a LoRA, whose `existing_steps` count on.
+    `base` names the model for the file: its layer naming (lora/naming.py) and metadata.
     Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32).
     """
     hooks = hooks or Hooks()
@@ -110,8 +115,9 @@ def train(
 
         def result(cancelled: bool = False) -> TrainResult:  # the LoRA as of the last completed step
             total = existing_steps + len(losses)
-            lora = to_state_dict(network.weights(), DTYPES[config.lora_dtype])
-            return TrainResult(lora, list(losses), total, cancelled, _metadata(config, total, lora))
+            sd = to_state_dict(network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
+            meta = _metadata(config, total, sd, len(images), base, network.difference_share())
+            return TrainResult(LoraStateDict(sd, meta), list(losses), total, cancelled, meta)
 
         for step in range(config.steps):
             if hooks.should_cancel is not None and hooks.should_cancel():
@@ -149,9 +155,13 @@ def lora_config_of(config: TrainConfig) -> LoraConfig:
                       train_norms=config.train_norms, train_biases=config.train_biases)
 
 
-def _metadata(config: TrainConfig, total_steps: int, lora: dict[str, torch.Tensor]) -> dict[str, object]:
-    return {"steps": total_steps, "rank": config.rank, "alpha": config.alpha or config.rank,
-            "dtype": config.lora_dtype, "settings": config.as_metadata(), **network_metadata(lora)}
+def _metadata(config: TrainConfig, total_steps: int, sd: dict[str, torch.Tensor], images: int,
+              base: BaseModel | None, difference_share: float) -> dict[str, str]:
+    """What training knows for the file's metadata (lora/metadata.py states the keys)."""
+    return {**config.kohya_metadata(images), **network_metadata(sd, config.network_args()),
+            **(base.metadata() if base is not None else {}), "ss_steps": str(total_steps),
+            PREFIX + "settings": json.dumps(config.as_metadata()), PREFIX + "lora_dtype": config.lora_dtype,
+            PREFIX + "difference_share": f"{difference_share:.6f}"}
 
 
 class _Run:

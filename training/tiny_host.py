@@ -10,9 +10,15 @@ from typing import Sequence
 
 import torch
 
+from ..lora import BaseModel
 from .data import check_caption_count, flatten_latents
 from .loop import ModelFns, output_coefficient
 from .tiny_model import TinyDiffusion
+
+# The tiny model for a file's metadata: no other tool has it, so its layers keep their own module paths.
+TINY_BASE = BaseModel(version="comfyui-lora-trainer-tiny", architecture="comfyui-lora-trainer-tiny",
+                      implementation="comfyui-lora-trainer", resolution="32x32",
+                      prediction_type="epsilon")
 
 HELDOUT_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 HELDOUT_SEED = 987654321

@@ -1,0 +1,56 @@
+"""Which model family a ComfyUI model is, for the LoRA file: kohya's and ModelSpec's names, and the
+layer naming kohya-ss writes for it (lora/naming.py).
+
+Pure data and lookups on the model's `model_config` class name and prediction type, so it runs
+without ComfyUI (tests pass stand-ins). Names as sd-scripts writes them: `ss_base_model_version`
+from train_network.py / flux_utils.py, ModelSpec architecture and implementation from
+library/sai_model_spec.py.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+from ..lora import BaseModel, Naming
+
+IMPL_DIFFUSERS = "diffusers"
+IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+IMPL_FLUX = "https://github.com/black-forest-labs/flux"
+IMPL_COMFYUI = "https://github.com/comfyanonymous/ComfyUI"
+
+
+class Family(NamedTuple):
+    version: str  # kohya's ss_base_model_version
+    architecture: str  # ModelSpec's, without "/lora"
+    implementation: str
+    resolution: str
+    scheme: str  # lora/naming.py SCHEMES
+
+
+# ComfyUI's supported_models class name → family. Exact names: subclasses (SSD1B, Flux2…) differ in
+# shape or naming, so they are not counted as their parents.
+FAMILIES: dict[str, Family] = {
+    "SD15": Family("sd_v1", "stable-diffusion-v1", IMPL_DIFFUSERS, "512x512", "kohya-diffusers"),
+    "SD20": Family("sd_v2", "stable-diffusion-v2-512", IMPL_DIFFUSERS, "512x512", "kohya-diffusers"),
+    "SDXL": Family("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", IMPL_SGM, "1024x1024", "kohya-original"),
+    "Flux": Family("flux1", "flux-1-dev", IMPL_FLUX, "1024x1024", "kohya-original"),
+    "FluxSchnell": Family("flux1", "flux-1-schnell", IMPL_FLUX, "1024x1024", "kohya-original"),
+    "SD3": Family("sd3", "stable-diffusion-3", IMPL_SGM, "1024x1024", "kohya-original"),
+}
+_PREDICTION = {"EPS": "epsilon", "V_PREDICTION": "v"}  # ComfyUI ModelType → ModelSpec; flow models: none
+
+
+def base_model(config_class: str, model_type: str, diffusers_paths: Mapping[str, str]) -> BaseModel:
+    """The BaseModel of a ComfyUI model: `config_class` its model_config class name, `model_type` its
+    ModelType name, `diffusers_paths` ComfyUI's module path → diffusers module path (used where the
+    family's kohya naming is diffusers'). A family not in FAMILIES keeps its module paths."""
+    prediction = _PREDICTION.get(model_type)
+    family = FAMILIES.get(config_class)
+    if family is None:
+        return BaseModel(config_class.lower(), config_class, IMPL_COMFYUI, "", prediction)
+    architecture = family.architecture
+    if family.version == "sd_v2" and prediction == "v":
+        architecture, resolution = "stable-diffusion-v2-768-v", "768x768"
+    else:
+        resolution = family.resolution
+    naming = Naming(family.scheme, dict(diffusers_paths) if family.scheme == "kohya-diffusers" else {})
+    return BaseModel(family.version, architecture, family.implementation, resolution, prediction, naming)
