@@ -130,7 +130,16 @@ def random_tensor(shape: tuple[int, ...], generator: torch.Generator, init: str,
 
 
 def channel_scale(x: torch.Tensor, shape: LayerShape, scale: torch.Tensor) -> torch.Tensor:
-    """x with each input channel multiplied by `scale` (in,): the last dim of a Linear input, dim 1 of a conv."""
+    """x with each channel multiplied by `scale` (channels,): the last dim of a Linear's input or output,
+    dim 1 of a conv's."""
     if shape.is_conv:
         return x * scale.reshape(1, -1, *[1] * (x.dim() - 2))
     return x * scale
+
+
+def channel_bias(y: torch.Tensor, shape: LayerShape, bias: torch.Tensor | None) -> torch.Tensor:
+    """y + bias (out,) on the channel dim (last for a Linear, 1 for a conv); y itself when bias is None."""
+    if bias is None:
+        return y
+    bias = bias.to(y.dtype)
+    return y + (bias.reshape(-1, *[1] * (y.dim() - 2)) if shape.is_conv else bias)

@@ -78,6 +78,32 @@ def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
     return (scale * (w1a @ w1b) * (w2a @ w2b)).reshape(weight_shape)
 
 
+def tucker_rebuild(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W[p, q, *k] = Σ_ij core[i, j, *k] · a[i, p] · b[j, q]: a Tucker core times a factor on each of its
+    first two modes (LyCORIS's `use_tucker` conv forms; ComfyUI's einsum "i j k l, j r, i p -> p r k l").
+
+    core: (ra, rb, *kernel); a: (ra, out); b: (rb, in) → (out, in, *kernel).
+    """
+    return torch.einsum("ij...,ip,jq->pq...", core, a, b)
+
+
+def loha_tucker_delta(t1: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, t2: torch.Tensor, w2a: torch.Tensor,
+                      w2b: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = scale · T(t1, w1a, w1b) ⊙ T(t2, w2a, w2b), T = `tucker_rebuild` (LyCORIS's Tucker LoHa).
+
+    t1, t2: (r, r, *kernel); w1a, w2a: (r, out); w1b, w2b: (r, in) → (out, in, *kernel).
+    """
+    return scale * tucker_rebuild(t1, w1a, w1b) * tucker_rebuild(t2, w2a, w2b)
+
+
+def locon_tucker_delta(down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW[o, i, *k] = scale · Σ_rs up[o, r] · mid[r, s, *k] · down[s, i] (LyCORIS's LoCon with `lora_mid`).
+
+    down: (r, in, 1, ...); mid: (r, r, *kernel); up: (out, r, 1, ...) → (out, in, *kernel).
+    """
+    return scale * tucker_rebuild(mid, up.flatten(1).T, down.flatten(1))
+
+
 def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
     """ΔW = scale · w1 ⊗ w2 (Kronecker product), reshaped to `weight_shape`.
 
@@ -108,21 +134,37 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, dimension // m
 
 
-def dora_column_norm(weight: torch.Tensor) -> torch.Tensor:
-    """‖W‖ per input channel: the norm over every dim but dim 1, shape (1, in, 1, ...).
+def dora_on_output(magnitude: torch.Tensor, weight_shape: tuple[int, ...]) -> bool:
+    """Whether a `dora_scale` holds one magnitude per output row, (out, 1, ...) (LyCORIS's default,
+    `wd_on_output=True`), rather than one per input channel, (1, in, ...). ComfyUI's rule is "its first
+    dim equals the weight's" (comfy/weight_adapter/base.py, weight_decompose); we also ask for a second
+    dim of 1, which only differs for a layer with one output, where ComfyUI misreads (1, in)."""
+    return magnitude.shape[0] == weight_shape[0] and (magnitude.dim() < 2 or magnitude.shape[1] == 1)
 
-    This is the axis ComfyUI's loader uses for a `dora_scale` of shape (1, in, ...)
-    (comfy/weight_adapter/base.py, weight_decompose), as LyCORIS writes by default.
-    """
+
+def dora_column_norm(weight: torch.Tensor) -> torch.Tensor:
+    """‖W‖ per input channel: the norm over every dim but dim 1, shape (1, in, 1, ...)."""
     norm = weight.transpose(0, 1).flatten(1).norm(dim=1)
     return norm.reshape(1, -1, *[1] * (weight.dim() - 2))
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (Liu et al. 2024, eq. 5), the norm per input channel.
+def dora_row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """‖W‖ per output row: the norm over every dim but dim 0, shape (out, 1, 1, ...)."""
+    return weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
 
-    weight, delta: (out, in, *kernel); magnitude: (1, in, 1, ...). The eps is the one ComfyUI adds.
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """W' as ComfyUI's `weight_decompose` builds it (Liu et al. 2024, eq. 5), for both orientations:
+
+    - magnitude (1, in, 1, ...): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm per input channel;
+    - magnitude (out, 1, ...):   W' = m ⊙ (W + ΔW) / ‖W‖, the norm per output row of the *base*
+      weight. That is what ComfyUI computes today; LyCORIS and the paper divide by ‖W + ΔW‖ there
+      too (ComfyUI PR #15458, open, would change it). We follow the loader the file is used in.
+
+    weight, delta: (out, in, *kernel). The eps is the one ComfyUI adds.
     """
     merged = weight + delta
-    norm = dora_column_norm(merged) + torch.finfo(weight.dtype).eps
-    return merged * (magnitude / norm)
+    eps = torch.finfo(weight.dtype).eps
+    if dora_on_output(magnitude, tuple(weight.shape)):
+        return merged * (magnitude.reshape(-1, *[1] * (weight.dim() - 1)) / (dora_row_norm(weight) + eps))
+    return merged * (magnitude / (dora_column_norm(merged) + eps))
