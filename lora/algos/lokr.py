@@ -8,8 +8,12 @@ ComfyUI's loader (`comfy/weight_adapter/lokr.py`), scale = alpha / rank of the d
 when both are), and 1 when neither is. We train w1 whole and w2 as a rank-r product when r is below
 half of w2's larger dim (LyCORIS's rule), else whole; w2's last factor starts at 0, so ΔW = 0.
 A Linear runs (w1 ⊗ w2)x as w1·X·w2ᵀ on x reshaped to (in_a, in_b), never building ΔW; a conv builds
-ΔW (small factors, one out×in·k product) and runs the layer's op on it. LyCORIS's Tucker `lokr_t2`
-is recognised but not continued.
+ΔW (small factors, one out×in·k product) and runs the layer's op on it.
+
+LyCORIS's Tucker form (`use_tucker`, conv layers; we never create it) stores w2 as `lokr_t2`
+(r, r, *kernel) with `lokr_w2_a` (r, out_b) and `lokr_w2_b` (r, in_b):
+w2[p, q, *k] = Σ_ij t2[i, j, *k] · w2_a[i, p] · w2_b[j, q] (`functional.tucker_rebuild`, as ComfyUI),
+scale = alpha / r. It is loaded, continued (building ΔW, as every conv LoKr) and written back as it came.
 """
 from __future__ import annotations
 
@@ -19,17 +23,17 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import ALPHA, Algorithm, BaseForward, fp32_param, random_tensor
-from .functional import LayerShape, factorization, layer_op, lokr_delta, lokr_linear
+from .base import ALPHA, Algorithm, BaseForward, channel_bias, fp32_param, random_tensor
+from .functional import LayerShape, factorization, layer_op, lokr_delta, lokr_linear, tucker_rebuild
 
 W1, W1A, W1B, W2, W2A, W2B, T2 = "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"
-_TENSORS = (W1, W1A, W1B, W2, W2A, W2B)
+_TENSORS = (W1, W1A, W1B, W2, W2A, W2B, T2)
 
 
 class Lokr(Algorithm):
     NAME = "lokr"
-    SUFFIXES = (*_TENSORS, T2, ALPHA)
-    MARKERS = frozenset({*_TENSORS, T2})
+    SUFFIXES = (*_TENSORS, ALPHA)
+    MARKERS = frozenset(_TENSORS)
 
     def __init__(self, shape: LayerShape, parts: Mapping[str, torch.Tensor], alpha: float):
         super().__init__(shape, alpha)
@@ -56,12 +60,12 @@ class Lokr(Algorithm):
 
     @classmethod
     def check(cls, shape, tensors, fail) -> None:
-        if T2 in tensors:
-            raise ValueError(f"{T2}: LyCORIS's Tucker-form LoKr cannot be continued here (ComfyUI loads it); "
-                             "train a new LoKr")
         for whole, a, b in ((W1, W1A, W1B), (W2, W2A, W2B)):
             if whole not in tensors and not (a in tensors and b in tensors):
                 raise ValueError(f"LoKr: neither {whole} nor both {a} and {b}; the file is incomplete")
+        if T2 in tensors:
+            _check_tucker(shape, tensors, fail)
+            return
         w1, w2 = _factors(tensors)
         need = shape.out * shape.inp * math.prod(shape.kernel)
         if w1.dim() != 2 or w1.numel() * w2.numel() != need or shape.out % w1.shape[0] or shape.inp % w1.shape[1]:
@@ -88,18 +92,39 @@ class Lokr(Algorithm):
             w1, w2 = self._w()
             scale = _scale({**self.parts, ALPHA: self._alpha_tensor()})
             h = lokr_linear(x, w1.to(x.dtype), w2.flatten(1).to(x.dtype), scale)
-        if bias is not None:
-            h = h + (bias.to(x.dtype) if not self.shape.is_conv else bias.to(x.dtype).reshape(-1, *[1] * len(self.shape.kernel)))
-        return out + h
+        return out + channel_bias(h, self.shape, bias)
 
     def export(self) -> dict[str, torch.Tensor]:
         return {**{k: p.detach() for k, p in self.parts.items()}, ALPHA: self._alpha_tensor()}
 
 
 def _factors(t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1, w2): whole, a low-rank product, or (w2) the Tucker rebuild (out_b, in_b, *kernel)."""
     w1 = t[W1] if W1 in t else t[W1A] @ t[W1B]
-    w2 = t[W2] if W2 in t else t[W2A] @ t[W2B].flatten(1)
+    if W2 in t:
+        w2 = t[W2]
+    elif T2 in t:
+        w2 = tucker_rebuild(t[T2], t[W2A], t[W2B])
+    else:
+        w2 = t[W2A] @ t[W2B].flatten(1)
     return w1, w2
+
+
+def _check_tucker(shape: LayerShape, t: Mapping[str, torch.Tensor], fail) -> None:
+    """Tucker LoKr fits conv layers: w1 (out_a, in_a), w2_a (r, out_b), w2_b (r, in_b), t2 (r, r, *kernel),
+    out = out_a·out_b, in = in_a·in_b."""
+    if not shape.is_conv:
+        raise fail(T2, t[T2].shape, "no lokr_t2 (the Tucker form is for conv layers; this one is a Linear)")
+    if W2 in t:
+        raise ValueError(f"LoKr: {T2} with {W2}; the Tucker core needs {W2A} and {W2B} instead, the file is damaged")
+    w1 = t[W1] if W1 in t else t[W1A] @ t[W1B]
+    a, b = t[W2A], t[W2B]
+    if w1.dim() != 2 or shape.out % w1.shape[0] or shape.inp % w1.shape[1]:
+        raise fail(W1 if W1 in t else W1A, w1.shape, f"a split of {shape.weight_shape}")
+    out_b, in_b = shape.out // w1.shape[0], shape.inp // w1.shape[1]
+    for key, need in ((W2A, (a.shape[0], out_b)), (W2B, (b.shape[0], in_b)), (T2, (a.shape[0], b.shape[0], *shape.kernel))):
+        if tuple(t[key].shape) != need:
+            raise fail(key, t[key].shape, need)
 
 
 def _scale(t: Mapping[str, torch.Tensor]) -> float:
