@@ -12,14 +12,14 @@ _D = TrainConfig()  # the defaults, stated once
 # The adapter's settings (issue 11); they move to the advanced settings when issue "training options" lands.
 ADAPTER_INPUTS = {
     "algorithm": (list(ALGORITHM_NAMES), {"default": _D.algorithm, "tooltip": "lora: up·down; loha: Hadamard product of two low-rank products; lokr: Kronecker product (lokr_factor); dora: LoRA with a trained magnitude per input channel. All load in ComfyUI's LoRA loaders."}),
-    "target": (list(TARGETS), {"default": _D.target, "tooltip": "Which layers train. all: every Linear/Conv, with norm and bias differences; attention: the transformer blocks' Linear layers and proj_in/proj_out (kohya's LoRA); attention+conv: plus every conv (kohya's LoCon)."}),
+    "target": (list(TARGETS), {"default": _D.target, "tooltip": "Which layers train. all: every Linear/Conv (plus norm and bias differences when train_norms / train_biases are on); attention: the transformer blocks' Linear layers and proj_in/proj_out (kohya's LoRA); attention+conv: plus every conv (kohya's LoCon)."}),
     "conv_rank": ("INT", {"default": _D.conv_rank, "min": 0, "max": 128, "tooltip": "Rank of conv layers (kohya's conv_dim); 0 = the same as rank."}),
     "conv_alpha": ("FLOAT", {"default": _D.conv_alpha, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip": "Alpha of conv layers (kohya's conv_alpha); 0 = network_alpha, or conv_rank when that is set."}),
     "lokr_factor": ("INT", {"default": _D.lokr_factor, "min": -1, "max": 1024, "tooltip": "LoKr only: the size of the small Kronecker factor; -1 = the most square split. 0 is not allowed."}),
     "include_layers": ("STRING", {"default": _D.include, "tooltip": "Regular expression on module paths (e.g. attn2|ff); only matching layers train. Empty = all layers of the target."}),
     "exclude_layers": ("STRING", {"default": _D.exclude, "tooltip": "Regular expression on module paths; matching layers do not train. Empty = none excluded."}),
-    "train_norms": ("BOOLEAN", {"default": _D.train_norms, "tooltip": "Train weight differences for layers no adapter serves (norms, grouped convs) in the target."}),
-    "train_biases": ("BOOLEAN", {"default": _D.train_biases, "tooltip": "Train bias differences in the target."}),
+    "train_norms": ("BOOLEAN", {"default": _D.train_norms, "tooltip": "Also train weight differences for layers no adapter serves (norms, grouped convs) in the target. Only ComfyUI reads them: save with Save LoRA format full."}),
+    "train_biases": ("BOOLEAN", {"default": _D.train_biases, "tooltip": "Also train bias differences in the target. Only ComfyUI reads them: save with Save LoRA format full."}),
 }
 
 

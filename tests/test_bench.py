@@ -35,7 +35,7 @@ def nonzero_adapters(network, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in network.named_parameters():
-            if name.endswith("lora_up.weight") or name.endswith("diff_b"):
+            if name.endswith(("lora_up", "diff_b")):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
 
 

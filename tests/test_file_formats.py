@@ -64,7 +64,8 @@ def test_files_in_module_path_naming_still_load():
 
 def test_training_metadata_as_kohya_and_modelspec_write_it():
     model, _, fns, latents = setup()
-    config = TrainConfig(steps=2, rank=4, alpha=2.0, learning_rate=1e-3, optimizer="AdamW", seed=5, **FAST)
+    config = TrainConfig(steps=2, rank=4, alpha=2.0, learning_rate=1e-3, optimizer="AdamW", seed=5, train_norms=True,
+                         train_biases=True, **FAST)
     result = train(model.net, fns, latents, config, base=TINY_BASE)
     meta = file_metadata(result.lora, result.total_steps, "full", result.metadata)
     assert all(isinstance(v, str) for v in meta.values())
@@ -76,7 +77,7 @@ def test_training_metadata_as_kohya_and_modelspec_write_it():
     assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.architecture"].endswith("/lora")
     assert meta[PREFIX + "naming"] == "module-paths" and meta[PREFIX + "format"] == "full"
     assert json.loads(meta[PREFIX + "settings"]) == config.as_metadata()
-    assert 0.0 < float(meta[PREFIX + "difference_share"]) < 1.0  # the default trains some diff/diff_b
+    assert 0.0 < float(meta[PREFIX + "difference_share"]) < 1.0
 
 
 def test_conv_rank_and_lokr_factor_go_into_network_args():
@@ -100,7 +101,8 @@ def test_metadata_from_the_tensors_alone():
 
 def test_portable_leaves_out_differences_with_their_share(caplog):
     model, _, fns, latents = setup()
-    lora = train(model.net, fns, latents, TrainConfig(steps=3, learning_rate=5e-3, **FAST)).lora
+    config = TrainConfig(steps=3, learning_rate=5e-3, train_norms=True, train_biases=True, **FAST)
+    lora = train(model.net, fns, latents, config).lora
     assert isinstance(lora, LoraStateDict)
     differences = [k for k in lora if k.endswith((".diff", ".diff_b"))]
     assert differences
@@ -118,7 +120,7 @@ def test_portable_leaves_out_differences_with_their_share(caplog):
 
 def test_portable_with_nothing_to_leave_out_is_silent(caplog):
     model, _, fns, latents = setup()
-    lora = train(model.net, fns, latents, TrainConfig(steps=1, train_norms=False, train_biases=False, **FAST)).lora
+    lora = train(model.net, fns, latents, TrainConfig(steps=1, **FAST)).lora  # the defaults train no differences
     assert float(lora.metadata[PREFIX + "difference_share"]) == 0.0
     with caplog.at_level(logging.WARNING):
         sd, meta = file_contents(lora, 1, "portable")
