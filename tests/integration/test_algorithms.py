@@ -3,7 +3,8 @@ each algorithm trains, saves, loads in LoraLoaderModelOnly with every key and ch
 
 Skips unless COMFYUI_DIR is set (conftest.py). The loader check (core_loader_check.py) runs in
 ComfyUI's Python without a server: `comfy.lora.load_lora` + `calculate_weight` on our file against
-our training-time forward, for a Linear, a 3×3 conv and a 1×1 conv. The graph helpers and fixtures
+our training-time forward, for a Linear, a 3×3 conv and a 1×1 conv, and for the LyCORIS forms we
+continue (Tucker, DoRA in both orientations) loaded from their files. The graph helpers and fixtures
 are those of test_nodes.py.
 """
 from __future__ import annotations
@@ -25,21 +26,47 @@ _spec.loader.exec_module(nodes_it)
 
 ROOT = Path(__file__).resolve().parents[2]
 ALGORITHMS = ("lora", "loha", "lokr", "dora")
+# LyCORIS's forms we continue (Tucker LoCon/LoHa/LoKr, DoRA per output row and per input channel),
+# as tests/lycoris_files.py lists them: the loader check runs each from its file.
+LYCORIS_CASES = [
+    ("locon_tucker", "conv3x3"), ("locon_tucker", "conv1x1"), ("loha_tucker", "conv3x3"), ("loha_tucker", "conv1x1"),
+    ("lokr_tucker", "conv3x3"), ("lokr_tucker", "conv1x1"), ("lokr_tucker_w1_decomposed", "conv3x3"),
+    ("dora_output", "linear"), ("dora_output", "conv3x3"), ("dora_output", "conv1x1"),
+    ("dora_input", "linear"), ("dora_input", "conv3x3"), ("dora_input", "conv1x1"), ("dora_output_tucker", "conv3x3"),
+]
 dataset, baseline = nodes_it.dataset, nodes_it.baseline  # the fixtures of test_nodes.py
+KRON_BUG = "view size is not compatible"  # core_loader_check.py: core's Tucker LoKr and torch.kron
 
 
-def test_core_loader_equals_our_training_forward(comfy):
+@pytest.fixture(scope="module")
+def core_results(comfy) -> dict:
     server = sys.modules["lora_trainer_it_server"]
     comfy_dir = server.comfyui_dir()
     run = subprocess.run([server.comfyui_python(comfy_dir), str(Path(__file__).with_name("core_loader_check.py")),
                           str(comfy_dir), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == len(ALGORITHMS) * 3
-    for case, r in results.items():
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_core_loader_equals_our_training_forward(core_results):
+    assert len(core_results) == len(ALGORITHMS) * 3 + len(LYCORIS_CASES)
+    assert all(f"{form}-{kind}" in core_results for form, kind in LYCORIS_CASES)
+    for case, r in core_results.items():
         assert not r["not_loaded"], (case, r["not_loaded"])
         assert r["max_abs"] < 1e-4, (case, r)
         assert r["base_abs"] > 1e-2, (case, r)  # the adapter is not zero, so the check can fail
+        # Only core's known Tucker-LoKr failure (see test_core_applies_tucker_lokr) is allowed.
+        expected = [e for e in r["core_error"] if case.startswith("lokr_tucker") and KRON_BUG in e]
+        assert r["core_error"] == expected, (case, r["core_error"])
+
+
+def test_core_applies_tucker_lokr(core_results):
+    """ComfyUI core's calculate_weight for `lokr_t2` passes torch.kron the non-contiguous einsum result,
+    which torch refuses; core logs "ERROR lokr ..." and leaves the layer unpatched. Our file is the
+    LyCORIS layout and core's formula (run with contiguous inputs) agrees with our forward above."""
+    failing = sorted(case for case, r in core_results.items() if r["core_error"])
+    if failing:
+        pytest.xfail(f"ComfyUI core cannot apply Tucker LoKr on this torch ({KRON_BUG}): {failing}")
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
