@@ -1,5 +1,5 @@
 """Run with ComfyUI's Python (diffusers and peft installed): a Flux LoRA file of ours in ComfyUI and in
-diffusers, on the tiny Flux model of make_flux.py.
+diffusers, on a Flux-dev model with one block of each kind.
 
     python flux_loader_check.py COMFYUI_DIR PACK_ROOT OUT_LORA TARGET
 
@@ -23,43 +23,22 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
+from check_env import Collect, import_pack, start_comfyui
+
 comfy_dir, root, out_path, target = sys.argv[1:5]
-sys.path.insert(0, comfy_dir)
-sys.path.insert(1, str(__import__("pathlib").Path(__file__).parent))  # make_flux.py
-sys.argv = [sys.argv[0], "--cpu"]
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
-
-import importlib.util  # noqa: E402
+start_comfyui(comfy_dir)
+import_pack(root)
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import comfy.sd  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("comfyui_lora_trainer", root + "/__init__.py",
-                                              submodule_search_locations=[root])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["comfyui_lora_trainer"] = pack
-spec.loader.exec_module(pack)
 from comfyui_lora_trainer.lora import file_metadata, inject, save_lora_file, to_state_dict  # noqa: E402
 from comfyui_lora_trainer.nodes.families import base_model  # noqa: E402
 from comfyui_lora_trainer.training.config import TrainConfig  # noqa: E402
 from comfyui_lora_trainer.training.loop import lora_config_of  # noqa: E402
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def make_lora(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,8 +74,7 @@ def pack_latents(x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> dict:
-    collect = Collect()
-    logging.getLogger().addHandler(collect)
+    collect = Collect().install()
     weights = full_width_flux()
     model = comfy.sd.load_diffusion_model_state_dict(dict(weights))
     net = model.model.diffusion_model.float()

@@ -18,31 +18,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import sys
 from pathlib import Path
 
+from check_env import Collect, start_comfyui
+
 comfy_dir, root, checkpoint, lora_path = sys.argv[1:5]
-sys.path.insert(0, comfy_dir)
-sys.argv = [sys.argv[0], "--cpu"]
-
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+start_comfyui(comfy_dir)
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import comfy.sd  # noqa: E402
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def diffusers_config(unet_config: dict) -> dict:
@@ -62,8 +49,7 @@ def diffusers_config(unet_config: dict) -> dict:
 
 
 def main() -> dict:
-    collect = Collect()
-    logging.getLogger().addHandler(collect)
+    collect = Collect().install()
     torch.manual_seed(0)
     lora = load_file(lora_path)
     model, *_ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=False)
