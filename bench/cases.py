@@ -6,10 +6,10 @@ A `Case` is a model size × a method × gradient checkpointing off/on, on the bu
 - `floor`: forward + backward of the frozen model with respect to its input only (no trainable
   parameters): the compute any LoRA trainer has to pay, because the gradient must flow back
   through every frozen layer to reach the adapters before it.
-- `ours`: one iteration of `train()`'s loop (training/loop.py) with the engine's forward-path
-  adapters (`lora.inject`): LR, `_Run.accumulate_gradients` (noise, forward, loss, backward),
-  gradient clip, AdamW step, zero_grad. tests/test_bench.py checks that N of these give the same
-  losses and LoRA as `train(steps=N)`.
+- `ours`: one `Trainer.step()` (training/loop.py, the step `train()` loops over) with the engine's
+  forward-path adapters (`lora.inject`): LR, the gradient pass (noise, forward, loss, backward),
+  the finiteness check (clipping only when the config asks), AdamW step, zero_grad.
+  tests/test_bench.py checks that N of these give the same losses and LoRA as `train(steps=N)`.
 - `rebuild`: the same step with the LoRA layers run as `W + scale·up·down` rebuilt each forward
   (bench/rebuild.py), on the same trainable parameters.
 
@@ -18,7 +18,6 @@ model instance, so every case can stay patched while the benchmark interleaves t
 """
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
@@ -28,8 +27,7 @@ import torch
 from ..lora import LoraConfig, LoraNetwork, inject, to_state_dict
 from ..training.checkpointing import training_forward
 from ..training.config import TrainConfig
-from ..training.loop import ModelFns, _Run, lora_config_of
-from ..training.optim import lr_at, make_optimizer
+from ..training.loop import GradientPass, ModelFns, Trainer, lora_config_of
 from ..training.text import encode_text
 from ..training.tiny_host import tiny_fns
 from ..training.tiny_model import TinyConfig, TinyDiffusion, build_tiny
@@ -114,27 +112,13 @@ def file_kib(case: Case) -> float:
 
 
 class EngineStep:
-    """One iteration of `train()`'s loop body, in its order; call → the step's loss."""
+    """One `Trainer.step()` of the real loop; call → the step's loss."""
 
     def __init__(self, network: LoraNetwork, fns: ModelFns, latents: torch.Tensor, config: TrainConfig):
-        self.params = [p for p in network.parameters()]
-        self.optimizer = make_optimizer(self.params, config)
-        self.run = _Run(fns, list(latents.unbind(0)), config, torch.Generator().manual_seed(config.seed))
-        self.config = config
-        self.step = 0
+        self.trainer = Trainer(network, fns, list(latents.unbind(0)), config)
 
     def __call__(self) -> float:
-        lr = lr_at(self.step, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss = self.run.accumulate_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(f"benchmark step {self.step + 1}: loss {loss}")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return loss
+        return self.trainer.step()
 
 
 def floor_step(fns: ModelFns, latents: torch.Tensor, config: TrainConfig) -> Callable[[], float]:
@@ -143,9 +127,9 @@ def floor_step(fns: ModelFns, latents: torch.Tensor, config: TrainConfig) -> Cal
     def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
         return fns.denoise(noisy.requires_grad_(), sigma, indices)
 
-    run = _Run(fns._replace(denoise=denoise), list(latents.unbind(0)), config,
-               torch.Generator().manual_seed(config.seed))
-    return run.accumulate_gradients
+    gradients = GradientPass(fns._replace(denoise=denoise), list(latents.unbind(0)), config,
+                             torch.Generator().manual_seed(config.seed))
+    return gradients.run
 
 
 class Prepared(NamedTuple):

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.samplers
 import comfy.sd
 import comfy.utils
@@ -28,7 +29,8 @@ from ..lora.keys import TEXT_ENCODER_PREFIXES
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
 from ..training.data import caption_entries, check_latent_channels, describe_captions, flatten_latents
-from ..training.loop import Hooks, ModelFns, TrainResult, train
+from ..training.captions import grouped_denoise, guider_predict
+from ..training.loop import Hooks, ModelFns, TrainResult, TrainState, train
 from . import families
 from .common import NONE_LORA
 
@@ -162,9 +164,9 @@ class TrainSampler(comfy.samplers.Sampler):
         bar = tqdm(total=self.config.steps, desc="Train LoRA")
         ui_bar = comfy.utils.ProgressBar(self.config.steps)
 
-        def on_step(step: int, loss: float, lr: float) -> None:
-            self.steps_done = step
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        def on_step(state: TrainState) -> None:
+            self.steps_done = state.step
+            bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}")
             bar.update(1)
             ui_bar.update(1)
 
@@ -183,21 +185,15 @@ class TrainSampler(comfy.samplers.Sampler):
             p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
-        def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
-            # One guider call per caption: the guider combines every cond it holds over the whole batch.
-            out = torch.empty_like(noisy)
-            for caption in dict.fromkeys(tuple(self.captions[i]) for i in indices):
-                rows = [r for r, i in enumerate(indices) if tuple(self.captions[i]) == caption]
-                model_wrap.conds["positive"] = [conds[e] for e in caption]
-                pred = model_wrap(noisy[rows], sigma[rows], **extra_args)
-                out = out.index_put((torch.tensor(rows, device=noisy.device),), pred.to(out.dtype))
-            return out
+        # one guider call per caption: the guider combines every cond it holds over the whole batch
+        denoise = grouped_denoise(guider_predict(model_wrap, conds, extra_args), [tuple(c) for c in self.captions])
 
         return ModelFns(
             percent_to_sigma=percent_to_sigma,
             noise_scaling=lambda s, n, x: sampling.noise_scaling(s.to(x), n, x, False),
             calculate_denoised=lambda s, out, x: sampling.calculate_denoised(s.to(x), out, x),
             denoise=denoise,
+            flow=isinstance(sampling, comfy.model_sampling.CONST),
         )
 
 

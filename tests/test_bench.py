@@ -13,7 +13,7 @@ from comfyui_lora_trainer.bench.cases import Case, EngineStep, bench_config, ben
 from comfyui_lora_trainer.bench.profile import op_table, python_calls
 from comfyui_lora_trainer.bench.rebuild import weight_rebuild
 from comfyui_lora_trainer.lora import inject, is_injected, to_state_dict
-from comfyui_lora_trainer.training.loop import _Run, train
+from comfyui_lora_trainer.training.loop import GradientPass, train
 from comfyui_lora_trainer.training.tiny_host import tiny_fns
 
 
@@ -40,8 +40,7 @@ def nonzero_adapters(network, seed: int = 1) -> None:
 
 
 def loss_and_grads(network, fns, latents, config) -> tuple[float, dict[str, torch.Tensor]]:
-    run = _Run(fns, list(latents.unbind(0)), config, torch.Generator().manual_seed(7))
-    loss = run.accumulate_gradients()
+    loss = GradientPass(fns, list(latents.unbind(0)), config, torch.Generator().manual_seed(7)).run()
     grads = {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
     network.zero_grad(set_to_none=True)
     return loss, grads
@@ -150,4 +149,4 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, capsys):
 def test_profile_lists_ops_and_engine_calls():
     case = Case("default", "ours", checkpointing=False)
     assert "aten::" in op_table(case, top=5, warmup=1)
-    assert "accumulate_gradients" in python_calls(case, top=20, warmup=1)
+    assert "(loss)" in python_calls(case, top=20, warmup=1)  # Objective.loss

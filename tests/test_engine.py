@@ -125,7 +125,7 @@ def test_checkpointing_gives_the_same_trajectory():
 def test_cancel_mid_run_keeps_last_step_and_restores_model():
     model, _, fns, latents = setup()
     before, seen = state(model), []
-    hooks = Hooks(on_step=lambda step, loss, lr: seen.append(step), should_cancel=lambda: len(seen) >= 3)
+    hooks = Hooks(on_step=lambda state: seen.append(state.step), should_cancel=lambda: len(seen) >= 3)
     result = train(model.net, fns, latents, TrainConfig(steps=10, **FAST), hooks=hooks)
     assert result.cancelled and len(result.losses) == 3 and result.total_steps == 3 and seen == [1, 2, 3]
     full3 = train(model.net, fns, latents, TrainConfig(steps=3, **FAST))
@@ -161,7 +161,7 @@ def test_exception_mid_loop_restores_model_bit_exactly():
     model, _, fns, latents = setup()
     before = state(model)
 
-    def boom(step, loss, lr):
+    def boom(state):
         raise KeyboardInterrupt  # not an Exception: like ComfyUI's interrupt
     with pytest.raises(KeyboardInterrupt):
         train(model.net, fns, latents, TrainConfig(steps=5, **FAST), hooks=Hooks(on_step=boom),

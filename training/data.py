@@ -92,16 +92,28 @@ def group_by_shape(indices: Sequence[int], images: Sequence[torch.Tensor]) -> li
     return list(groups.values())
 
 
+class BatchOrder:
+    """Batch choice from the run's seeded generator. random: `randperm(n)[:batch_size]` each step
+    (SPEC.md); epoch: every image once per pass, a pass drawn as a fresh randperm when needed.
+    `pending` (the rest of the current pass) is all the state besides the generator."""
+
+    def __init__(self, n: int, batch_size: int, order: str, pending: Sequence[int] = ()):
+        self.n, self.batch_size, self.order = n, batch_size, order
+        self.pending = list(pending)
+
+    def next(self, generator: torch.Generator) -> list[int]:
+        if self.order == "random":
+            return torch.randperm(self.n, generator=generator)[:self.batch_size].tolist()
+        if len(self.pending) < self.batch_size:
+            need = self.batch_size - len(self.pending)
+            passes = [torch.randperm(self.n, generator=generator).tolist() for _ in range(-(-need // self.n))]
+            self.pending += [i for p in passes for i in p]
+        batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+        return batch
+
+
 def batch_indices(n: int, batch_size: int, order: str, generator: torch.Generator) -> Iterator[list[int]]:
-    """Endless batches of image indices from the seeded generator."""
-    if order == "random":
-        while True:
-            yield torch.randperm(n, generator=generator)[:batch_size].tolist()
-    pending: list[int] = []
+    """Endless batches of image indices from the seeded generator (BatchOrder)."""
+    batches = BatchOrder(n, batch_size, order)
     while True:
-        if len(pending) < batch_size:
-            need = batch_size - len(pending)
-            passes = [torch.randperm(n, generator=generator).tolist() for _ in range(-(-need // n))]
-            pending += [i for p in passes for i in p]
-        batch, pending = pending[:batch_size], pending[batch_size:]
-        yield batch
+        yield batches.next(generator)

@@ -17,7 +17,7 @@ from PIL import Image
 from ..lora import file_metadata, merge_lora, resolve_state_dict, save_lora_file
 from .config import TrainConfig
 from .images import load_image_folder
-from .loop import Hooks, train
+from .loop import Hooks, TrainState, train
 from .plot import plot_losses
 from .text import encode_captions
 from .tiny_host import TINY_BASE, heldout_loss, tiny_fns
@@ -32,7 +32,8 @@ def progress_bar(total: int, stream=sys.stderr):
     start = time.perf_counter()
     every = 1 if stream.isatty() else max(1, total // 20)  # a log file gets 20 lines, a terminal a live bar
 
-    def on_step(step: int, loss: float, lr: float) -> None:
+    def on_step(state: TrainState) -> None:
+        step, loss, lr = state.step, state.loss, state.lr
         if step % every and step != total:
             return
         done = int(30 * step / total)

@@ -1,15 +1,13 @@
 """The training loop: host-agnostic, so the same code trains ComfyUI models and the tiny model.
 
-The host hands over the frozen network (an `nn.Module` to inject adapters into) and `ModelFns`:
-how to pick noise levels, add noise, and predict the denoised image x0 for a batch. Each step:
-seeded `randperm` batch → seeded noise at levels drawn uniformly through the schedule → forward
-(autocast when training in bf16) → loss → backward, accumulated → clip → optimizer step.
-
-The loss target is the model's native prediction space by default (epsilon, v, or flow velocity),
-which is what kohya-ss and diffusers train on. The host's denoise is affine in the network output,
-`x0 = a(x, σ) + c(σ)·out`, so the native error is the x0 error divided by `c(σ)`, which
-`calculate_denoised` gives for any family. `loss_space="x0"` compares denoised images as ComfyUI core
-does (weighting noisy steps by about σ²).
+The host hands over the frozen network (an `nn.Module` to inject adapters into) and `ModelFns`
+(training/objective.py): how to pick noise levels, add noise, and predict the denoised image x0.
+`Trainer.step()` is one optimizer step, in nanoGPT's order: LR → per micro-batch: seeded batch
+choice, the objective's loss (noise, levels, forward under autocast, weighting), backward,
+accumulated → finiteness check (and clipping) → optimizer step → zero_grad. `Trainer.state()` is
+everything a later step depends on: step, losses, LR, the LoRA, the optimizer state and the RNG
+state, so that a run can be checkpointed and resumed bit-exactly (`load_state`). `train()` injects
+the adapters, loops over `step()` and hands each state to the hooks.
 """
 from __future__ import annotations
 
@@ -17,43 +15,52 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraStateDict, inject, network_metadata,
-                    to_state_dict)
+from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraNetwork, LoraStateDict, inject,
+                    network_metadata, to_state_dict)
 from ..lora.metadata import PREFIX
 from .checkpointing import training_forward
 from .config import TrainConfig
-from .data import batch_indices, flatten_latents, group_by_shape, oversized_batch_note
-from .optim import loss_function, lr_at, make_optimizer
+from .data import BatchOrder, flatten_latents, group_by_shape, oversized_batch_note
+from .objective import ModelFns, Objective, output_coefficient
+from .optim import lr_at, make_optimizer
 
 log = logging.getLogger(__name__)
 
+__all__ = ["GradientPass", "Hooks", "ModelFns", "TrainResult", "TrainState", "Trainer", "TrainingDiverged",
+           "lora_config_of", "output_coefficient", "train"]
 
-class ModelFns(NamedTuple):
-    """How the engine drives one diffusion model. Shapes: sigma (B,), latents (B, C, H, W).
 
-    percent_to_sigma: percent in [0, 1] → sigma (0 = most noise), through the model's schedule.
-    noise_scaling: (sigma, noise, x0) → noisy latent.
-    calculate_denoised: (sigma, network output, noisy latent) → x0; affine in the output.
-    denoise: (noisy latent, sigma, image indices) → predicted x0; the host picks the conditioning
-        of those images and runs the network (with adapters) on them.
+@dataclass
+class TrainState:
+    """A run after `step` optimizer steps: what the next step depends on, plus its history.
+
+    Tensors are the live ones (views, not copies): clone them to keep a checkpoint. `lora` maps
+    module path → fp32 master weights; `optimizer` is `optimizer.state_dict()`; `rng` holds the
+    run's generator state (batch choice, noise, levels, caption dropout) under "generator" and,
+    when dropout is on, the forward pass's RNG under "forward"; `pending` the rest of an epoch pass.
     """
 
-    percent_to_sigma: Callable[[torch.Tensor], torch.Tensor]
-    noise_scaling: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    calculate_denoised: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    denoise: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+    step: int  # optimizer steps completed in this run
+    total_steps: int  # + the earlier steps of a continued LoRA
+    loss: float  # of the last step (nan before the first)
+    lr: float  # of the last step (the first step's before it)
+    losses: list[float]
+    lora: dict[str, LayerWeights]
+    optimizer: dict
+    rng: dict[str, torch.Tensor]
+    pending: list[int]
 
 
 @dataclass
 class Hooks:
-    """on_step(step, loss, lr) after each optimizer step (1-based); should_cancel() before each."""
+    """on_step(state) after each optimizer step; should_cancel() before each."""
 
-    on_step: Callable[[int, float, float], None] | None = None
+    on_step: Callable[[TrainState], None] | None = None
     should_cancel: Callable[[], bool] | None = None
 
 
@@ -69,16 +76,98 @@ class TrainResult:
 class TrainingDiverged(FloatingPointError):
     """The loss or a gradient became NaN/inf; `last_good` holds the LoRA of the last finite step."""
 
-    def __init__(self, message: str, last_good: TrainResult):
+    def __init__(self, message: str, last_good: TrainResult | None):
         super().__init__(message)
         self.last_good = last_good
 
 
-def output_coefficient(fns: ModelFns, sigma: torch.Tensor) -> torch.Tensor:
-    """c(σ) = ∂x0/∂out, shaped (B, 1, 1, 1): the slope of the affine denoise."""
-    one = torch.ones(sigma.shape[0], 1, 1, 1, device=sigma.device)
-    zero = torch.zeros_like(one)
-    return fns.calculate_denoised(sigma, one, zero) - fns.calculate_denoised(sigma, zero, zero)
+class GradientPass:
+    """The gradient of one optimizer step: `grad_accum` micro-batches, each split into same-shape
+    groups, each group's loss (training/objective.py) weighted by its share and backpropagated."""
+
+    def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator):
+        self.images, self.config, self.generator = images, config, generator
+        self.batches = BatchOrder(len(images), config.batch_size, config.batch_order)
+        self.objective = Objective(fns, config, images[0].device)
+
+    def run(self) -> float:
+        """Backward over the micro-batches; returns their mean loss."""
+        total = 0.0
+        accum = self.config.grad_accum
+        for _ in range(accum):
+            indices = self.batches.next(self.generator)
+            for group in group_by_shape(indices, self.images):
+                # weight each same-shape group by its share so the gradient is the batch mean
+                x0 = torch.stack([self.images[i] for i in group])
+                loss = self.objective.loss(x0, group, self.generator) * (len(group) / len(indices) / accum)
+                loss.backward()
+                total += loss.item()
+        return total
+
+
+class Trainer:
+    """One run over an injected network: `step()` trains one optimizer step, `state()` tells where it stands.
+
+    The caller owns the patching (`inject`, `training_forward`); `train()` is the usual caller.
+    """
+
+    def __init__(self, network: LoraNetwork, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig,
+                 existing_steps: int = 0):
+        self.network, self.config, self.existing_steps = network, config, existing_steps
+        self.params = [p for p in network.parameters()]
+        self.optimizer = make_optimizer(self.params, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.gradients = GradientPass(fns, images, config, self.generator)
+        self.losses: list[float] = []
+        self.lr = lr_at(0, config)
+
+    @property
+    def step_count(self) -> int:
+        return len(self.losses)
+
+    def step(self) -> float:
+        """One optimizer step; returns its loss. Raises TrainingDiverged (no LoRA attached) on NaN/inf."""
+        step = self.step_count
+        self.lr = lr_at(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss = self.gradients.run()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.config.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:  # only the finiteness check: no rescaling pass over every gradient
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            fp32_hint = " or set training_dtype to fp32" if self.config.training_dtype != "fp32" else ""
+            raise TrainingDiverged(
+                f"Train LoRA: the loss became {loss} at step {self.existing_steps + step + 1}; "
+                f"lower learning_rate (now {self.config.learning_rate}){fp32_hint}", None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss)
+        return loss
+
+    def state(self) -> TrainState:
+        return TrainState(
+            step=self.step_count, total_steps=self.existing_steps + self.step_count,
+            loss=self.losses[-1] if self.losses else math.nan, lr=self.lr, losses=self.losses,
+            lora=self.network.weights(), optimizer=self.optimizer.state_dict(),
+            rng={"generator": self.generator.get_state()}, pending=list(self.gradients.batches.pending))
+
+    def load_state(self, state: TrainState) -> None:
+        """Continue from `state` (of a run with the same config and images): the next step is
+        bit-identical to the one the original run took after it."""
+        ours = self.network.weights()
+        with torch.no_grad():
+            for path, weights in state.lora.items():
+                for suffix, tensor in weights.tensors.items():
+                    ours[path].tensors[suffix].copy_(tensor)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.generator.set_state(state.rng["generator"])
+        self.gradients.batches.pending = list(state.pending)
+        self.losses = list(state.losses)
+        self.lr = state.lr
 
 
 def train(
@@ -108,42 +197,25 @@ def train(
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
     with inject(net, lora_config, seed=config.seed, weights=existing, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
-        params = [p for p in network.parameters()]
-        optimizer = make_optimizer(params, config)
-        run = _Run(fns, images, config, torch.Generator().manual_seed(config.seed))
-        losses: list[float] = []
+        trainer = Trainer(network, fns, images, config, existing_steps)
 
         def result(cancelled: bool = False) -> TrainResult:  # the LoRA as of the last completed step
-            total = existing_steps + len(losses)
+            total = existing_steps + trainer.step_count
             sd = to_state_dict(network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
             meta = _metadata(config, total, sd, len(images), base, network.difference_share())
-            return TrainResult(LoraStateDict(sd, meta), list(losses), total, cancelled, meta)
+            return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta)
 
         for step in range(config.steps):
             if hooks.should_cancel is not None and hooks.should_cancel():
                 return result(cancelled=True)
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = run.accumulate_gradients()
-            grads = [p.grad for p in params if p.grad is not None]
-            if config.max_grad_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            else:  # only the finiteness check: no rescaling pass over every gradient
-                grad_norm = torch.nn.utils.get_total_norm(grads)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                fp32_hint = " or set training_dtype to fp32" if config.training_dtype != "fp32" else ""
-                raise TrainingDiverged(
-                    f"Train LoRA: the loss became {loss} at step {existing_steps + step + 1}; "
-                    f"lower learning_rate (now {config.learning_rate}){fp32_hint}", result())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
+            try:
+                trainer.step()
+            except TrainingDiverged as err:
+                raise TrainingDiverged(str(err), result()) from None
             if step == 0:
                 log.info("Train LoRA: %s", forward.describe())
             if hooks.on_step is not None:
-                hooks.on_step(step + 1, loss, lr)
+                hooks.on_step(trainer.state())
         return result()
 
 
@@ -162,41 +234,3 @@ def _metadata(config: TrainConfig, total_steps: int, sd: dict[str, torch.Tensor]
             **(base.metadata() if base is not None else {}), "ss_steps": str(total_steps),
             PREFIX + "settings": json.dumps(config.as_metadata()), PREFIX + "lora_dtype": config.lora_dtype,
             PREFIX + "difference_share": f"{difference_share:.6f}"}
-
-
-class _Run:
-    """The per-step work of one run: batch choice, noising, forward, loss, backward."""
-
-    def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator):
-        self.fns, self.images, self.config, self.generator = fns, images, config, generator
-        self.batches = batch_indices(len(images), config.batch_size, config.batch_order, generator)
-        self.loss_fn = loss_function(config.loss_function)
-        device = images[0].device
-        bf16 = config.training_dtype == "bf16"
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def accumulate_gradients(self) -> float:
-        """Backward over grad_accum micro-batches; returns their mean loss."""
-        total = 0.0
-        for _ in range(self.config.grad_accum):
-            indices = next(self.batches)
-            for group in group_by_shape(indices, self.images):
-                # weight each same-shape group by its share so the gradient is the batch mean
-                loss = self.group_loss(group) * (len(group) / len(indices) / self.config.grad_accum)
-                loss.backward()
-                total += loss.item()
-        return total
-
-    def group_loss(self, group: list[int]) -> torch.Tensor:
-        x0 = torch.stack([self.images[i] for i in group])
-        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
-        percent = torch.rand(len(group), generator=self.generator)
-        sigma = self.fns.percent_to_sigma(percent).to(x0.device)
-        noisy = self.fns.noise_scaling(sigma, noise, x0)
-        with self.autocast:
-            pred = self.fns.denoise(noisy, sigma, group)
-        pred = pred.float()
-        if self.config.loss_space == "native":
-            c = output_coefficient(self.fns, sigma)
-            return self.loss_fn(pred / c, x0 / c)
-        return self.loss_fn(pred, x0)

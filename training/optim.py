@@ -1,4 +1,4 @@
-"""Optimizers, the learning-rate schedule and the loss functions the engine offers.
+"""Optimizers and the learning-rate schedule (the loss functions live in training/objective.py).
 
 `lr_at(step)` is a pure function (nanoGPT's `get_lr` shape): 1) linear warmup from 0, then
 2) constant, linear decay to 0, or cosine decay to 0 over the remaining steps.
@@ -6,14 +6,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _OPTIMIZERS = {
     "AdamW": torch.optim.AdamW,
@@ -22,14 +19,6 @@ _OPTIMIZERS = {
     "RMSprop": torch.optim.RMSprop,
 }
 
-_LOSSES: dict[str, LossFn] = {
-    "MSE": F.mse_loss,
-    "L1": F.l1_loss,
-    "Huber": F.huber_loss,  # delta 1
-    "SmoothL1": F.smooth_l1_loss,  # beta 1
-}
-
-
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """torch's optimizer of that name with its default hyper-parameters, at the config's LR."""
     params = list(params)
@@ -37,10 +26,6 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) ->
     if config.optimizer in ("AdamW", "Adam") and fusable:  # one fused kernel instead of a loop over tensors
         return _OPTIMIZERS[config.optimizer](params, lr=config.learning_rate, fused=True)
     return _OPTIMIZERS[config.optimizer](params, lr=config.learning_rate)
-
-
-def loss_function(name: str) -> LossFn:
-    return _LOSSES[name]
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

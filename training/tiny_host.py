@@ -12,7 +12,7 @@ import torch
 
 from ..lora import BaseModel
 from .data import check_caption_count, flatten_latents
-from .loop import ModelFns, output_coefficient
+from .objective import ModelFns, output_coefficient
 from .tiny_model import TinyDiffusion
 
 # The tiny model for a file's metadata: no other tool has it, so its layers keep their own module paths.
@@ -24,15 +24,20 @@ HELDOUT_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 HELDOUT_SEED = 987654321
 
 
-def tiny_fns(model: TinyDiffusion, contexts: torch.Tensor) -> ModelFns:
-    """contexts: (1 or N, L, D), one for all images or one per image (N = image count)."""
+def tiny_fns(model: TinyDiffusion, contexts: torch.Tensor, uncond: torch.Tensor | None = None) -> ModelFns:
+    """contexts: (1 or N, L, D), one for all images or one per image (N = image count); uncond
+    (1, L, D): the empty caption's context, for caption dropout."""
     schedule = model.schedule
 
     def denoise(noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
         context = contexts[[0] * len(indices)] if contexts.shape[0] == 1 else contexts[indices]
         return model.denoise(noisy, sigma, context)
 
-    return ModelFns(schedule.percent_to_sigma, schedule.noise_scaling, schedule.calculate_denoised, denoise)
+    def denoise_uncond(noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model.denoise(noisy, sigma, uncond.expand(noisy.shape[0], *uncond.shape[1:]))
+
+    return ModelFns(schedule.percent_to_sigma, schedule.noise_scaling, schedule.calculate_denoised, denoise,
+                    denoise_uncond if uncond is not None else None, schedule.kind == "flow")
 
 
 def checked_contexts(contexts: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
