@@ -115,13 +115,14 @@ def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, weight_shape: t
 
 
 def lokr_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
-    """(w1 ⊗ w2) x for a Linear layer without building w1 ⊗ w2: y[i·b+p] = Σ w1[i,j] w2[p,q] x[j·d+q].
+    """(w1 ⊗ w2) x for a Linear layer without building w1 ⊗ w2: y[i·b+p] = Σ w1[i,j] w2[p,q] x[j·d+q],
+    i.e. (A ⊗ B) vec(X) = vec(A X Bᵀ) on x reshaped to X (in_a, in_b): two small matmuls.
 
-    x: (..., in_a·in_b) → (..., out_a·out_b).
+    x: (..., in_a·in_b) → (..., out_a·out_b). (A three-operand einsum is no substitute: without
+    opt_einsum torch contracts left to right, and w1, w2 first is the full out×in product.)
     """
     x = x.unflatten(-1, (w1.shape[1], w2.shape[1]))
-    y = torch.einsum("ij,pq,...jq->...ip", w1, w2, x)
-    return (scale * y).flatten(-2)
+    return ((scale * w1) @ (x @ w2.T)).flatten(-2)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
