@@ -33,12 +33,10 @@ from ..training.captions import grouped_denoise, guider_predict
 from ..training.loop import Hooks, ModelFns, TrainResult, TrainState, train
 from . import families
 from .common import NONE_LORA
+from .options import TrainingOptions
 
 log = logging.getLogger(__name__)
 
-# node input name → TrainConfig field, where they differ
-_RENAMED = {"network_alpha": "alpha", "gradient_accumulation": "grad_accum", "include_layers": "include",
-            "exclude_layers": "exclude"}
 _ABSENT = object()
 _PERCENT_EDGE = 1e-5  # ComfyUI maps percent 0 to a near-infinite sigma; keep draws inside (0, 1)
 
@@ -197,21 +195,22 @@ class TrainSampler(comfy.samplers.Sampler):
         )
 
 
-def _config(options: dict) -> TrainConfig:
-    fields = {_RENAMED.get(k, k): v for k, v in options.items() if k != "existing_lora"}
-    return TrainConfig(**fields)
+def _config(inputs: dict, options: TrainingOptions | None) -> TrainConfig:
+    """Train LoRA's widgets plus the options node's fields: TrainConfig's names on both."""
+    fields = {k: v for k, v in inputs.items() if k != "existing_lora"}
+    return TrainConfig(**fields, **(options.values if options is not None else {}))
 
 
-def train_lora(model, latents: list[dict], positive: list, options: dict) -> tuple:
+def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None) -> tuple:
     """Train LoRA's execute: validate, train under a guider, shape the four outputs."""
-    config = _config(options)
+    config = _config(inputs, options)
     with torch.inference_mode(False), torch.enable_grad():
         images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
         _check_channels(images, model.model)
         entries, counts = _flat_conditioning(_clone_tree(positive))
         captions = caption_entries(counts, len(images))
         log.info(describe_captions(counts, len(images)))
-        existing = _existing(options.get("existing_lora", NONE_LORA), model.model)
+        existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
         sampler = TrainSampler(images, captions, config, existing)
         guider = Guider_Basic(model.clone())
         guider.set_conds(entries)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
 from .lora_io import LoadLoRAModel, SaveLoRA
+from .options import TrainingOptionsNode
 from .plot import PlotLossGraph
 from .train import TrainLoRA
 
 NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_TrainLoRA": (TrainLoRA, "Train LoRA"),
+    "LoRATrainer_TrainingOptions": (TrainingOptionsNode, "LoRA Training Options"),
     "LoRATrainer_SaveLoRA": (SaveLoRA, "Save LoRA"),
     "LoRATrainer_LoadLoRAModel": (LoadLoRAModel, "Load LoRA Model"),
     "LoRATrainer_PlotLossGraph": (PlotLossGraph, "Plot Loss Graph"),

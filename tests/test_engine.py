@@ -85,9 +85,9 @@ def test_gradient_accumulation_counts_every_micro_batch():
     """The second micro-batch changes the update, and accumulated training still learns."""
     model, _, fns, latents = setup()
     one = train(model.net, fns, latents, TrainConfig(steps=1, optimizer="SGD", batch_size=2, **FAST))
-    two = train(model.net, fns, latents, TrainConfig(steps=1, optimizer="SGD", batch_size=2, grad_accum=2, **FAST))
+    two = train(model.net, fns, latents, TrainConfig(steps=1, optimizer="SGD", batch_size=2, gradient_accumulation=2, **FAST))
     assert any(not torch.equal(one.lora[k], two.lora[k]) for k in one.lora)
-    longer = train(model.net, fns, latents, TrainConfig(steps=20, grad_accum=2, learning_rate=2e-3, **FAST))
+    longer = train(model.net, fns, latents, TrainConfig(steps=20, gradient_accumulation=2, learning_rate=2e-3, **FAST))
     assert longer.losses[-1] < longer.losses[0]
 
 

@@ -64,7 +64,7 @@ def test_files_in_module_path_naming_still_load():
 
 def test_training_metadata_as_kohya_and_modelspec_write_it():
     model, _, fns, latents = setup()
-    config = TrainConfig(steps=2, rank=4, alpha=2.0, learning_rate=1e-3, optimizer="AdamW", seed=5, train_norms=True,
+    config = TrainConfig(steps=2, rank=4, network_alpha=2.0, learning_rate=1e-3, optimizer="AdamW", seed=5, train_norms=True,
                          train_biases=True, **FAST)
     result = train(model.net, fns, latents, config, base=TINY_BASE)
     meta = file_metadata(result.lora, result.total_steps, "full", result.metadata)
@@ -91,7 +91,7 @@ def test_conv_rank_and_lokr_factor_go_into_network_args():
 def test_metadata_from_the_tensors_alone():
     """A plain dict (ComfyUI core's trainer, an old file) still gets network, rank and alpha."""
     model, _, fns, latents = setup()
-    sd = dict(train(model.net, fns, latents, TrainConfig(steps=1, rank=4, alpha=8.0, **FAST)).lora)
+    sd = dict(train(model.net, fns, latents, TrainConfig(steps=1, rank=4, network_alpha=8.0, **FAST)).lora)
     assert rank_and_alpha(sd) == (4, 8.0)
     meta = file_metadata(sd, None, "portable")
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8" and "ss_steps" not in meta

@@ -68,7 +68,7 @@ def test_include_exclude_patterns():
     ({"target": "attn"}, r"target: got 'attn'; choose one of all, attention, attention\+conv"),
     ({"conv_rank": 200}, r"conv_rank: got 200; give a value from 0 to 128"),
     ({"lokr_factor": 0}, r"lokr_factor: got 0; give -1 \(automatic\) or a positive integer"),
-    ({"include": "attn("}, r"include: 'attn\(' is not a valid regular expression"),
+    ({"include_layers": "attn("}, r"include_layers: 'attn\(' is not a valid regular expression"),
 ])
 def test_bad_adapter_options(fields, match):
     with pytest.raises(ValueError, match=match):

@@ -82,7 +82,7 @@ class TrainingDiverged(FloatingPointError):
 
 
 class GradientPass:
-    """The gradient of one optimizer step: `grad_accum` micro-batches, each split into same-shape
+    """The gradient of one optimizer step: `gradient_accumulation` micro-batches, each split into same-shape
     groups, each group's loss (training/objective.py) weighted by its share and backpropagated."""
 
     def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator):
@@ -93,7 +93,7 @@ class GradientPass:
     def run(self) -> float:
         """Backward over the micro-batches; returns their mean loss."""
         total = 0.0
-        accum = self.config.grad_accum
+        accum = self.config.gradient_accumulation
         for _ in range(accum):
             indices = self.batches.next(self.generator)
             for group in group_by_shape(indices, self.images):
@@ -221,9 +221,10 @@ def train(
 
 def lora_config_of(config: TrainConfig) -> LoraConfig:
     """The LoraConfig a TrainConfig injects: algorithm, target, ranks, patterns, switches."""
-    return LoraConfig(rank=config.rank, alpha=config.alpha or None, algorithm=config.algorithm, target=config.target,
+    return LoraConfig(rank=config.rank, alpha=config.network_alpha or None, algorithm=config.algorithm, target=config.target,
                       conv_rank=config.conv_rank or None, conv_alpha=config.conv_alpha or None,
-                      factor=config.lokr_factor, include=config.include or None, exclude=config.exclude or None,
+                      factor=config.lokr_factor, include=config.include_layers or None,
+                      exclude=config.exclude_layers or None,
                       train_norms=config.train_norms, train_biases=config.train_biases)
 
 

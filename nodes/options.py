@@ -1,0 +1,66 @@
+"""LoRA Training Options: the advanced settings of Train LoRA, on a node of their own.
+
+The node's inputs are TrainConfig's "options" fields (training/config.py), same names and ranges.
+It outputs one TrainingOptions value for Train LoRA's optional `options` input. Options nodes
+chain (an optional `options` input, as core's guider and sampler nodes compose): a field left at
+its default on this node keeps what an upstream options node set; a field set here wins.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..training.config import OPTIONS, TrainConfig, settings
+from .common import CATEGORY
+from .train import OPTIONS_TYPE
+from .widgets import widgets
+
+
+class TrainingOptions(NamedTuple):
+    """The value on the wire: the fields set away from their defaults, and the empty caption's
+    CONDITIONING for caption dropout (None when not connected)."""
+
+    values: dict[str, Any]
+    unconditional: list | None = None
+
+
+def merged(upstream: TrainingOptions | None, values: dict[str, Any], unconditional: list | None) -> TrainingOptions:
+    """This node's non-default fields over the upstream node's; its unconditional, else upstream's.
+    Raises ValueError naming a field that is out of range or inconsistent with another."""
+    defaults = {name: default for name, (default, _) in settings().items()}
+    base = upstream or TrainingOptions({})
+    ours = {k: v for k, v in values.items() if v != defaults[k]}
+    result = TrainingOptions({**base.values, **ours}, unconditional if unconditional is not None else base.unconditional)
+    TrainConfig(**result.values)  # every range and cross-field rule, checked once
+    if result.values.get("caption_dropout", 0.0) > 0 and result.unconditional is None:
+        raise ValueError("caption_dropout: got {}, but no unconditional CONDITIONING is connected; connect one (a text "
+                         "encode of the empty prompt) to the options node's unconditional input, or set "
+                         "caption_dropout to 0".format(result.values["caption_dropout"]))
+    return result
+
+
+class TrainingOptionsNode:
+    DESCRIPTION = ("Advanced settings for Train LoRA: noise-level sampling, loss weighting, noise, dropout and "
+                   "optimizer extras. Plug into Train LoRA's options input; chain several to combine. Fields left at "
+                   "their defaults change nothing.")
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = (OPTIONS_TYPE,)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("The settings, for Train LoRA's options input (or another options node's).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {},
+            "optional": {
+                "options": (OPTIONS_TYPE, {"tooltip": "Settings from another options node; fields set on this node "
+                                           "win, fields left at their defaults keep the upstream values."}),
+                "unconditional": ("CONDITIONING", {"tooltip": "The empty caption (a text encode of an empty "
+                                                   "prompt): what caption_dropout trains the dropped images with."}),
+                **widgets(OPTIONS),
+            },
+        }
+
+    def execute(self, options: TrainingOptions | None = None, unconditional: list | None = None,
+                **values: Any) -> tuple[TrainingOptions]:
+        return (merged(options, values, unconditional),)

@@ -1,0 +1,68 @@
+"""The one field table: TrainConfig and both nodes' inputs come from it (names, defaults, ranges), the
+options node merges and checks, and Train LoRA builds its config from widgets + options."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from comfyui_lora_trainer.nodes.options import TrainingOptions, TrainingOptionsNode, merged
+from comfyui_lora_trainer.nodes.train import OPTIONS_TYPE, TrainLoRA
+from comfyui_lora_trainer.training.config import MAIN, OPTIONS, TrainConfig, settings
+
+NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional"}
+
+
+def node_inputs(cls) -> dict[str, tuple]:
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def test_every_field_is_an_input_of_exactly_one_node_with_its_default_and_range():
+    main, options = node_inputs(TrainLoRA), node_inputs(TrainingOptionsNode)
+    assert not (set(main) & set(options)) - {"options"}
+    for f in fields(TrainConfig):
+        spec = f.metadata["setting"]
+        node = main if spec.node == MAIN else options
+        assert spec.node in (MAIN, OPTIONS) and f.name in node, f.name
+        kind, widget = node[f.name]
+        assert widget["default"] == f.default and widget["tooltip"] == spec.tooltip, f.name
+        if spec.choices:
+            assert kind == list(spec.choices) and f.default in spec.choices, f.name
+        else:
+            assert kind == {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}[type(f.default)], f.name
+        if spec.low is not None:
+            assert (widget["min"], widget["max"]) == (spec.low, spec.high), f.name
+            assert spec.low <= f.default <= spec.high, f.name
+    for name in (*main, *options):
+        assert name in NOT_FIELDS or name in settings(), f"input {name} is no TrainConfig field"
+    assert main["options"][0] == OPTIONS_TYPE and options["options"][0] == OPTIONS_TYPE
+    assert TrainingOptionsNode.RETURN_TYPES == (OPTIONS_TYPE,)
+
+
+def test_out_of_range_values_name_the_field():
+    for name, (default, spec) in settings().items():
+        if spec.low is None or isinstance(default, bool):
+            continue
+        too_big = spec.high + (1 if isinstance(default, int) else spec.high * 0.5 + 1)
+        with pytest.raises(ValueError, match=rf"^{name}: got "):
+            TrainConfig(**{name: too_big})
+    with pytest.raises(TypeError, match=r"steps: got 'many'; give a int"):
+        TrainConfig(steps="many")
+
+
+def test_main_node_keeps_spec_order_and_extras():
+    names = list(TrainLoRA.INPUT_TYPES()["optional"])
+    assert names[:10] == ["batch_size", "steps", "learning_rate", "rank", "optimizer", "loss_function", "seed",
+                          "training_dtype", "lora_dtype", "existing_lora"]
+    assert names[10:18] == ["network_alpha", "gradient_accumulation", "lr_schedule", "warmup_steps",
+                            "gradient_checkpointing", "loss_space", "batch_order", "max_grad_norm"]
+    assert names[-1] == "options"
+
+
+def test_merged_keeps_upstream_fields_left_at_default():
+    assert merged(None, {}, None) == TrainingOptions({}, None)
+    upstream = TrainingOptions({"max_grad_norm": 1.0}, ["uncond"])
+    # a field left at its default does not undo the upstream one; the unconditional is inherited
+    assert merged(upstream, {"max_grad_norm": 0.0}, None) == TrainingOptions({"max_grad_norm": 1.0}, ["uncond"])
+    assert merged(upstream, {"max_grad_norm": 2.0}, ["u2"]) == TrainingOptions({"max_grad_norm": 2.0}, ["u2"])
