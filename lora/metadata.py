@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 
 from .algos import detect
-from .algos.lora import DOWN
+from .algos.lora import DOWN, MID  # MID: LoCon's Tucker core (LyCORIS `use_tucker`)
 from .keys import ALPHA, DIFF, DIFF_B, is_text_encoder_key, split_key
 from .naming import MODULE_PATHS, Naming
 
@@ -80,11 +80,19 @@ def _layer_suffixes(sd: Mapping[str, torch.Tensor]) -> dict[str, set[str]]:
 
 def network_metadata(sd: Mapping[str, torch.Tensor], extra_args: Mapping[str, str] | None = None) -> dict[str, str]:
     """`ss_network_module` (and `ss_network_args`) for a state dict, as kohya/LyCORIS write them:
-    "networks.lora" for LoRA, "lycoris.kohya" with {"algo": ...} for LoHa, LoKr and DoRA; `extra_args`
+    "networks.lora" for LoRA, "lycoris.kohya" with {"algo": ...} for LoHa, LoKr, DoRA and Tucker LoCon
+    (`lora_mid`, which kohya's own loader does not read); `extra_args`
     (kohya's conv_dim, conv_alpha, LyCORIS's factor) join the args."""
-    found = {algo.NAME for algo in (detect(frozenset(s)) for s in _layer_suffixes(sd).values()) if algo is not None}
+    layers = _layer_suffixes(sd).values()
+    found = {algo.NAME for algo in (detect(frozenset(s)) for s in layers) if algo is not None}
     lycoris = sorted(found & set(_NETWORK_ARGS))
-    args = {**(_NETWORK_ARGS[lycoris[0]] if lycoris else {}), **(extra_args or {})}
+    if not lycoris and any(MID in s for s in layers):  # kohya's networks.lora has no lora_mid
+        lycoris, args = ["locon"], {"algo": "locon", "use_tucker": "True"}
+    else:
+        args = dict(_NETWORK_ARGS[lycoris[0]]) if lycoris else {}
+    if lycoris and lycoris[0] != "locon" and any(MID in s for s in layers):
+        args["use_tucker"] = "True"
+    args.update(extra_args or {})
     meta = {"ss_network_module": "lycoris.kohya" if lycoris else "networks.lora"}
     if args:
         meta["ss_network_args"] = json.dumps(args)

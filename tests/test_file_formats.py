@@ -11,8 +11,9 @@ import logging
 import pytest
 import torch
 
-from comfyui_lora_trainer.lora import (BaseModel, LoraStateDict, Naming, file_metadata, load_lora_file, portable,
-                                       resolve_state_dict, save_lora_file, to_state_dict)
+from comfyui_lora_trainer.lora import (BaseModel, LoraStateDict, Naming, file_metadata, load_lora_file,
+                                       network_metadata, portable, resolve_state_dict, save_lora_file,
+                                       to_state_dict)
 from comfyui_lora_trainer.lora.metadata import PREFIX, rank_and_alpha
 from comfyui_lora_trainer.nodes.families import base_model
 from comfyui_lora_trainer.nodes.lora_file import file_contents
@@ -86,6 +87,17 @@ def test_conv_rank_and_lokr_factor_go_into_network_args():
     meta = train(model.net, fns, latents, config).metadata
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"]) == {"algo": "lokr", "conv_dim": "2", "conv_alpha": "1", "factor": "4"}
+
+
+def test_tucker_locon_is_named_as_lycoris_writes_it():
+    """kohya's networks.lora cannot read lora_mid; LyCORIS names such a file locon with use_tucker."""
+    sd = {"lora_unet_conv.lora_down.weight": torch.ones(2, 4, 1, 1), "lora_unet_conv.lora_up.weight": torch.ones(4, 2, 1, 1),
+          "lora_unet_conv.lora_mid.weight": torch.ones(2, 2, 3, 3), "lora_unet_conv.alpha": torch.tensor(2.0)}
+    meta = network_metadata(sd)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "locon", "use_tucker": "True"}
+    plain = {k: v for k, v in sd.items() if "lora_mid" not in k}
+    assert network_metadata(plain) == {"ss_network_module": "networks.lora"}
 
 
 def test_metadata_from_the_tensors_alone():
