@@ -129,7 +129,7 @@ def test_kohya_lora_with_text_encoder_keys_continues_and_keeps_them(comfy, datas
     out = _load(comfy.output_dir / saved)
     for key in (f"{te}.lora_down.weight", f"{te}.lora_up.weight", f"{te}.alpha"):
         assert np.array_equal(out[key], tensors[key]), key
-    assert not np.allclose(out["lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q.lora_down.weight"],
+    assert not np.allclose(out[f"{attn}.lora_down.weight"],  # written back in kohya's (diffusers) naming
                            tensors[f"{attn}.lora_down.weight"], atol=1e-6)  # the UNet part was trained
 
     image = entry["outputs"]["9"]["images"][0]
@@ -151,7 +151,7 @@ def test_old_diffusers_attention_processor_lora_continues(comfy, dataset):
                                      existing_lora="it_attn_procs_7_steps_.safetensors"))
     saved = entry["outputs"][it.SAVE_NODE]["text"][0]
     assert saved.startswith("loras/it_attn_procs_8_steps_"), saved
-    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in _load(comfy.output_dir / saved)
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in _load(comfy.output_dir / saved)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -59,7 +59,9 @@ def conditioning(seed: int) -> dict:
 
 def train_graph(training_dtype: str, gradient_checkpointing: bool, prefix: str) -> dict:
     """UNETLoader + VAELoader, the demo images → VAEEncode, conditioning → FluxGuidance → Train LoRA
-    → Save LoRA and Plot Loss Graph (the node ids of example_workflows/api/train_lora.json)."""
+    → Save LoRA and Plot Loss Graph (the node ids of example_workflows/api/train_lora.json). Norm and
+    bias differences train too (off by default) and the file is `full`, so every weight of the model
+    shows whether gradients reached it."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_MODEL, "weight_dtype": "default"}},
         "v": {"class_type": "VAELoader", "inputs": {"vae_name": FLUX_VAE}},
@@ -70,10 +72,10 @@ def train_graph(training_dtype: str, gradient_checkpointing: bool, prefix: str) 
         "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["c", 0], "guidance": 3.5}},
         TRAIN_NODE: {"class_type": "LoRATrainer_TrainLoRA",
                      "inputs": {"model": ["1", 0], "latents": ["3", 0], "positive": ["4", 0], **TRAIN,
-                                "training_dtype": training_dtype,
+                                "training_dtype": training_dtype, "train_norms": True, "train_biases": True,
                                 "gradient_checkpointing": gradient_checkpointing}},
         SAVE_NODE: {"class_type": "LoRATrainer_SaveLoRA",
-                    "inputs": {"lora": [TRAIN_NODE, 1], "prefix": prefix, "steps": [TRAIN_NODE, 3]}},
+                    "inputs": {"lora": [TRAIN_NODE, 1], "prefix": prefix, "steps": [TRAIN_NODE, 3], "format": "full"}},
         PLOT_NODE: {"class_type": "LoRATrainer_PlotLossGraph",
                     "inputs": {"loss": [TRAIN_NODE, 2], "filename_prefix": "it_flux_loss/graph"}},
     }
