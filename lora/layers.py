@@ -107,12 +107,16 @@ class LayerAdapter(nn.Module):
     on `weight + diff`, `bias + diff_b`.
     """
 
+    skip: Callable[[], bool] | None = None  # training-time module dropout: True skips the adapter for this call
+
     def __init__(self, algo: Algorithm | None, diff: DiffAdapter | None):
         super().__init__()
         self.algo = algo
         self.diffs = diff
 
     def run(self, module: nn.Module, base_forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.skip is not None and self.algo is not None and self.skip():
+            return base_forward(x)
         if self.algo is None:
             with swapped_params(module, self.diffs.patched_params(module)):
                 return base_forward(x)

@@ -144,8 +144,10 @@ def _existing(name: str, base_model) -> Existing:
 class TrainSampler(comfy.samplers.Sampler):
     """Runs the whole training loop where a sampler would sample; keeps the result."""
 
-    def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing):
+    def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
+                 uncond: tuple[int, ...] | None = None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
+        self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
         self.result: TrainResult | None = None
         self.steps_done = 0  # completed steps, also when ComfyUI's progress hook raises on cancel
 
@@ -184,13 +186,17 @@ class TrainSampler(comfy.samplers.Sampler):
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
         # one guider call per caption: the guider combines every cond it holds over the whole batch
-        denoise = grouped_denoise(guider_predict(model_wrap, conds, extra_args), [tuple(c) for c in self.captions])
+        predict = guider_predict(model_wrap, conds, extra_args)
+        denoise = grouped_denoise(predict, [tuple(c) for c in self.captions])
+        uncond = self.uncond
+        denoise_uncond = (lambda noisy, sigma: predict(noisy, sigma, uncond)) if uncond else None
 
         return ModelFns(
             percent_to_sigma=percent_to_sigma,
             noise_scaling=lambda s, n, x: sampling.noise_scaling(s.to(x), n, x, False),
             calculate_denoised=lambda s, out, x: sampling.calculate_denoised(s.to(x), out, x),
             denoise=denoise,
+            denoise_uncond=denoise_uncond,
             flow=isinstance(sampling, comfy.model_sampling.CONST),
         )
 
@@ -209,9 +215,14 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         _check_channels(images, model.model)
         entries, counts = _flat_conditioning(_clone_tree(positive))
         captions = caption_entries(counts, len(images))
+        uncond = None
+        if options is not None and options.unconditional is not None:  # caption dropout's empty caption
+            extra = list(_clone_tree(options.unconditional))
+            uncond = tuple(range(len(entries), len(entries) + len(extra)))
+            entries = entries + extra
         log.info(describe_captions(counts, len(images)))
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
-        sampler = TrainSampler(images, captions, config, existing)
+        sampler = TrainSampler(images, captions, config, existing, uncond)
         guider = Guider_Basic(model.clone())
         guider.set_conds(entries)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed

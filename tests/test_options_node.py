@@ -66,3 +66,25 @@ def test_merged_keeps_upstream_fields_left_at_default():
     # a field left at its default does not undo the upstream one; the unconditional is inherited
     assert merged(upstream, {"max_grad_norm": 0.0}, None) == TrainingOptions({"max_grad_norm": 1.0}, ["uncond"])
     assert merged(upstream, {"max_grad_norm": 2.0}, ["u2"]) == TrainingOptions({"max_grad_norm": 2.0}, ["u2"])
+
+
+def test_options_node_outputs_non_default_fields_and_chains():
+    node = TrainingOptionsNode()
+    first, = node.execute(noise_offset=0.05, loss_weighting="min_snr", min_snr_gamma=5.0)
+    assert first == TrainingOptions({"noise_offset": 0.05, "loss_weighting": "min_snr"}, None)
+    second, = node.execute(options=first, noise_offset=0.0, timestep_sampling="logit_normal", unconditional=["u"])
+    assert second.values == {"noise_offset": 0.05, "loss_weighting": "min_snr", "timestep_sampling": "logit_normal"}
+    assert second.unconditional == ["u"]
+    config = TrainConfig(steps=3, **second.values)
+    assert config.noise_offset == 0.05 and config.timestep_sampling == "logit_normal" and config.steps == 3
+
+
+def test_options_node_errors_name_the_field():
+    node = TrainingOptionsNode()
+    with pytest.raises(ValueError, match="caption_dropout: got 0.1, but no unconditional CONDITIONING is connected"):
+        node.execute(caption_dropout=0.1)
+    assert node.execute(caption_dropout=0.1, unconditional=["u"])[0].values == {"caption_dropout": 0.1}
+    with pytest.raises(ValueError, match=r"noise_offset: got 2.0; give a value from 0 to 1"):
+        node.execute(noise_offset=2.0)
+    with pytest.raises(ValueError, match="min_timestep: got 900, not below max_timestep 500"):
+        node.execute(min_timestep=900, max_timestep=500)

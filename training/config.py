@@ -15,12 +15,16 @@ from typing import NamedTuple
 from ..lora.algos import ALGORITHMS
 from ..lora.targets import TARGETS
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy")  # SPEC.md's four first
 LOSSES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
 LOSS_SPACES = ("native", "x0")  # native: eps / v / flow velocity; x0: the denoised image (ComfyUI core)
 BATCH_ORDERS = ("random", "epoch")  # random: randperm(n)[:batch] each step; epoch: each image once a pass
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "sigmoid")
+FLOW_SHIFTS = ("model", "fixed", "resolution")  # resolution: Flux's shift from the latent's token count
+LOSS_WEIGHTINGS = ("none", "min_snr", "debiased")
+RANK_ALGORITHMS = ("lora", "dora")  # the algorithms with a rank-wide activation and an `up` matrix
 
 MAX_SEED = 2**64 - 1
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
@@ -125,6 +129,61 @@ class TrainConfig:
                                 "convs) in the target. Only ComfyUI reads them: save with Save LoRA format full.")
     train_biases: bool = setting(False, "Also train bias differences in the target. Only ComfyUI reads them: save "
                                  "with Save LoRA format full.")
+    # LoRA Training Options: noise levels (training/objective.py)
+    timestep_sampling: str = setting("uniform", "How noise levels are drawn. uniform: evenly through the model's "
+                                     "schedule; logit_normal: timestep fraction t = sigmoid(N(logit_mean, logit_std)) "
+                                     "(SD3); sigmoid: t = sigmoid(sigmoid_scale·N(0, 1)) (kohya's Flux default).",
+                                     node=OPTIONS, choices=TIMESTEP_SAMPLINGS)
+    logit_mean: float = setting(0.0, "logit_normal: mean of the normal before the sigmoid; > 0 draws noisier steps.",
+                                node=OPTIONS, low=-5.0, high=5.0, step=0.05)
+    logit_std: float = setting(1.0, "logit_normal: standard deviation of the normal before the sigmoid.",
+                               node=OPTIONS, low=0.01, high=5.0, step=0.05)
+    sigmoid_scale: float = setting(1.0, "sigmoid: scale of the normal before the sigmoid.", node=OPTIONS, low=0.01,
+                                   high=10.0, step=0.1)
+    flow_shift: str = setting("model", "Flow models only. model: the model's own schedule; fixed: "
+                              "σ = s·t / (1 + (s−1)·t) with s = flow_shift_value; resolution: s from each latent's "
+                              "size as Flux does (e^0.5 at 256 tokens to e^1.15 at 4096).", node=OPTIONS,
+                              choices=FLOW_SHIFTS)
+    flow_shift_value: float = setting(3.0, "The fixed shift s (SD3 uses 3.0).", node=OPTIONS, low=0.01, high=100.0,
+                                      step=0.05)
+    min_timestep: int = setting(0, "Lowest timestep drawn, of 1000 (0 = least noise).", node=OPTIONS, low=0, high=999)
+    max_timestep: int = setting(1000, "Highest timestep drawn, of 1000 (1000 = most noise).", node=OPTIONS, low=1,
+                                high=1000)
+    # loss weighting
+    loss_weighting: str = setting("none", "Per-image loss weight by noise level. min_snr: min(SNR, γ) in x0 terms "
+                                  "(Hang et al. 2023), i.e. min(SNR, γ)/SNR for eps, min(SNR, γ)/(SNR+1) for v; "
+                                  "debiased: √SNR in x0 terms, 1/√SNR for eps (kohya's debiased estimation).",
+                                  node=OPTIONS, choices=LOSS_WEIGHTINGS)
+    min_snr_gamma: float = setting(5.0, "min_snr: γ (5 in the paper).", node=OPTIONS, low=0.1, high=100.0, step=0.1)
+    # noise
+    noise_offset: float = setting(0.0, "Adds offset·N(0, 1) per image and channel to the noise, so the model learns "
+                                  "to shift mean brightness (0.05–0.1 typical).", node=OPTIONS, low=0.0, high=1.0,
+                                  step=0.01)
+    multires_noise_iterations: int = setting(0, "Multires (pyramid) noise: levels of coarser noise added; 0 = off "
+                                             "(6–10 typical).", node=OPTIONS, low=0, high=10)
+    multires_noise_discount: float = setting(0.3, "Multires noise: weight factor per coarser level.", node=OPTIONS,
+                                             low=0.0, high=1.0, step=0.01)
+    ip_noise_gamma: float = setting(0.0, "Input perturbation (Ning et al. 2023): the model input gets "
+                                    "noise + γ·N(0, 1) while the target keeps the noise; 0.1 typical.", node=OPTIONS,
+                                    low=0.0, high=1.0, step=0.01)
+    # dropout (kohya's networks.lora)
+    network_dropout: float = setting(0.0, "Dropout on the rank-wide activation down(x) (lora, dora).", node=OPTIONS,
+                                     low=0.0, high=0.99, step=0.01)
+    rank_dropout: float = setting(0.0, "Drops whole ranks per image, rescaling the rest (lora, dora).", node=OPTIONS,
+                                  low=0.0, high=0.99, step=0.01)
+    module_dropout: float = setting(0.0, "Skips a layer's adapter entirely for a step with this probability.",
+                                    node=OPTIONS, low=0.0, high=0.99, step=0.01)
+    caption_dropout: float = setting(0.0, "Probability that an image trains with the empty caption (needs the "
+                                     "options node's unconditional input).", node=OPTIONS, low=0.0, high=1.0,
+                                     step=0.01)
+    # optimizer and LR (training/optim.py)
+    weight_decay: float = setting(-1.0, "Decoupled (AdamW) or L2 weight decay; -1 = the optimizer's default "
+                                  "(AdamW 0.01, the others 0).", node=OPTIONS, low=-1.0, high=10.0, step=0.001)
+    lora_plus_ratio: float = setting(1.0, "LoRA+ (Hayou et al. 2024): the up matrices learn this many times faster "
+                                     "(16 typical; lora, dora).", node=OPTIONS, low=1.0, high=1000.0, step=1.0)
+    lr_restarts: int = setting(1, "cosine_with_restarts: the number of cosine cycles.", node=OPTIONS, low=1, high=100)
+    min_learning_rate: float = setting(0.0, "The floor linear and cosine schedules decay to instead of 0.",
+                                       node=OPTIONS, low=0.0, high=1.0, step=1e-6)
 
     def __post_init__(self) -> None:
         for name, (default, spec) in settings().items():
@@ -133,6 +192,23 @@ class TrainConfig:
             raise ValueError(f"lokr_factor: got {self.lokr_factor}; give -1 (automatic) or a positive integer")
         for name in ("include_layers", "exclude_layers"):
             _pattern(name, getattr(self, name))
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        """Rules between fields; each error names the field to change."""
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep: got {self.min_timestep}, not below max_timestep {self.max_timestep}; "
+                             "give a range such as 0 to 1000")
+        if self.weight_decay < 0 and self.weight_decay != -1:
+            raise ValueError(f"weight_decay: got {self.weight_decay}; give 0 or more, or -1 (the optimizer's default)")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"min_learning_rate: got {self.min_learning_rate}, above learning_rate "
+                             f"{self.learning_rate}; give a value up to learning_rate")
+        for name in ("network_dropout", "rank_dropout", "lora_plus_ratio"):
+            off = 1.0 if name == "lora_plus_ratio" else 0.0
+            if getattr(self, name) != off and self.algorithm not in RANK_ALGORITHMS:
+                raise ValueError(f"{name}: got {getattr(self, name)}, but algorithm {self.algorithm} has no rank-wide "
+                                 f"activation or up matrix; use it with lora or dora, or set it to {_number(off)}")
 
     def as_metadata(self) -> dict[str, object]:
         return asdict(self)
@@ -141,14 +217,15 @@ class TrainConfig:
         """The network args kohya/LyCORIS write for these settings: conv_dim, conv_alpha, LoKr's factor."""
         conv = {"conv_dim": str(self.conv_rank), "conv_alpha": _number(self.conv_alpha or self.conv_rank)} \
             if self.conv_rank else {}
-        return {**conv, **({"factor": str(self.lokr_factor)} if self.algorithm == "lokr" else {})}
+        dropout = {k: str(getattr(self, k)) for k in ("rank_dropout", "module_dropout") if getattr(self, k)}
+        return {**conv, **({"factor": str(self.lokr_factor)} if self.algorithm == "lokr" else {}), **dropout}
 
     def kohya_metadata(self, images: int) -> dict[str, str]:
         """These settings under kohya-ss' `ss_*` keys (sd-scripts train_network.py), as strings."""
         return {
             "ss_network_dim": str(self.rank), "ss_network_alpha": _number(self.network_alpha or self.rank),
             "ss_learning_rate": str(self.learning_rate), "ss_unet_lr": str(self.learning_rate),
-            "ss_optimizer": f"torch.optim.{self.optimizer}", "ss_lr_scheduler": self.lr_schedule,
+            "ss_optimizer": "prodigyopt.Prodigy" if self.optimizer == "Prodigy" else f"torch.optim.{self.optimizer}", "ss_lr_scheduler": self.lr_schedule,
             "ss_lr_warmup_steps": str(self.warmup_steps), "ss_max_train_steps": str(self.steps),
             "ss_batch_size_per_device": str(self.batch_size), "ss_total_batch_size": str(self.batch_size),
             "ss_gradient_accumulation_steps": str(self.gradient_accumulation),
@@ -156,4 +233,11 @@ class TrainConfig:
             "ss_max_grad_norm": str(self.max_grad_norm), "ss_seed": str(self.seed),
             "ss_mixed_precision": "bf16" if self.training_dtype == "bf16" else "no",
             "ss_loss_type": _KOHYA_LOSSES[self.loss_function], "ss_num_train_images": str(images),
+            "ss_noise_offset": str(self.noise_offset or None), "ss_ip_noise_gamma": str(self.ip_noise_gamma or None),
+            "ss_multires_noise_iterations": str(self.multires_noise_iterations or None),
+            "ss_multires_noise_discount": str(self.multires_noise_discount),
+            "ss_min_snr_gamma": str(self.min_snr_gamma if self.loss_weighting == "min_snr" else None),
+            "ss_debiased_estimation": str(self.loss_weighting == "debiased"),
+            "ss_caption_dropout_rate": str(self.caption_dropout), "ss_network_dropout": str(self.network_dropout or None),
+            "ss_min_timestep": str(self.min_timestep), "ss_max_timestep": str(self.max_timestep),
         }

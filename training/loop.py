@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,8 +27,9 @@ from ..lora.metadata import PREFIX
 from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import BatchOrder, flatten_latents, group_by_shape, oversized_batch_note
+from .dropout import Dropout, any_dropout
 from .objective import ModelFns, Objective, output_coefficient
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +117,10 @@ class Trainer:
                  existing_steps: int = 0):
         self.network, self.config, self.existing_steps = network, config, existing_steps
         self.params = [p for p in network.parameters()]
-        self.optimizer = make_optimizer(self.params, config)
+        self.optimizer = make_optimizer(network.named_parameters(), config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.gradients = GradientPass(fns, images, config, self.generator)
+        self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
         self.losses: list[float] = []
         self.lr = lr_at(0, config)
 
@@ -129,9 +132,9 @@ class Trainer:
         """One optimizer step; returns its loss. Raises TrainingDiverged (no LoRA attached) on NaN/inf."""
         step = self.step_count
         self.lr = lr_at(step, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        loss = self.gradients.run()
+        set_lr(self.optimizer, self.lr)
+        with self.dropout.active() if self.dropout is not None else nullcontext():
+            loss = self.gradients.run()
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -153,7 +156,7 @@ class Trainer:
             step=self.step_count, total_steps=self.existing_steps + self.step_count,
             loss=self.losses[-1] if self.losses else math.nan, lr=self.lr, losses=self.losses,
             lora=self.network.weights(), optimizer=self.optimizer.state_dict(),
-            rng={"generator": self.generator.get_state()}, pending=list(self.gradients.batches.pending))
+            rng={"generator": self.generator.get_state(), **(self.dropout.state if self.dropout else {})}, pending=list(self.gradients.batches.pending))
 
     def load_state(self, state: TrainState) -> None:
         """Continue from `state` (of a run with the same config and images): the next step is
@@ -165,6 +168,8 @@ class Trainer:
                     ours[path].tensors[suffix].copy_(tensor)
         self.optimizer.load_state_dict(state.optimizer)
         self.generator.set_state(state.rng["generator"])
+        if self.dropout is not None:
+            self.dropout.state = {k: v for k, v in state.rng.items() if k.startswith("forward")}
         self.gradients.batches.pending = list(state.pending)
         self.losses = list(state.losses)
         self.lr = state.lr
@@ -190,6 +195,7 @@ def train(
     """
     hooks = hooks or Hooks()
     images = flatten_latents(latents)
+    Objective(fns, config, images[0].device)  # refuses options this model cannot take, before patching it
     note = oversized_batch_note(config.batch_size, len(images), config.batch_order)
     if note:
         log.warning(note)

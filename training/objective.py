@@ -15,6 +15,7 @@ through sigma, never through a family's timestep table.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -82,24 +83,157 @@ def per_image(loss: torch.Tensor) -> torch.Tensor:
     return loss.flatten(1).mean(1)
 
 
+def draw_percent(n: int, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """(n,) noise levels as percents through the schedule (0 = most noise), in the min/max timestep range.
+
+    The timestep fraction t = 1 − percent is drawn uniform, logit-normal (t = sigmoid(N(mean, std)),
+    SD3's "logit-normal sampling") or sigmoid (t = sigmoid(scale·N(0, 1)), kohya's Flux default),
+    then mapped affinely into [min_timestep, max_timestep] / 1000.
+    """
+    low, high = config.min_timestep / 1000, config.max_timestep / 1000
+    if config.timestep_sampling == "uniform":
+        # percent uniform in [1 − high, 1 − low]: with the full range exactly today's torch.rand draw
+        return (1 - high) + (high - low) * torch.rand(n, generator=generator)
+    z = torch.randn(n, generator=generator)
+    if config.timestep_sampling == "logit_normal":
+        t = torch.sigmoid(config.logit_mean + config.logit_std * z)
+    else:
+        t = torch.sigmoid(config.sigmoid_scale * z)
+    return 1 - (low + (high - low) * t)
+
+
+def shifted_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rectified flow's timestep shift (Esser et al. 2024): σ = s·t / (1 + (s − 1)·t), t in (0, 1]."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flux_shift(height: int, width: int) -> float:
+    """Flux's resolution-dependent shift for a latent of height × width: s = e^μ, μ linear in the
+    token count (2×2 patches) from 0.5 at 256 tokens to 1.15 at 4096 (Flux's `time_shift`)."""
+    tokens = (height // 2) * (width // 2)
+    return math.exp(0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256))
+
+
+def offset_noise(noise: torch.Tensor, generator: torch.Generator, offset: float) -> torch.Tensor:
+    """noise + offset·N(0, 1) per image and channel (B, C, 1, 1) (Guttenberg's "noise offset")."""
+    shift = torch.randn(noise.shape[0], noise.shape[1], *[1] * (noise.dim() - 2), generator=generator)
+    return noise + offset * shift
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """Multires (pyramid) noise (Whitaker 2023): for level i = 1…iterations, noise drawn at the size
+    divided by r^i (r uniform in [2, 4)), upsampled bilinearly, weighted discount^i and added; stops
+    once a side reaches 1; each image renormalised to unit standard deviation."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(1, iterations + 1):
+        r = 2 + 2 * float(torch.rand(1, generator=generator))
+        hi, wi = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn(b, c, hi, wi, generator=generator)
+        out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
+        if hi == 1 or wi == 1:
+            break
+    return out / out.flatten(1).std(1).reshape(b, 1, 1, 1)
+
+
+def loss_weights(fns: ModelFns, sigma: torch.Tensor, config: TrainConfig) -> torch.Tensor | None:
+    """Per-image weights (B,) of the loss in the config's loss space; None = all 1.
+
+    Defined on the x0 error (Hang et al. 2023 write min-SNR as min(SNR, γ)·‖x̂0 − x0‖²), so they hold
+    for every parameterisation: min_snr w0 = min(SNR, γ), debiased w0 = √SNR (SNR capped at 1000, as
+    kohya-ss does). The native loss is the x0 loss over c(σ)², so there w = w0·c(σ)²: for eps
+    min(SNR, γ)/SNR and 1/√SNR, for v min(SNR, γ)/(SNR + 1).
+    """
+    if config.loss_weighting == "none":
+        return None
+    ratio = snr(fns, sigma)
+    if config.loss_weighting == "min_snr":
+        w0 = ratio.clamp(max=config.min_snr_gamma)
+    else:
+        w0 = ratio.clamp(max=1000.0).sqrt()
+    if config.loss_space == "native":
+        return w0 * output_coefficient(fns, sigma).flatten() ** 2
+    return w0
+
+
 class Objective:
     """The loss of one same-shape group; `loss(x0, indices, generator)` draws from `generator` only."""
 
     def __init__(self, fns: ModelFns, config: TrainConfig, device: torch.device):
+        """Raises ValueError for options this model or host cannot take (named by field)."""
+        if config.flow_shift != "model" and not fns.flow:
+            raise ValueError(f"flow_shift: got {config.flow_shift!r}, but this model is not a flow model (SD3, Flux, "
+                             "...) and has no shift; set flow_shift to model")
+        if config.caption_dropout > 0 and fns.denoise_uncond is None:
+            raise ValueError(f"caption_dropout: got {config.caption_dropout}, but there is no unconditional "
+                             "conditioning to drop captions to; connect an empty-prompt CONDITIONING to the options "
+                             "node's unconditional input, or set caption_dropout to 0")
         self.fns, self.config = fns, config
         self.loss_fn = loss_function(config.loss_function)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training_dtype == "bf16")
 
     def loss(self, x0: torch.Tensor, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        """x0 (B, C, H, W), the latents of images `indices` → the mean loss (0-d, fp32, with grad)."""
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        percent = torch.rand(len(indices), generator=generator)
-        sigma = self.fns.percent_to_sigma(percent).to(x0.device)
-        noisy = self.fns.noise_scaling(sigma, noise, x0)
+        """x0 (B, C, H, W), the latents of images `indices` → the mean loss (0-d, fp32, with grad).
+
+        Draw order (all from `generator`): noise, its offset and pyramid, levels, input perturbation,
+        caption dropout; an option that is off draws nothing, so the defaults draw as before options.
+        """
+        cfg, fns = self.config, self.fns
+        noise = self.noise(x0.shape, generator).to(x0.device, x0.dtype)
+        sigma = self.sigma(len(indices), x0.shape, generator).to(x0.device)
+        noisy = fns.noise_scaling(sigma, noise, x0)
+        target = x0
+        if cfg.ip_noise_gamma:
+            # the input sees noise + γξ; the target stays the one for `noise`: in x0 terms, x0 moved by
+            # how far the perturbed input moves the denoise's output-free part a(x, σ)
+            xi = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+            perturbed = fns.noise_scaling(sigma, noise + cfg.ip_noise_gamma * xi, x0)
+            target = x0 + self._free_part(sigma, perturbed) - self._free_part(sigma, noisy)
+            noisy = perturbed
+        dropped = torch.rand(len(indices), generator=generator) < cfg.caption_dropout if cfg.caption_dropout else None
         with self.autocast:
-            pred = self.fns.denoise(noisy, sigma, indices)
+            pred = self.predict(noisy, sigma, indices, dropped)
         pred = pred.float()
-        if self.config.loss_space == "native":
-            c = output_coefficient(self.fns, sigma)
-            return per_image(self.loss_fn(pred / c, x0 / c)).mean()
-        return per_image(self.loss_fn(pred, x0)).mean()
+        if cfg.loss_space == "native":
+            c = output_coefficient(fns, sigma)
+            per = per_image(self.loss_fn(pred / c, target / c))
+        else:
+            per = per_image(self.loss_fn(pred, target))
+        weights = loss_weights(fns, sigma, cfg)
+        return per.mean() if weights is None else (per * weights).mean()
+
+    def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """ε ~ N(0, I) (B, C, H, W) on the CPU, with the config's offset and pyramid."""
+        noise = torch.randn(shape, generator=generator)
+        if self.config.noise_offset:
+            noise = offset_noise(noise, generator, self.config.noise_offset)
+        if self.config.multires_noise_iterations:
+            noise = pyramid_noise(noise, generator, self.config.multires_noise_iterations,
+                                  self.config.multires_noise_discount)
+        return noise
+
+    def sigma(self, n: int, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """(n,) noise levels: the drawn percents through the model's schedule, or the shift override."""
+        percent = draw_percent(n, generator, self.config)
+        if self.config.flow_shift == "model":
+            return self.fns.percent_to_sigma(percent)
+        shift = self.config.flow_shift_value if self.config.flow_shift == "fixed" else flux_shift(shape[-2], shape[-1])
+        return shifted_sigma((1 - percent).clamp(1e-5, 1.0), shift)
+
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int],
+                dropped: torch.Tensor | None) -> torch.Tensor:
+        """The host's x0 prediction; rows whose caption is dropped use the empty caption."""
+        if dropped is None or not dropped.any():
+            return self.fns.denoise(noisy, sigma, indices)
+        if dropped.all():
+            return self.fns.denoise_uncond(noisy, sigma)
+        keep, drop = (~dropped).nonzero().flatten(), dropped.nonzero().flatten()
+        out = torch.empty_like(noisy)
+        kept = self.fns.denoise(noisy[keep], sigma[keep], [indices[i] for i in keep.tolist()])
+        out = out.index_put((keep.to(noisy.device),), kept.to(out.dtype))
+        empty = self.fns.denoise_uncond(noisy[drop], sigma[drop])
+        return out.index_put((drop.to(noisy.device),), empty.to(out.dtype))
+
+    def _free_part(self, sigma: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """a(x, σ): the denoise with a zero network output."""
+        return self.fns.calculate_denoised(sigma, torch.zeros_like(noisy), noisy)

@@ -47,6 +47,7 @@ class Lora(Algorithm):
     NAME = "lora"
     SUFFIXES = (DOWN, UP, MID, ALPHA)
     MARKERS = frozenset({DOWN, UP})
+    rank_hook: Callable[[torch.Tensor], torch.Tensor] | None = None  # training-time dropout on the rank-wide activation
 
     def __init__(self, shape: LayerShape, down: torch.Tensor, up: torch.Tensor, alpha: float,
                  mid: torch.Tensor | None = None):
@@ -112,6 +113,8 @@ class Lora(Algorithm):
             h = layer_op(self.shape, x, down)
         else:
             h = layer_op(self.shape, pointwise_op(self.shape, x, down), self.lora_mid.to(x.dtype))
+        if self.rank_hook is not None:
+            h = self.rank_hook(h)
         if self.scale != 1.0:
             h = h * self.scale
         return pointwise_op(self.shape, h, up, bias)
