@@ -119,7 +119,7 @@ def test_kohya_lora_with_text_encoder_keys_continues_and_keeps_them(comfy, datas
     _save(comfy.loras_dir / "it_kohya_te_3_steps_.safetensors", tensors)
     g = it.train_graph(comfy, folder=dataset, steps=2, seed=13, prefix="loras/it_kohya_te",
                        existing_lora="it_kohya_te_3_steps_.safetensors")
-    g["9"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "it_modes/image"}}
+    g["modes"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "it_modes/image"}}
     mark = len(comfy.log())
     entry = comfy.run(g)
     assert ("Train LoRA: existing_lora 'it_kohya_te_3_steps_.safetensors' has 3 text-encoder tensors (lora_te_…); "
@@ -132,7 +132,7 @@ def test_kohya_lora_with_text_encoder_keys_continues_and_keeps_them(comfy, datas
     assert not np.allclose(out[f"{attn}.lora_down.weight"],  # written back in kohya's (diffusers) naming
                            tensors[f"{attn}.lora_down.weight"], atol=1e-6)  # the UNet part was trained
 
-    image = entry["outputs"]["9"]["images"][0]
+    image = entry["outputs"]["modes"]["images"][0]
     png = comfy.output_dir / image["subfolder"] / image["filename"]
     lora_mode, png_mode = (stat.S_IMODE(os.stat(p).st_mode) for p in (comfy.output_dir / saved, png))
     assert lora_mode == png_mode, (oct(lora_mode), oct(png_mode))
