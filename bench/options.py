@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,7 @@ def run(steps: int, seeds: int, kinds: tuple[str, ...], variants: dict[str, dict
             losses = [measure(kind, overrides, seed, steps) for seed in range(seeds)]
             table[name][kind] = {"mean": statistics.fmean(losses),
                                  "std": statistics.stdev(losses) if len(losses) > 1 else 0.0, "runs": losses}
+            print(f"{name} / {kind}: {losses}", file=sys.stderr, flush=True)  # progress, and a record if stopped
     return table
 
 
