@@ -83,17 +83,15 @@ def network_metadata(sd: Mapping[str, torch.Tensor], extra_args: Mapping[str, st
     "networks.lora" for LoRA, "lycoris.kohya" with {"algo": ...} for LoHa, LoKr, DoRA and Tucker LoCon
     (`lora_mid`, which kohya's own loader does not read); `extra_args`
     (kohya's conv_dim, conv_alpha, LyCORIS's factor) join the args."""
-    layers = _layer_suffixes(sd).values()
+    layers = list(_layer_suffixes(sd).values())
     found = {algo.NAME for algo in (detect(frozenset(s)) for s in layers) if algo is not None}
     lycoris = sorted(found & set(_NETWORK_ARGS))
-    if not lycoris and any(MID in s for s in layers):  # kohya's networks.lora has no lora_mid
-        lycoris, args = ["locon"], {"algo": "locon", "use_tucker": "True"}
-    else:
-        args = dict(_NETWORK_ARGS[lycoris[0]]) if lycoris else {}
-    if lycoris and lycoris[0] != "locon" and any(MID in s for s in layers):
+    tucker = any(MID in s for s in layers)  # kohya's networks.lora has no lora_mid
+    args = dict(_NETWORK_ARGS[lycoris[0]]) if lycoris else ({"algo": "locon"} if tucker else {})
+    if tucker:
         args["use_tucker"] = "True"
     args.update(extra_args or {})
-    meta = {"ss_network_module": "lycoris.kohya" if lycoris else "networks.lora"}
+    meta = {"ss_network_module": "lycoris.kohya" if "algo" in args else "networks.lora"}
     if args:
         meta["ss_network_args"] = json.dumps(args)
     return meta
@@ -102,7 +100,7 @@ def network_metadata(sd: Mapping[str, torch.Tensor], extra_args: Mapping[str, st
 def rank_and_alpha(sd: Mapping[str, torch.Tensor]) -> tuple[int, float] | None:
     """The (rank, alpha) most LoRA/DoRA layers of a file have (kohya's ss_network_dim/alpha); None if none."""
     counts: dict[tuple[int, float], int] = defaultdict(int)
-    for name, suffixes in _layer_suffixes(sd).items():
+    for name in _layer_suffixes(sd):
         down = sd.get(f"{name}.{DOWN}")
         if down is not None:
             alpha = sd.get(f"{name}.{ALPHA}")

@@ -7,6 +7,10 @@ loader builds it) and differs from the base; the file has the key layout ComfyUI
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,12 @@ from comfyui_lora_trainer.lora import (LoraConfig, inject, load_lora_file, merge
                                        save_lora_file, to_state_dict)
 from comfyui_lora_trainer.lora.algos import ALGORITHMS, Dora, detect
 from comfyui_lora_trainer.lora.algos.functional import factorization, lokr_delta, lokr_linear
+
+_spec = importlib.util.spec_from_file_location("lora_trainer_lycoris_files", Path(__file__).with_name("lycoris_files.py"))
+_files = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = _files
+    _spec.loader.exec_module(_files)
 
 ALGOS = ("lora", "loha", "lokr", "dora")
 
@@ -41,13 +51,7 @@ class One(nn.Module):
         return self.layer(x)
 
 
-LAYERS = {
-    "linear": (lambda: nn.Linear(12, 8), (3, 12)),
-    "conv3x3": (lambda: nn.Conv2d(8, 12, 3, padding=1), (2, 8, 6, 6)),
-    "conv1x1": (lambda: nn.Conv2d(12, 8, 1), (2, 12, 5, 5)),
-    "conv3x3_strided_reflect": (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"),
-                                (2, 8, 9, 9)),
-}
+LAYERS = _files.LAYERS  # the same layers as the LyCORIS-form tests
 
 
 def randomize(net: nn.Module, seed: int = 1) -> None:

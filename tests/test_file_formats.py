@@ -5,8 +5,10 @@ SD1.x checkpoint; here the mechanism runs on the tiny model.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,24 +21,16 @@ from comfyui_lora_trainer.nodes.families import base_model
 from comfyui_lora_trainer.nodes.lora_file import file_contents
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import TINY_BASE, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
+from comfyui_lora_trainer.training.tiny_host import TINY_BASE
 
-FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
+_spec = importlib.util.spec_from_file_location("lora_trainer_test_targets", Path(__file__).with_name("test_targets.py"))
+_targets = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_targets)
+FAST, setup = _targets.FAST, _targets.setup  # the tiny eps model and four ramp images
 
 # A stand-in for a shared naming on the tiny model: two layers renamed, the rest keep their paths.
 RENAMES = {"blocks.1.layers.2.attn2.to_k": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
            "conv_in": "conv_in_renamed"}
-
-
-def setup():
-    """The tiny eps model, its callables and four 16×16 ramp images."""
-    model = build_tiny("eps")
-    contexts = encode_captions(["a ramp, lrtstyle"], model.net.config.context_dim)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
-    images = torch.stack([torch.stack([xx, yy * (i + 1) / 4, 1 - xx], -1) for i in range(4)])
-    return model, contexts, tiny_fns(model, contexts), encode_images(images)
 
 
 def test_naming_writes_shared_names_and_reads_them_back_bit_exactly(tmp_path):
