@@ -1,0 +1,163 @@
+"""Train LoRA's own websocket event, `lora_trainer.progress`: what a client needs to follow a run.
+
+ComfyUI's "progress" message carries only `value`/`max`; this event adds the loss, a smoothed loss,
+the LR, the latest validation loss and an ETA, so a client (the headless CLI, a browser extension)
+reads numbers instead of parsing console text. It goes out through ComfyUI's server like core's own
+messages (server.py `PromptServer.send_sync(event, data, sid)`, to `PromptServer.instance.client_id`,
+the client that queued the running prompt; None sends to every client, as core's "progress" does).
+The prompt and node come from ComfyUI's executing context (comfy_execution/utils.py
+`get_executing_context()`, set around the node's function), else the server's last ones.
+
+Payload (JSON; every number finite or null):
+  event           "step" after an optimizer step; "validation" | "preview" | "checkpoint" notices
+  prompt_id, node the running prompt and Train LoRA's node id (null outside ComfyUI)
+  step, total     optimizer steps done in this run / to do in this run
+  lora_steps      the LoRA's steps counting a continued LoRA's earlier ones (TrainState.total_steps)
+  loss            the last step's loss
+  smoothed_loss   the mean of the last SMOOTHING_WINDOW steps' losses (a trailing window: no lag
+                  from an EMA's bias, the same value whatever messages were skipped)
+  lr              the last step's learning rate
+  validation_loss, validation_step   the latest validation (TrainState.validation), or null
+  elapsed         seconds since the reporter was made (training start)
+  eta             seconds left: the time per step since the first reported step x the steps left;
+                  null until two steps were seen (the first one carries the model's load time)
+  (a notice adds its own fields, e.g. "path")
+
+Throttle: step messages go out at most every `min_interval` seconds (0.1: ~10 a second); the first
+and the last step always go out, and notices are never dropped. The payload builder is pure and
+no ComfyUI module is imported here until a reporter without `send` is made.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Sequence
+
+EVENT = "lora_trainer.progress"
+NOTICES = ("validation", "preview", "checkpoint")
+SMOOTHING_WINDOW = 20  # steps
+MIN_INTERVAL = 0.1  # seconds between step messages
+
+Send = Callable[[dict], None]
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None: JSON has no NaN/inf (a browser's JSON.parse refuses them)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def smoothed(losses: Sequence[float], window: int = SMOOTHING_WINDOW) -> float | None:
+    """The mean of the last `window` finite losses; None when there are none."""
+    recent = [x for x in losses[-window:] if _number(x) is not None]
+    return sum(recent) / len(recent) if recent else None
+
+
+def latest_validation(state: Any) -> tuple[int | None, float | None]:
+    """(step, loss) of the last entry of `state.validation` ([(step, loss), ...]), or (None, None)."""
+    entries = getattr(state, "validation", None) or []
+    if not entries:
+        return None, None
+    step, loss = entries[-1]
+    return int(step), _number(loss)
+
+
+def payload(state: Any, total: int, *, event: str = "step", elapsed: float = 0.0, eta: float | None = None,
+            node: str | None = None, prompt_id: str | None = None) -> dict:
+    """The message for `state` (training/loop.py TrainState: step, total_steps, loss, lr, losses,
+    validation); see the module doc for the fields. Pure: no clock, no ComfyUI."""
+    validation_step, validation_loss = latest_validation(state)
+    return {
+        "event": event, "prompt_id": prompt_id, "node": node,
+        "step": int(state.step), "total": int(total), "lora_steps": int(getattr(state, "total_steps", state.step)),
+        "loss": _number(state.loss), "smoothed_loss": smoothed(state.losses), "lr": _number(state.lr),
+        "validation_loss": validation_loss, "validation_step": validation_step,
+        "elapsed": round(elapsed, 3), "eta": None if eta is None else round(max(0.0, eta), 3),
+    }
+
+
+def comfy_sender() -> tuple[Send, str | None, str | None]:
+    """(send to the running prompt's client, prompt id, node id) from ComfyUI's server; call it
+    while the node runs (the executing context is set around the node's function)."""
+    from comfy_execution.utils import get_executing_context
+    from server import PromptServer
+
+    server = PromptServer.instance
+    context = get_executing_context()
+    prompt_id = context.prompt_id if context is not None else getattr(server, "last_prompt_id", None)
+    node = context.node_id if context is not None else getattr(server, "last_node_id", None)
+
+    def send(data: dict) -> None:
+        server.send_sync(EVENT, data, server.client_id)
+
+    return send, prompt_id, None if node is None else str(node)
+
+
+class ProgressReporter:
+    """Sends `lora_trainer.progress` for one run: `step(state)` after each optimizer step,
+    `event(kind)` after a validation, preview or checkpoint.
+
+    `send=None` sends through ComfyUI's server (see `comfy_sender`); a callable taking the payload
+    dict is used as given (tests, other hosts), with `node`/`prompt_id` as passed.
+    """
+
+    def __init__(self, total_steps: int, send: Send | None = None, *, node: str | None = None,
+                 prompt_id: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 min_interval: float = MIN_INTERVAL) -> None:
+        if send is None:
+            send, prompt_id, node = comfy_sender()
+        self.total, self.send, self.node, self.prompt_id = int(total_steps), send, node, prompt_id
+        self.clock, self.min_interval = clock, min_interval
+        self.started = clock()
+        self._first: tuple[float, int] | None = None  # (time, step) of the first step seen
+        self._last_sent = -math.inf
+        self._state: Any = None  # the latest state seen
+        self._unsent = False  # the latest step was throttled away
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left: time per step since the first step seen x steps left; None until measurable."""
+        if self._first is None or step <= self._first[1]:
+            return None
+        per_step = (self.clock() - self._first[0]) / (step - self._first[1])
+        return per_step * max(0, self.total - step)
+
+    def _message(self, state: Any, event: str) -> dict:
+        return payload(state, self.total, event=event, elapsed=self.clock() - self.started, eta=self.eta(state.step),
+                       node=self.node, prompt_id=self.prompt_id)
+
+    def _emit(self, data: dict) -> None:
+        self._last_sent = self.clock()
+        self.send(data)
+
+    def step(self, state: Any) -> None:
+        """After an optimizer step: send unless a message went out less than `min_interval` ago
+        (the first and the last step always go out)."""
+        now = self.clock()
+        if self._first is None:
+            self._first = (now, state.step)
+        self._state = state
+        due = now - self._last_sent >= self.min_interval or state.step >= self.total or state.step == self._first[1]
+        self._unsent = not due
+        if due:
+            self._emit(self._message(state, "step"))
+
+    def event(self, kind: str, state: Any = None, **extra: Any) -> None:
+        """A notice ("validation", "preview", "checkpoint") with the latest numbers (of `state` if
+        given, else of the last step) and `extra` JSON-ready fields (e.g. path="loras/x.safetensors").
+        Never throttled."""
+        if kind not in NOTICES:
+            raise ValueError(f"kind: got {kind!r}; use one of {', '.join(NOTICES)}")
+        state = state if state is not None else self._state
+        if state is None:
+            raise ValueError(f"event({kind!r}): no step reported yet; call step(state) first or pass state")
+        self._state, self._unsent = state, False
+        self._emit({**self._message(state, kind), **extra})
+
+    def flush(self) -> None:
+        """Send the latest step if the throttle held it back (e.g. when a run stops early)."""
+        if self._unsent and self._state is not None:
+            self._unsent = False
+            self._emit(self._message(self._state, "step"))
