@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from ..training.config import MAIN
 from .common import CATEGORY, NONE_LORA, lora_choices
+from .preview import PREVIEW_TYPE
+from .validation import VALIDATION_TYPE
 from .widgets import widgets
 
 OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"  # the LoRA Training Options node's output (nodes/options.py)
@@ -13,13 +15,15 @@ class TrainLoRA:
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
-    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps")
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "IMAGE")
+    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps", "previews")
     OUTPUT_TOOLTIPS = (
         "The base model with the trained LoRA applied, usable by any sampler node.",
         "The LoRA weights alone, to save or apply to another model.",
-        "The loss history, for monitoring ({'loss': [...]}).",
+        "The loss history, for monitoring ({'loss': [...]}, plus 'validation_loss' and 'validation_step' with a "
+        "validation set).",
         "Total steps trained, including the earlier steps of a continued LoRA.",
+        "The previews over the steps as one grid image (a small blank image when no preview is connected).",
     )
 
     @classmethod
@@ -32,14 +36,20 @@ class TrainLoRA:
             },
             "optional": {**_main_inputs(), "options": (OPTIONS_TYPE, {
                 "tooltip": "Advanced settings from a LoRA Training Options node (noise levels, loss weighting, "
-                           "noise, dropout, optimizer extras); unset, every one keeps its default."})},
+                           "noise, dropout, optimizer extras, checkpoints and resume); unset, every one keeps its "
+                           "default."}),
+                "preview": (PREVIEW_TYPE, {"tooltip": "Sample previews while training, from a LoRA Training "
+                                                      "Preview node."}),
+                "validation": (VALIDATION_TYPE, {"tooltip": "Held-out images whose loss is measured while training, "
+                                                            "from a LoRA Validation Set node."})},
         }
 
-    def execute(self, model, latents, positive, options=None, **inputs) -> tuple:
+    def execute(self, model, latents, positive, options=None, preview=None, validation=None, **inputs) -> tuple:
         from .comfy_train import train_lora  # ComfyUI glue, imported only when the node runs
 
         return train_lora(model[0], latents, positive, {k: v[0] for k, v in inputs.items()},
-                          options[0] if options else None)
+                          options[0] if options else None, preview[0] if preview else None,
+                          validation[0] if validation else None)
 
 
 def _main_inputs() -> dict[str, tuple]:

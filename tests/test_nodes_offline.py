@@ -22,7 +22,7 @@ CORE_IDS = {"TrainLoraNode", "SaveLoRA", "LoraModelLoader", "LossGraphNode", "Lo
 
 
 def test_node_ids_unique_and_tooltips_everywhere():
-    assert len(pack.NODE_CLASS_MAPPINGS) == 8 and not CORE_IDS & set(pack.NODE_CLASS_MAPPINGS)
+    assert len(pack.NODE_CLASS_MAPPINGS) == 10 and not CORE_IDS & set(pack.NODE_CLASS_MAPPINGS)
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
@@ -50,8 +50,10 @@ def test_train_lora_schema_matches_spec():
     for name, (choices, default) in combos.items():
         assert opt[name][0] == choices and opt[name][1]["default"] == default, name
     assert opt["existing_lora"][0] == ["[None]"] and opt["existing_lora"][1]["default"] == "[None]"
-    assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
-    assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps") and cls.INPUT_IS_LIST
+    # SPEC's four outputs first (links to them stay valid), then the preview grid (issue 14)
+    assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "IMAGE")
+    assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps", "previews") and cls.INPUT_IS_LIST
+    assert (opt["preview"][0], opt["validation"][0]) == ("LORA_PREVIEW", "LORA_VALIDATION")
 
 
 def test_other_schemas_match_spec():

@@ -10,7 +10,7 @@ from comfyui_lora_trainer.nodes.options import TrainingOptions, TrainingOptionsN
 from comfyui_lora_trainer.nodes.train import OPTIONS_TYPE, TrainLoRA
 from comfyui_lora_trainer.training.config import MAIN, OPTIONS, TrainConfig, settings
 
-NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional"}
+NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional", "preview", "validation"}
 
 
 def node_inputs(cls) -> dict[str, tuple]:
@@ -57,7 +57,7 @@ def test_main_node_keeps_spec_order_and_extras():
                           "training_dtype", "lora_dtype", "existing_lora"]
     assert names[10:18] == ["network_alpha", "gradient_accumulation", "lr_schedule", "warmup_steps",
                             "gradient_checkpointing", "loss_space", "batch_order", "max_grad_norm"]
-    assert names[-1] == "options"
+    assert names[-3:] == ["options", "preview", "validation"]
 
 
 def test_merged_keeps_upstream_fields_left_at_default():

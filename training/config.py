@@ -184,6 +184,19 @@ class TrainConfig:
     lr_restarts: int = setting(1, "cosine_with_restarts: the number of cosine cycles.", node=OPTIONS, low=1, high=100)
     min_learning_rate: float = setting(0.0, "The floor linear and cosine schedules decay to instead of 0.",
                                        node=OPTIONS, low=0.0, high=1.0, step=1e-6)
+    # checkpoints and resume (training/resume.py, nodes/checkpoints.py): how a run is kept, not what it trains
+    save_every: int = setting(0, "Every this many steps (and at the last step), write a checkpoint: the LoRA "
+                              "(named like Save LoRA's files, with the step) and a training state to resume from. "
+                              "0 = off (a cancel or a NaN loss still writes one, to resume from).", node=OPTIONS,
+                              low=0, high=100000)
+    keep_last: int = setting(0, "Keep only the newest this many checkpoints of the run (older ones are deleted); "
+                             "0 = keep all.", node=OPTIONS, low=0, high=10000)
+    checkpoint_prefix: str = setting("loras/checkpoints/lora", "Where checkpoints go, relative to the output "
+                                     "folder: <prefix>_<step>_steps_<counter>_.safetensors; training states go "
+                                     "under lora_training_states/ with the same name.", node=OPTIONS)
+    resume: str = setting("", "Continue a run from its training state (bit-identical to an uninterrupted run): "
+                          "'latest' = the newest state under checkpoint_prefix (none yet: start fresh), or a state "
+                          "file's path relative to the output folder. Empty = start fresh.", node=OPTIONS)
 
     def __post_init__(self) -> None:
         for name, (default, spec) in settings().items():
@@ -192,6 +205,9 @@ class TrainConfig:
             raise ValueError(f"lokr_factor: got {self.lokr_factor}; give -1 (automatic) or a positive integer")
         for name in ("include_layers", "exclude_layers"):
             _pattern(name, getattr(self, name))
+        if not self.checkpoint_prefix.strip():
+            raise ValueError("checkpoint_prefix: is empty; give a name relative to the output folder, like "
+                             "'loras/checkpoints/my_lora'")
         self._check_consistent()
 
     def _check_consistent(self) -> None:

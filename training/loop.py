@@ -6,8 +6,10 @@ The host hands over the frozen network (an `nn.Module` to inject adapters into) 
 choice, the objective's loss (noise, levels, forward under autocast, weighting), backward,
 accumulated → finiteness check (and clipping) → optimizer step → zero_grad. `Trainer.state()` is
 everything a later step depends on: step, losses, LR, the LoRA, the optimizer state and the RNG
-state, so that a run can be checkpointed and resumed bit-exactly (`load_state`). `train()` injects
-the adapters, loops over `step()` and hands each state to the hooks.
+state, so that a run can be checkpointed and resumed bit-exactly (`load_state`; files:
+training/resume.py). `train()` injects the adapters, loops over `step()`, measures the validation
+loss, and hands states to the hooks: each step, every `save_every` steps, and on a cancel or a
+NaN loss (the last good state), so a stopped run can be resumed.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +36,7 @@ from .optim import lr_at, make_optimizer, set_lr
 log = logging.getLogger(__name__)
 
 __all__ = ["GradientPass", "Hooks", "ModelFns", "TrainResult", "TrainState", "Trainer", "TrainingDiverged",
-           "lora_config_of", "output_coefficient", "train"]
+           "Validator", "lora_config_of", "output_coefficient", "train"]
 
 
 @dataclass
@@ -56,14 +58,32 @@ class TrainState:
     optimizer: dict
     rng: dict[str, torch.Tensor]
     pending: list[int]
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+
+    @property
+    def existing_steps(self) -> int:
+        """The steps of a continued LoRA before this run."""
+        return self.total_steps - self.step
+
+
+class Validator(Protocol):
+    """A held-out loss (training/validation.py): measured every `every` steps, deterministic, no_grad."""
+
+    every: int
+
+    def loss(self) -> float: ...
 
 
 @dataclass
 class Hooks:
-    """on_step(state) after each optimizer step; should_cancel() before each."""
+    """on_start(state) before the first step (after a resume: at the resumed step); on_step(state)
+    after each optimizer step; should_cancel() before each; save(state, lora, reason) writes a
+    checkpoint (reason "every", "cancel" or "diverged") and returns where it went, for messages."""
 
     on_step: Callable[[TrainState], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    on_start: Callable[[TrainState], None] | None = None
+    save: Callable[[TrainState, LoraStateDict, str], str] | None = None
 
 
 @dataclass
@@ -73,6 +93,8 @@ class TrainResult:
     total_steps: int  # earlier steps of a continued LoRA + steps completed now
     cancelled: bool = False
     metadata: dict[str, str] = field(default_factory=dict)  # for the file: lora/metadata.py
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    checkpoint: str | None = None  # where a cancel wrote its checkpoint (Hooks.save's answer)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -122,6 +144,7 @@ class Trainer:
         self.gradients = GradientPass(fns, images, config, self.generator)
         self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
         self.losses: list[float] = []
+        self.validation: list[tuple[int, float]] = []
         self.lr = lr_at(0, config)
 
     @property
@@ -131,6 +154,9 @@ class Trainer:
     def step(self) -> float:
         """One optimizer step; returns its loss. Raises TrainingDiverged (no LoRA attached) on NaN/inf."""
         step = self.step_count
+        # what the step draws from: put back on NaN/inf, so state() stays the last good state
+        before = (self.generator.get_state(), list(self.gradients.batches.pending), self.lr,
+                  dict(self.dropout.state) if self.dropout is not None else None)
         self.lr = lr_at(step, self.config)
         set_lr(self.optimizer, self.lr)
         with self.dropout.active() if self.dropout is not None else nullcontext():
@@ -142,6 +168,10 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm(grads)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            self.generator.set_state(before[0])
+            self.gradients.batches.pending, self.lr = before[1], before[2]
+            if self.dropout is not None:
+                self.dropout.state = before[3]
             fp32_hint = " or set training_dtype to fp32" if self.config.training_dtype != "fp32" else ""
             raise TrainingDiverged(
                 f"Train LoRA: the loss became {loss} at step {self.existing_steps + step + 1}; "
@@ -156,7 +186,8 @@ class Trainer:
             step=self.step_count, total_steps=self.existing_steps + self.step_count,
             loss=self.losses[-1] if self.losses else math.nan, lr=self.lr, losses=self.losses,
             lora=self.network.weights(), optimizer=self.optimizer.state_dict(),
-            rng={"generator": self.generator.get_state(), **(self.dropout.state if self.dropout else {})}, pending=list(self.gradients.batches.pending))
+            rng={"generator": self.generator.get_state(), **(self.dropout.state if self.dropout else {})},
+            pending=list(self.gradients.batches.pending), validation=list(self.validation))
 
     def load_state(self, state: TrainState) -> None:
         """Continue from `state` (of a run with the same config and images): the next step is
@@ -172,6 +203,7 @@ class Trainer:
             self.dropout.state = {k: v for k, v in state.rng.items() if k.startswith("forward")}
         self.gradients.batches.pending = list(state.pending)
         self.losses = list(state.losses)
+        self.validation = list(state.validation)
         self.lr = state.lr
 
 
@@ -186,12 +218,18 @@ def train(
     existing_steps: int = 0,
     hooks: Hooks | None = None,
     base: BaseModel | None = None,
+    resume: TrainState | None = None,
+    validator: Validator | None = None,
 ) -> TrainResult:
     """Train a LoRA on `net` and return it; `net` is left exactly as it was, also on error.
 
     `existing` (module path → LayerWeights) continues a LoRA, whose `existing_steps` count on.
     `base` names the model for the file: its layer naming (lora/naming.py) and metadata.
-    Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32).
+    `resume` continues a run from its state (training/resume.py checks that it fits first): the
+    LoRA, optimizer, RNG and data order are the state's, and steps count on to `config.steps`.
+    `validator` measures a held-out loss before the first step and every `validator.every` steps.
+    Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32), after
+    `hooks.save` wrote the last good state.
     """
     hooks = hooks or Hooks()
     images = flatten_latents(latents)
@@ -203,23 +241,47 @@ def train(
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
     with inject(net, lora_config, seed=config.seed, weights=existing, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
+        if resume is not None:
+            existing_steps = resume.existing_steps
         trainer = Trainer(network, fns, images, config, existing_steps)
+        if resume is not None:
+            trainer.load_state(resume)
 
-        def result(cancelled: bool = False) -> TrainResult:  # the LoRA as of the last completed step
+        def result(cancelled: bool = False, checkpoint: str | None = None) -> TrainResult:  # as of the last step
             total = existing_steps + trainer.step_count
             sd = to_state_dict(network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
             meta = _metadata(config, total, sd, len(images), base, network.difference_share())
-            return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta)
+            return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta,
+                               list(trainer.validation), checkpoint)
 
-        for step in range(config.steps):
+        def save(reason: str) -> str | None:
+            if hooks.save is None or (reason != "every" and trainer.step_count == (resume.step if resume else 0)):
+                return None  # nothing new since the start (or the resumed state) to keep
+            return hooks.save(trainer.state(), result().lora, reason)
+
+        def validate() -> None:
+            trainer.validation.append((trainer.step_count, validator.loss()))
+
+        if validator is not None and not trainer.validation:
+            validate()  # the starting point of the curve
+        if hooks.on_start is not None:
+            hooks.on_start(trainer.state())
+        while trainer.step_count < config.steps:
             if hooks.should_cancel is not None and hooks.should_cancel():
-                return result(cancelled=True)
+                return result(cancelled=True, checkpoint=save("cancel"))
             try:
                 trainer.step()
             except TrainingDiverged as err:
-                raise TrainingDiverged(str(err), result()) from None
-            if step == 0:
+                where = save("diverged")
+                kept = f"; the last good LoRA and training state are in {where}" if where else ""
+                raise TrainingDiverged(str(err) + kept, result()) from None
+            step = trainer.step_count
+            if step == 1 or resume is not None and step == resume.step + 1:
                 log.info("Train LoRA: %s", forward.describe())
+            if validator is not None and (step % validator.every == 0 or step == config.steps):
+                validate()
+            if config.save_every and (step % config.save_every == 0 or step == config.steps):
+                save("every")
             if hooks.on_step is not None:
                 hooks.on_step(trainer.state())
         return result()
