@@ -142,9 +142,7 @@ def run_all(client: ComfyHTTP, runs: list[Run], args: argparse.Namespace) -> int
     client_id = uuid.uuid4().hex
     bar = ProgressBar()
     ws, why = (None, "--no-ws") if args.no_ws else open_websocket(client, client_id)
-    if ws is not None:
-        client.subscribe_logs(client_id)  # for the loss, which Train LoRA prints on the console
-    elif not args.no_ws:
+    if ws is None and not args.no_ws:
         bar.note(f"note: no websocket ({why}); following by polling /history, without progress")
     session = Session(client, client_id, ws, bar, args)
     results: list[RunResult] = []
@@ -196,7 +194,7 @@ def execute_run(session: Session, run: Run, total: int) -> RunResult:
         why = "Ctrl-C" if cancelled else str(stop)
         print(f"interrupted prompt {prompt_id} ({why}): sent POST /interrupt", file=sys.stderr)
         return RunResult(run.index, label, "cancelled" if cancelled else "timeout",
-                         state.loss, state.steps(), None, prompt_id)
+                         state.loss, state.steps(), None, prompt_id, state.validation_loss)
     return report_run(session, run, state, label)
 
 
@@ -222,4 +220,4 @@ def report_run(session: Session, run: Run, state: RunState, label: str) -> RunRe
             if state.error else "no error message in the history"
         print(f"prompt {state.prompt_id}: error: {error}", file=sys.stderr)
     return RunResult(run.index, label, state.status, state.loss, state.steps(), lora_file(items),
-                     state.prompt_id)
+                     state.prompt_id, state.validation_loss)

@@ -4,8 +4,7 @@ Endpoints (ComfyUI server.py): POST /prompt {"prompt", "client_id"} -> {"prompt_
 "node_errors"} or HTTP 400 {"error": {...}, "node_errors": {...}}; GET /history/<id> -> {id: entry}
 once the prompt finished (entry: "outputs", "status": {"status_str", "completed", "messages"});
 POST /interrupt {"prompt_id"} stops it if it is running; POST /queue {"delete": [id]} drops it if
-it is still waiting; GET /view?filename=&subfolder=&type= serves a file; GET /queue answers cheaply;
-PATCH /internal/logs/subscribe {"clientId", "enabled"} sends the server console to that websocket.
+it is still waiting; GET /view?filename=&subfolder=&type= serves a file; GET /queue answers cheaply.
 """
 from __future__ import annotations
 
@@ -106,11 +105,6 @@ class ComfyHTTP:
         """Stop `prompt_id`: interrupt it if running, drop it from the queue if waiting."""
         self.raw("POST", "/interrupt", {"prompt_id": prompt_id})
         self.raw("POST", "/queue", {"delete": [prompt_id]})
-
-    def subscribe_logs(self, client_id: str) -> bool:
-        """Ask for the server console on `client_id`'s websocket (an internal endpoint; may be absent)."""
-        status, _ = self.raw("PATCH", "/internal/logs/subscribe", {"clientId": client_id, "enabled": True})
-        return status == 200
 
     def view(self, filename: str, subfolder: str, kind: str) -> bytes:
         """GET /view: the bytes of an output/temp/input file."""

@@ -8,17 +8,15 @@ node_type, exception_type, exception_message, traceback}, "execution_interrupted
 "execution_success"; binary frames are image previews and are skipped. The history entry is the
 record of the finished run either way; the websocket only adds progress.
 
-The loss: Train LoRA reports it on the server console only (its tqdm bar, `loss=0.1234`), so a
-client subscribed to the console (`PATCH /internal/logs/subscribe`, an internal endpoint of the
-ComfyUI frontend; best effort) gets "logs" {entries: [{t, m}]} messages and the last `loss=`
-in them is shown while a training node of this prompt runs. The console is server-wide: on a
-server that runs other jobs at the same time, that loss may be another job's. A loss carried by
-a "progress" message or a UI output is used too.
+Train LoRA's own event, "lora_trainer.progress" (nodes/progress.py: step, total, loss,
+smoothed_loss, lr, validation_loss, eta, ...; sent to this client_id only), gives the bar its numbers;
+once a node has sent it, ComfyUI's plain "progress" for that node is left to it. Without a
+websocket (--no-ws, or websocket-client missing) /history polling finds the end and the outputs,
+without progress. A loss carried by a UI output ("executed" or the history entry) is used too.
 """
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +26,7 @@ from .progress import ProgressBar
 from .workflow import TRAIN_CLASS_TYPES, Workflow, title_of
 
 WS_RECV_TIMEOUT = 5.0  # seconds without a message before /history is checked
-LOSS_IN_LOG = re.compile(r"\bloss[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+TRAIN_EVENT = "lora_trainer.progress"  # nodes/progress.py EVENT (headless imports nothing of nodes/)
 
 
 class RunTimeout(Exception):
@@ -44,16 +42,14 @@ class RunState:
     status: str = "running"
     error: dict | None = None
     loss: float | None = None
+    validation_loss: float | None = None  # the latest, from Train LoRA's event
     progress: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (value, max)
     executed_nodes: int = 0
     current_node: str | None = None  # the node executing now ("executing" messages)
     cached_nodes: int = 0
     done: bool = False
     entry: dict = field(default_factory=dict)  # the /history entry, once finished
-
-    def training_now(self) -> bool:
-        node = self.workflow.get(self.current_node or "")
-        return node is not None and node["class_type"] in TRAIN_CLASS_TYPES
+    event_nodes: set[str] = field(default_factory=set)  # nodes that sent Train LoRA's event
 
     def steps(self) -> tuple[int, int] | None:
         """(value, max) of the training node's progress, else of the longest progress seen."""
@@ -77,13 +73,33 @@ def loss_from(mapping: Any) -> float | None:
         return None
 
 
-def loss_from_logs(data: dict) -> float | None:
-    """The last `loss=<number>` in a "logs" message's console entries."""
-    found = None
-    for entry in data.get("entries") or []:
-        matches = LOSS_IN_LOG.findall(str(entry.get("m", ""))) if isinstance(entry, dict) else []
-        found = float(matches[-1]) if matches else found
-    return found
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def training_node(state: RunState, node: Any) -> str:
+    """The node an event names, else the workflow's (first) training node."""
+    if node is not None:
+        return str(node)
+    train = [n for n, spec in state.workflow.items() if spec["class_type"] in TRAIN_CLASS_TYPES]
+    return train[0] if train else "?"
+
+
+def handle_train_event(state: RunState, data: dict, bar: ProgressBar) -> None:
+    """Train LoRA's "lora_trainer.progress": step/total, loss, smoothed loss, lr, validation, ETA."""
+    node = training_node(state, data.get("node"))
+    step, total = int(data.get("step") or 0), int(data.get("total") or 0)
+    state.event_nodes.add(node)
+    state.progress[node] = (step, total)
+    for name in ("loss", "validation_loss"):
+        found = _float(data.get(name))
+        if found is not None:
+            setattr(state, name, found)
+    bar.update(label(state.workflow, node), step, total, state.loss, smoothed=_float(data.get("smoothed_loss")),
+               validation=state.validation_loss, lr=_float(data.get("lr")), eta=_float(data.get("eta")))
 
 
 def label(workflow: Workflow, node_id: Any) -> str:
@@ -98,8 +114,12 @@ def handle_event(state: RunState, event: dict, bar: ProgressBar) -> None:
         return
     if data.get("prompt_id") not in (None, state.prompt_id):
         return
-    if kind == "progress":
+    if kind == TRAIN_EVENT:
+        handle_train_event(state, data, bar)
+    elif kind == "progress":
         node, value, total = str(data.get("node")), int(data.get("value", 0)), int(data.get("max", 0))
+        if node in state.event_nodes:  # Train LoRA's own event already told this, with more
+            return
         state.progress[node] = (value, total)
         state.loss = loss_from(data) if loss_from(data) is not None else state.loss
         bar.update(label(state.workflow, node), value, total, state.loss)
@@ -111,9 +131,6 @@ def handle_event(state: RunState, event: dict, bar: ProgressBar) -> None:
             bar.status(f"{label(state.workflow, state.current_node)} ...")
     elif kind == "executed":
         found = loss_from(data.get("output"))
-        state.loss = found if found is not None else state.loss
-    elif kind == "logs" and state.training_now():  # the console is shared: only while we train
-        found = loss_from_logs(data)
         state.loss = found if found is not None else state.loss
     elif kind == "execution_cached":
         state.cached_nodes = len(data.get("nodes") or [])

@@ -1,7 +1,9 @@
 """The terminal progress bar of a headless run: node, step/total, percent, loss, ETA.
 
-Fed by ComfyUI's websocket "progress" messages (`value`, `max` per node). ETA is measured per
-node from its first progress message: seconds so far / steps so far * steps left. On a terminal the
+Fed by Train LoRA's "lora_trainer.progress" event (step, total, loss, smoothed loss, lr, validation
+loss and the server's ETA) and, for other nodes, ComfyUI's "progress" messages (`value`, `max`).
+Without a server ETA it is measured per node from its first message: seconds so far / steps so
+far * steps left. On a terminal the
 line is redrawn in place; elsewhere (CI logs, pipes) a plain line is printed at most every
 `interval` seconds and when a node reaches 100 %, so logs stay short.
 """
@@ -25,14 +27,19 @@ def format_loss(loss: float | None) -> str:
 
 
 def format_bar(label: str, value: int, total: int, loss: float | None, eta: float | None,
-               width: int = 24) -> str:
-    """`Train LoRA [######------] 100/200  50%  loss 0.1234  ETA 1:40`."""
+               width: int = 24, *, smoothed: float | None = None, validation: float | None = None,
+               lr: float | None = None) -> str:
+    """`Train LoRA [######------] 100/200  50%  loss 0.1234 (avg 0.1300)  val 0.1100  lr 1.00e-04  ETA 1:40`;
+    the parts in between appear when known."""
     fraction = min(1.0, max(0.0, value / total)) if total > 0 else 0.0
     filled = int(round(fraction * width))
     bar = "#" * filled + "-" * (width - filled)
     eta_text = "-" if eta is None else format_duration(eta)
+    avg = "" if smoothed is None else f" (avg {format_loss(smoothed)})"
+    val = "" if validation is None else f"  val {format_loss(validation)}"
+    rate = "" if lr is None else f"  lr {lr:.2e}"
     return (f"{label} [{bar}] {value}/{total} {fraction * 100:3.0f}%  "
-            f"loss {format_loss(loss)}  ETA {eta_text}")
+            f"loss {format_loss(loss)}{avg}{val}{rate}  ETA {eta_text}")
 
 
 class ProgressBar:
@@ -73,8 +80,12 @@ class ProgressBar:
         self.stream.write("\r" + line + pad)
         self._drawn = len(line)
 
-    def update(self, label: str, value: int, total: int, loss: float | None) -> None:
-        line = format_bar(label, value, total, loss, self.eta(label, value, total))
+    def update(self, label: str, value: int, total: int, loss: float | None, *, smoothed: float | None = None,
+               validation: float | None = None, lr: float | None = None, eta: float | None = None) -> None:
+        """Show `value`/`total` of `label`; `eta` is the sender's (else measured here)."""
+        measured = self.eta(label, value, total)
+        line = format_bar(label, value, total, loss, measured if eta is None else eta,
+                          smoothed=smoothed, validation=validation, lr=lr)
         if self.tty:
             self._draw(line)
         else:

@@ -49,6 +49,7 @@ class RunResult:
     steps: tuple[int, int] | None
     lora: str | None
     prompt_id: str | None = None
+    validation_loss: float | None = None  # the latest, from Train LoRA's event
 
 
 def extract_outputs(entry: dict) -> list[OutputItem]:
@@ -117,9 +118,12 @@ def format_refusal(status: int, body: Any, workflow: Workflow) -> str:
 
 
 def format_summary(results: list[RunResult]) -> str:
-    """An aligned table: run, overrides, status, final loss, steps, LoRA file."""
-    header = ("run", "overrides", "status", "final loss", "steps", "LoRA file")
+    """An aligned table: run, overrides, status, final loss, (validation loss, when a run had one,)
+    steps, LoRA file."""
+    validated = any(r.validation_loss is not None for r in results)
+    header = ("run", "overrides", "status", "final loss", *(("val loss",) if validated else ()), "steps", "LoRA file")
     rows = [header] + [(str(r.index), r.overrides or "-", r.status, format_loss(r.loss),
+                        *((format_loss(r.validation_loss),) if validated else ()),
                         f"{r.steps[0]}/{r.steps[1]}" if r.steps else "-", r.lora or "-")
                        for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -135,6 +135,10 @@ def test_summary_table():
     assert table[2].split() == ["1", "learning_rate=1e-4", "success", "0.1235", "200/200", LORA]
     assert table[3].split() == ["2", "learning_rate=1e-3", "error", "-", "-", "-"]
     assert table[0].index("status") == table[2].index("success") == table[3].index("error")
+    table = format_summary([RunResult(1, "", "success", 0.5, (2, 2), LORA, "p1", validation_loss=0.25),
+                            RunResult(2, "", "success", 0.5, (2, 2), LORA, "p2")]).splitlines()
+    assert table[0].split()[3:6] == ["final", "loss", "val"] and table[2].split()[3:5] == ["0.5", "0.25"]
+    assert table[3].split()[3:5] == ["0.5", "-"]
 
 
 def test_progress_bar_and_eta():
@@ -152,19 +156,47 @@ def test_progress_bar_and_eta():
     assert bar.eta("Train LoRA", 3, 11) == pytest.approx(16.0)
 
 
+def test_bar_shows_what_train_loras_event_carries():
+    line = format_bar("Train LoRA", 100, 200, 0.12345, 100.0, width=4, smoothed=0.13, validation=0.11, lr=1e-4)
+    assert line == "Train LoRA [##--] 100/200  50%  loss 0.1235 (avg 0.13)  val 0.11  lr 1.00e-04  ETA 1:40"
+    out = io.StringIO()
+    bar = ProgressBar(out, clock=lambda: 0.0, tty=False)
+    bar.update("Train LoRA", 1, 2, 0.5, eta=30.0)  # the sender's ETA, where none is measurable here
+    assert out.getvalue() == "Train LoRA [############------------] 1/2  50%  loss 0.5  ETA 0:30\n"
+
+
+def _train_event(prompt_id: str | None, step: int, total: int = 4, **fields) -> dict:
+    data = {"event": "step", "prompt_id": prompt_id, "node": "5", "step": step, "total": total, "loss": 1.0 / step,
+            "smoothed_loss": 2.0 / step, "lr": 5e-4, "validation_loss": None, "eta": float(total - step)}
+    return {"type": "lora_trainer.progress", "data": {**data, **fields}}
+
+
 def test_events_update_state_for_this_prompt_only():
-    state, bar = RunState("p1", WF), ProgressBar(io.StringIO(), tty=False)
+    out = io.StringIO()
+    state, bar = RunState("p1", WF), ProgressBar(out, tty=False, interval=0)
     for event in ({"type": "progress", "data": {"prompt_id": "other", "node": "5", "value": 9, "max": 9}},
-                  {"type": "progress", "data": {"prompt_id": "p1", "node": "5", "value": 3, "max": 4}},
-                  {"type": "logs", "data": {"entries": [{"m": "Train LoRA: 1/4 [00:01, loss=9.0]"}]}},  # not training yet
+                  _train_event("other", 3, validation_loss=0.01),
                   {"type": "executing", "data": {"prompt_id": "p1", "node": "5"}},
-                  {"type": "logs", "data": {"entries": [{"m": "\rTrain LoRA:  50%|## | 2/4 [00:01<00:01, loss=0.7500, lr=5.00e-04]"}]}},
+                  {"type": "progress", "data": {"prompt_id": "p1", "node": "5", "value": 1, "max": 4}},
+                  _train_event("p1", 2),
+                  _train_event("p1", 3, event="validation", validation_loss=0.75),
+                  {"type": "progress", "data": {"prompt_id": "p1", "node": "5", "value": 4, "max": 4}},  # left to the event
                   {"type": "execution_error", "data": {"prompt_id": "p1", "node_id": "5"}},
                   {"type": "executing", "data": {"prompt_id": "p1", "node": None}}):
         handle_event(state, event, bar)
-    assert (state.steps(), state.loss, state.status, state.done) == ((3, 4), 0.75, "error", True)
+    assert (state.steps(), state.loss, state.validation_loss, state.status, state.done) == ((3, 4), 1 / 3, 0.75, "error", True)
+    lines = out.getvalue().splitlines()
+    assert lines == ["Train LoRA [######------------------] 1/4  25%  loss -  ETA -",
+                     "Train LoRA [############------------] 2/4  50%  loss 0.5 (avg 1)  lr 5.00e-04  ETA 0:02",
+                     "Train LoRA [##################------] 3/4  75%  loss 0.3333 (avg 0.6667)  val 0.75  lr 5.00e-04  ETA 0:01"]
     handle_event(state, {"type": "executed", "data": {"prompt_id": "p1", "output": {"loss": [0.5, 0.25]}}}, bar)
     assert state.loss == 0.25
+
+
+def test_event_without_node_counts_for_the_training_node():
+    state = RunState("p1", WF)
+    handle_event(state, _train_event(None, 2, node=None), ProgressBar(io.StringIO(), tty=False))
+    assert state.progress == {"5": (2, 4)} and state.steps() == (2, 4)
 
 
 # ---- whole runs against a fake ComfyUI -----------------------------------------------------
@@ -243,9 +275,13 @@ class Handler(BaseHTTPRequestHandler):
                 continue
             fake.ready_after = 0
             for kind, data in (("execution_start", {}), ("executing", {"node": "5"}),
-                               ("logs", {"entries": [{"m": "Train LoRA: 2/4 [00:01, loss=0.5]"}]}),
+                               ("progress", {"node": "5", "value": 1, "max": 4}),
+                               ("lora_trainer.progress", {"event": "step", "node": "5", "step": 2, "total": 4,
+                                                          "loss": 0.5, "smoothed_loss": 0.75, "lr": 1e-4, "eta": 2.0}),
                                ("progress", {"node": "5", "value": 2, "max": 4}),
-                               ("progress", {"node": "5", "value": 4, "max": 4, "loss": 0.125}),
+                               ("lora_trainer.progress", {"event": "step", "node": "5", "step": 4, "total": 4,
+                                                          "loss": 0.125, "smoothed_loss": 0.25, "lr": 1e-4,
+                                                          "validation_loss": 0.0625, "eta": 0.0}),
                                ("executed", {"node": "6", "output": ENTRY["outputs"]["6"]}),
                                ("execution_success", {}), ("executing", {"node": None})):
                 self.wfile.write(_ws_frame(json.dumps({"type": kind, "data": {**data, "prompt_id": pid}}).encode()))
@@ -324,10 +360,10 @@ def test_websocket_sweep_shows_progress_and_summary(fake, wf_path, capsys):
     code = cli.main([str(wf_path), "--server", fake.url, "--sweep", "Train LoRA.learning_rate=1e-4,1e-3"])
     captured = capsys.readouterr()
     assert code == 0 and len(fake.prompts) == 2 and "polling" not in captured.err
-    assert "Train LoRA [" in captured.err and "4/4 100%  loss 0.125" in captured.err
-    assert "2/4  50%  loss 0.5  ETA -" in captured.err  # the loss from the console
-    assert ("/internal/logs/subscribe", {"clientId": fake.prompts[0]["client_id"], "enabled": True}) in fake.posts
+    assert "Train LoRA [" in captured.err and "4/4 100%  loss 0.125 (avg 0.25)  val 0.0625  lr 1.00e-04  ETA 0:00" in captured.err
+    assert "1/4  25%  loss -  ETA -" in captured.err  # ComfyUI's progress, before Train LoRA's event
+    assert fake.posts == []  # no console subscription: the numbers come from the event
     rows = captured.out.strip().splitlines()[-2:]
-    assert rows[0].split() == ["1", "learning_rate=1e-4", "success", "0.125", "4/4", LORA]
+    assert rows[0].split() == ["1", "learning_rate=1e-4", "success", "0.125", "0.0625", "4/4", LORA]
     assert rows[1].split()[:2] == ["2", "learning_rate=1e-3"]
     assert [p["prompt"]["5"]["inputs"]["learning_rate"] for p in fake.prompts] == [1e-4, 1e-3]

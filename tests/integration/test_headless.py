@@ -1,10 +1,13 @@
 """Headless runs (`python -m comfyui_lora_trainer run`) against a real ComfyUI (skipped unless
-COMFYUI_DIR is set): the training example end to end with overrides, progress over the websocket,
-outputs found and downloaded; a sweep followed by polling; invalid overrides refused before
-anything is queued; ComfyUI's validation errors printed; Ctrl-C interrupting the run."""
+COMFYUI_DIR is set): the training example end to end with overrides, progress over the websocket
+(Train LoRA's own "lora_trainer.progress" event: loss, smoothed loss, lr, ETA), outputs found and
+downloaded; the event itself as a websocket client receives it; a sweep followed by polling;
+invalid overrides refused before anything is queued; ComfyUI's validation errors printed; Ctrl-C
+interrupting the run."""
 from __future__ import annotations
 
 import json
+import math
 import queue
 import re
 import signal
@@ -20,6 +23,8 @@ import pytest
 from PIL import Image
 
 from comfyui_lora_trainer.headless.cli import main
+from comfyui_lora_trainer.headless.client import ComfyHTTP
+from comfyui_lora_trainer.headless.workflow import load_workflow, parse_override, plan_runs
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 API_WORKFLOW = PACK_ROOT / "example_workflows" / "api" / "train_lora.json"
@@ -78,11 +83,50 @@ def test_training_end_to_end_with_progress_and_download(comfy, workflow, dataset
                  *_fit_to_test_server(comfy, workflow, steps=3)])
     out, err = capsys.readouterr()
     assert code == 0, f"{out}\n{err}\n{comfy.log()[-4000:]}"
-    assert re.search(r"Train LoRA \[#+\] 3/3 100%", err), err  # progress over the websocket
+    # progress from Train LoRA's event: the loss, its smoothed value and the LR, not only the step
+    number = r"-?\d[\d.e+-]*"
+    assert re.search(rf"Train LoRA \[#+\] 3/3 100%  loss {number} \(avg {number}\)  lr {number}  ETA 0:00", err), err
     loras = _lora_paths(out)
     assert len(loras) == 1 and "_3_steps_" in loras[0], out
     written = comfy.output_dir / loras[0]
     assert written.is_file() and (tmp_path / loras[0]).read_bytes() == written.read_bytes()
+
+
+def test_train_lora_sends_its_progress_event(comfy, workflow, dataset):
+    """What a websocket client of the prompt receives: step events in order up to N of N (the
+    throttle may skip some, never the last), this prompt's and Train LoRA's ids, finite numbers,
+    and the ETA 0 at the end."""
+    websocket = pytest.importorskip("websocket", reason="listening needs websocket-client")
+    sets = _fit_to_test_server(comfy, workflow, steps=3)
+    graph = plan_runs(load_workflow(workflow), [parse_override(spec) for spec in sets[1::2]], [])[0].workflow
+    train_node = next(n for n, node in graph.items() if node["class_type"] == "LoRATrainer_TrainLoRA")
+    client, client_id = ComfyHTTP(comfy.url), uuid.uuid4().hex
+    ws = websocket.create_connection(client.ws_url(client_id), timeout=300)
+    events = []
+    try:
+        prompt_id = client.queue_prompt(graph, client_id)
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                continue
+            event = json.loads(message)
+            data = event.get("data") or {}
+            if event["type"] == "lora_trainer.progress":
+                events.append(data)
+            if event["type"] == "executing" and data.get("prompt_id") == prompt_id and data.get("node") is None:
+                break
+            assert event["type"] != "execution_error", f"{data}\n{comfy.log()[-3000:]}"
+    finally:
+        ws.close()
+    assert events, comfy.log()[-3000:]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps[-1] == 3 and steps == sorted(steps) and all(e["total"] == 3 for e in events)
+    assert {(e["prompt_id"], e["node"]) for e in events} == {(prompt_id, train_node)}
+    last = events[-1]
+    for name in ("loss", "smoothed_loss", "lr", "elapsed"):
+        assert isinstance(last[name], float) and math.isfinite(last[name]), (name, last)
+    assert last["eta"] == 0.0 and last["lr"] > 0 and last["lora_steps"] == 3
+    assert "validation_loss" in last  # null unless validation latents are connected
 
 
 def test_sweep_by_polling_prints_a_summary(comfy, workflow, dataset, capsys):
