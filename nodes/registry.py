@@ -1,4 +1,9 @@
-"""The one table of nodes: id → (class, display name). Ids are frozen once shipped."""
+"""The one table of nodes: id → (class, name). Ids are frozen once shipped.
+
+ComfyUI core has nodes called "Train LoRA", "Load LoRA Model" and "Plot Loss Graph" too (comfy_extras/
+nodes_train.py), so every display name carries the pack's marker, "Train LoRA (LoRA Trainer)": node
+search and the canvas tell ours from core's at a glance, and typing "lora trainer" lists the pack.
+"""
 from __future__ import annotations
 
 from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
@@ -23,4 +28,5 @@ NODES: dict[str, tuple[type, str]] = {
 }
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}
+PACK_MARKER = "(LoRA Trainer)"
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: f"{name} {PACK_MARKER}" for node_id, (_, name) in NODES.items()}

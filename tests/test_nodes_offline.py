@@ -33,6 +33,15 @@ def test_node_ids_unique_and_tooltips_everywhere():
         assert cls.FUNCTION == "execute" and cls.DESCRIPTION and cls.CATEGORY
 
 
+def test_display_names_carry_the_pack_marker():
+    """Core's Train LoRA, Load LoRA Model and Plot Loss Graph share our plain names (nodes_train.py)."""
+    core_names = {"Train LoRA", "Load LoRA Model", "Plot Loss Graph", "Save LoRA Weights"}
+    names = pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert names["LoRATrainer_TrainLoRA"] == "Train LoRA (LoRA Trainer)"
+    assert all(name.endswith(" (LoRA Trainer)") for name in names.values()), names
+    assert len(set(names.values())) == len(names) and not core_names & set(names.values())
+
+
 def test_train_lora_schema_matches_spec():
     cls = pack.NODE_CLASS_MAPPINGS["LoRATrainer_TrainLoRA"]
     spec = cls.INPUT_TYPES()

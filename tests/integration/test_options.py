@@ -46,7 +46,7 @@ def with_options(graph: dict, *layers: dict, unconditional: str | None = None) -
 def test_object_info_lists_the_options_node(comfy):
     info = comfy.object_info()
     node = info[OPTIONS_ID]
-    assert node["display_name"] == "LoRA Training Options" and node["output"] == ["LORA_TRAINING_OPTIONS"]
+    assert node["display_name"] == "LoRA Training Options (LoRA Trainer)" and node["output"] == ["LORA_TRAINING_OPTIONS"]
     optional = node["input"]["optional"]
     assert list(optional) == ["options", "unconditional", *OPTION_FIELDS]
     assert optional["unconditional"][0] == "CONDITIONING" and optional["options"][0] == "LORA_TRAINING_OPTIONS"
