@@ -63,6 +63,8 @@ def load_api(name: str) -> dict:
 def train_graph(comfy, folder: str = DATASET, prefix: str = "loras/it_train", **train_inputs) -> dict:
     """train_lora.json at 64 px on the tiny checkpoint; `train_inputs` override Train LoRA's."""
     g = load_api("train_lora.json")
+    for branch in ("preview", "validation"):  # the example's extras (test_browser.py runs them); not needed here
+        del g[TRAIN_NODE]["inputs"][branch]  # their nodes then feed no output, so ComfyUI skips them
     g["1"]["inputs"]["ckpt_name"] = comfy.checkpoint
     g["2"]["inputs"].update(folder=folder, width=SIZE, height=SIZE)
     g[TRAIN_NODE]["inputs"].update({**TRAIN, **train_inputs})
