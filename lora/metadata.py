@@ -1,33 +1,44 @@
 """A LoRA file's metadata, as kohya-ss sd-scripts and ModelSpec write it, and the file formats.
 
-Keys and value formats (all strings, as safetensors metadata must be):
+Keys and value formats (all strings, as safetensors metadata must be; kohya writes `str(value)`, so
+booleans are "True"/"False" and unset values "None"):
 - kohya-ss (`train_network.py`): `ss_network_module` ("networks.lora", or "lycoris.kohya" with
   `ss_network_args` {"algo": ...} as LyCORIS writes it), `ss_network_dim`, `ss_network_alpha`,
   `ss_steps`, `ss_base_model_version` ("sd_v1", "sd_v2", "sdxl_base_v1-0", "flux1"), `ss_v2`, and the
-  training settings (training/config.py `kohya_metadata`);
+  training settings (training/config.py `kohya_metadata`: also `ss_num_epochs`, `ss_epoch`,
+  `ss_num_batches_per_epoch`); the run (`session_metadata`): `ss_session_id` (an integer naming the
+  run), `ss_training_started_at`, `ss_training_finished_at` (unix time, `str(time.time())`); the
+  images (`dataset_metadata`): `ss_resolution` ("(512, 512)", width first), `ss_enable_bucket`,
+  `ss_bucket_info` (JSON {"buckets": {"0": {"resolution": [w, h], "count": n}}, "mean_img_ar_error"});
+  the file (`output_name`): `ss_output_name`, the name the file was saved under, without counter;
 - ModelSpec 1.0.1 (`modelspec.*`, as sd-scripts' `sai_model_spec.py` writes it for a LoRA):
   `sai_model_spec`, `architecture` ("stable-diffusion-v1/lora", "flux-1-dev/lora"…),
-  `implementation`, `title`, `date`, `resolution`, `prediction_type`;
+  `implementation`, `title`, `date`, `resolution` ("WxH" of the training images), `prediction_type`;
 - ours (`lora_trainer.*`): `naming` (naming.SCHEMES), `format` (FORMATS), `settings` (the full
   TrainConfig as JSON), `difference_share`, and for a portable file what it left out.
 
 A LORA_MODEL value that carries metadata is a `LoraStateDict`: a plain dict (so ComfyUI core's LoRA
-nodes take it) with a `metadata` attribute.
+nodes take it) with a `metadata` attribute. Continuing a LoRA reads its steps from `ss_steps`
+(`steps_of`), the file name being only the fallback.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from .algos import detect
 from .algos.lora import DOWN, MID  # MID: LoCon's Tucker core (LyCORIS `use_tucker`)
+from .formats import parse_steps
 from .keys import ALPHA, DIFF, DIFF_B, is_text_encoder_key, split_key
 from .naming import MODULE_PATHS, Naming
+
+log = logging.getLogger(__name__)
 
 # portable: only what every loader reads (no diff / diff_b); full: everything, for ComfyUI.
 FORMATS = ("portable", "full")
@@ -53,6 +64,7 @@ class BaseModel:
     resolution: str
     prediction_type: str | None = None  # epsilon / v; None for flow models (as sd-scripts writes Flux)
     naming: Naming = MODULE_PATHS
+    pixel_scale: int = 8  # image pixels per latent cell (ComfyUI latent_format.spacial_downscale_ratio)
 
     def metadata(self) -> dict[str, str]:
         meta = {"ss_base_model_version": self.version, "ss_v2": str(self.version.startswith("sd_v2")),
@@ -62,6 +74,47 @@ class BaseModel:
         if self.prediction_type is not None:
             meta["modelspec.prediction_type"] = self.prediction_type
         return meta
+
+
+def dataset_metadata(sizes: Sequence[tuple[int, int]], pixel_scale: int = 1) -> dict[str, str]:
+    """The training images' sizes as kohya and ModelSpec write them. `sizes`: (height, width) of each
+    image as trained (a latent's last two dims); × `pixel_scale` gives pixels (8 for the SD, SDXL and
+    Flux VAEs). Each image trains at its own size, which is kohya's bucketing with one bucket per size
+    and no aspect-ratio error; `ss_resolution` and `modelspec.resolution` name the largest one (kohya's
+    resolution is the area its buckets fit in)."""
+    if not sizes:
+        return {}
+    counts = Counter((int(w) * pixel_scale, int(h) * pixel_scale) for h, w in sizes)
+    width, height = max(counts, key=lambda wh: (wh[0] * wh[1], counts[wh]))
+    buckets = {str(i): {"resolution": [w, h], "count": counts[(w, h)]} for i, (w, h) in enumerate(sorted(counts))}
+    return {"ss_resolution": str((width, height)), "ss_enable_bucket": str(len(counts) > 1),
+            "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0}),
+            "modelspec.resolution": f"{width}x{height}"}
+
+
+def session_metadata(started: float, finished: float) -> dict[str, str]:
+    """The run's start and end (unix seconds, as `str(time.time())`) and an id every file of the run
+    shares (kohya: a random integer below 2**32; here drawn from the start time, so the run's RNG is
+    untouched)."""
+    return {"ss_session_id": str(int(started * 1e6) % 2**32), "ss_training_started_at": str(started),
+            "ss_training_finished_at": str(finished)}
+
+
+def output_name(stem: str) -> dict[str, str]:
+    """The keys naming a saved file: kohya's `ss_output_name` and ModelSpec's title, both the name it
+    was saved under without step and counter ("my_lora" for my_lora_200_steps_00001_.safetensors)."""
+    return {"ss_output_name": stem, "modelspec.title": stem}
+
+
+def steps_of(metadata: Mapping[str, str], name: str) -> int:
+    """The steps a LoRA file was trained for: its `ss_steps` (what Save LoRA, checkpoints and kohya
+    write), else the `_<N>_steps_` of its file name, else 0 (with a warning)."""
+    value = str(metadata.get("ss_steps", "")).strip()
+    if value.isascii() and value.isdigit():
+        return int(value)
+    if value:
+        log.warning("%r: its ss_steps metadata %r is not a step count; reading the steps from its name", name, value)
+    return parse_steps(name)
 
 
 # How kohya-ss and LyCORIS name the network (sd-scripts train_network.py; LyCORIS's kohya wrapper with

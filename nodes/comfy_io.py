@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..lora import save_lora_file, split_text_encoder
 from ..lora.files import write_atomically
+from ..lora.metadata import output_name
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
 from .lora_file import file_contents
@@ -37,7 +38,7 @@ def save_lora(lora: dict, prefix: str, steps: int | None, file_format: str = "po
     folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
     middle = f"_{steps}_steps" if steps is not None else ""
     path = next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
-    metadata["modelspec.title"] = stem
+    metadata.update(output_name(stem))  # ss_output_name and modelspec.title
     save_lora_file(path, sd, metadata)
     return path.relative_to(_output_dir()).as_posix()
 

@@ -24,7 +24,7 @@ import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from tqdm.auto import tqdm
 
-from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, parse_steps, resolve_state_dict, split_text_encoder
+from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, resolve_state_dict, split_text_encoder, steps_of
 from ..lora.keys import TEXT_ENCODER_PREFIXES
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
@@ -121,7 +121,8 @@ class Existing(NamedTuple):
 
 
 def _existing(name: str, base_model) -> Existing:
-    """The LoRA to continue (any format the LoRA core reads) and its earlier steps, from its name.
+    """The LoRA to continue (any format the LoRA core reads) and its earlier steps: its `ss_steps`
+    metadata, else the steps in its name (lora/metadata.py `steps_of`).
 
     A text-encoder part (kohya `lora_te_…`) is not trained; it is returned to go into the output unchanged.
     """
@@ -130,7 +131,8 @@ def _existing(name: str, base_model) -> Existing:
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise FileNotFoundError(f"existing_lora: {name!r} is not in the loras folder; pick a file from the list")
-    unet, text_encoder = split_text_encoder(load_lora_file(path)[0])
+    sd, metadata = load_lora_file(path)
+    unet, text_encoder = split_text_encoder(sd)
     if text_encoder:
         kinds = sorted({p for k in text_encoder for p in TEXT_ENCODER_PREFIXES if k.startswith(p)})
         log.info("Train LoRA: existing_lora %r has %d text-encoder tensors (%s); they go into the output LoRA "
@@ -138,7 +140,7 @@ def _existing(name: str, base_model) -> Existing:
                  ", ".join(f"{k}…" for k in kinds))
     aliases = Naming("kohya-diffusers", _diffusers_paths(base_model)).aliases()  # either naming reads back
     weights = resolve_state_dict(unet, base_model.diffusion_model, aliases, label=f"existing_lora {name!r}")
-    return Existing(weights, parse_steps(name), text_encoder)
+    return Existing(weights, steps_of(metadata, name), text_encoder)
 
 
 class TrainSampler(comfy.samplers.Sampler):

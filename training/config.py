@@ -236,14 +236,25 @@ class TrainConfig:
         dropout = {k: str(getattr(self, k)) for k in ("rank_dropout", "module_dropout") if getattr(self, k)}
         return {**conv, **({"factor": str(self.lokr_factor)} if self.algorithm == "lokr" else {}), **dropout}
 
-    def kohya_metadata(self, images: int) -> dict[str, str]:
-        """These settings under kohya-ss' `ss_*` keys (sd-scripts train_network.py), as strings."""
+    def kohya_metadata(self, images: int, steps: int | None = None) -> dict[str, str]:
+        """These settings under kohya-ss' `ss_*` keys (sd-scripts train_network.py), as strings; with
+        `steps` (the LoRA's steps so far) also `ss_epoch`, the epoch they reach. An epoch is one pass
+        over the `images` at this batch size: ceil(images / batch_size) batches
+        (`ss_num_batches_per_epoch`), ceil(that / gradient_accumulation) optimizer steps; kohya counts
+        `ss_num_epochs` = ceil(max_train_steps / steps per epoch)."""
+        batches = -(-images // self.batch_size)
+        per_epoch = max(1, -(-batches // self.gradient_accumulation))
+        epochs = {"ss_num_batches_per_epoch": str(batches), "ss_num_epochs": str(-(-self.steps // per_epoch))}
+        if steps is not None:
+            epochs["ss_epoch"] = str(-(-steps // per_epoch))
         return {
+            **epochs,
             "ss_network_dim": str(self.rank), "ss_network_alpha": _number(self.network_alpha or self.rank),
             "ss_learning_rate": str(self.learning_rate), "ss_unet_lr": str(self.learning_rate),
             "ss_optimizer": "prodigyopt.Prodigy" if self.optimizer == "Prodigy" else f"torch.optim.{self.optimizer}", "ss_lr_scheduler": self.lr_schedule,
             "ss_lr_warmup_steps": str(self.warmup_steps), "ss_max_train_steps": str(self.steps),
-            "ss_batch_size_per_device": str(self.batch_size), "ss_total_batch_size": str(self.batch_size),
+            "ss_batch_size_per_device": str(self.batch_size),
+            "ss_total_batch_size": str(self.batch_size * self.gradient_accumulation),  # kohya: × processes × accumulation
             "ss_gradient_accumulation_steps": str(self.gradient_accumulation),
             "ss_gradient_checkpointing": str(self.gradient_checkpointing),
             "ss_max_grad_norm": str(self.max_grad_norm), "ss_seed": str(self.seed),
@@ -256,4 +267,5 @@ class TrainConfig:
             "ss_debiased_estimation": str(self.loss_weighting == "debiased"),
             "ss_caption_dropout_rate": str(self.caption_dropout), "ss_network_dropout": str(self.network_dropout or None),
             "ss_min_timestep": str(self.min_timestep), "ss_max_timestep": str(self.max_timestep),
+            "ss_num_reg_images": "0", "ss_cache_latents": "True",  # no regularization set; trained from latents
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraNetwork, LoraStateDict, inject,
                     network_metadata, to_state_dict)
-from ..lora.metadata import PREFIX
+from ..lora.metadata import PREFIX, dataset_metadata, session_metadata
 from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import BatchOrder, flatten_latents, group_by_shape, oversized_batch_note
@@ -231,6 +232,7 @@ def train(
     Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32), after
     `hooks.save` wrote the last good state.
     """
+    started = time.time()  # ss_training_started_at
     hooks = hooks or Hooks()
     images = flatten_latents(latents)
     Objective(fns, config, images[0].device)  # refuses options this model cannot take, before patching it
@@ -250,7 +252,7 @@ def train(
         def result(cancelled: bool = False, checkpoint: str | None = None) -> TrainResult:  # as of the last step
             total = existing_steps + trainer.step_count
             sd = to_state_dict(network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
-            meta = _metadata(config, total, sd, len(images), base, network.difference_share())
+            meta = _metadata(config, total, sd, images, base, network.difference_share(), started)
             return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta,
                                list(trainer.validation), checkpoint)
 
@@ -296,10 +298,15 @@ def lora_config_of(config: TrainConfig) -> LoraConfig:
                       train_norms=config.train_norms, train_biases=config.train_biases)
 
 
-def _metadata(config: TrainConfig, total_steps: int, sd: dict[str, torch.Tensor], images: int,
-              base: BaseModel | None, difference_share: float) -> dict[str, str]:
-    """What training knows for the file's metadata (lora/metadata.py states the keys)."""
-    return {**config.kohya_metadata(images), **network_metadata(sd, config.network_args()),
-            **(base.metadata() if base is not None else {}), "ss_steps": str(total_steps),
+def _metadata(config: TrainConfig, total_steps: int, sd: dict[str, torch.Tensor], images: Sequence[torch.Tensor],
+              base: BaseModel | None, difference_share: float, started: float) -> dict[str, str]:
+    """What training knows for the file's metadata (lora/metadata.py states the keys): made when the
+    LoRA is taken (the end of the run, or a checkpoint), which is its ss_training_finished_at. Image
+    sizes are the latents' × the base model's pixel scale (without a base, the latents' own)."""
+    sizes = [tuple(x.shape[-2:]) for x in images]
+    return {**config.kohya_metadata(len(images), total_steps), **network_metadata(sd, config.network_args()),
+            **(base.metadata() if base is not None else {}),
+            **dataset_metadata(sizes, base.pixel_scale if base is not None else 1),
+            **session_metadata(started, time.time()), "ss_steps": str(total_steps),
             PREFIX + "settings": json.dumps(config.as_metadata()), PREFIX + "lora_dtype": config.lora_dtype,
             PREFIX + "difference_share": f"{difference_share:.6f}"}

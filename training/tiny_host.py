@@ -18,7 +18,7 @@ from .tiny_model import TinyDiffusion
 # The tiny model for a file's metadata: no other tool has it, so its layers keep their own module paths.
 TINY_BASE = BaseModel(version="comfyui-lora-trainer-tiny", architecture="comfyui-lora-trainer-tiny",
                       implementation="comfyui-lora-trainer", resolution="32x32",
-                      prediction_type="epsilon")
+                      prediction_type="epsilon", pixel_scale=1)  # its stand-in VAE keeps the image size
 
 HELDOUT_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 HELDOUT_SEED = 987654321
