@@ -31,9 +31,15 @@ from ..training.config import TrainConfig
 from ..training.data import caption_entries, check_latent_channels, describe_captions, flatten_latents
 from ..training.captions import grouped_denoise, guider_predict
 from ..training.loop import Hooks, ModelFns, TrainResult, TrainState, train
+from ..training.validation import Validation
 from . import families
+from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
+from .comfy_preview import Previewer
 from .options import TrainingOptions
+from .preview import PreviewSettings
+from .progress import ProgressReporter
+from .validation import ValidationSettings
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +149,30 @@ def _existing(name: str, base_model) -> Existing:
     return Existing(weights, steps_of(metadata, name), text_encoder)
 
 
+class Extras(NamedTuple):
+    """What Train LoRA does besides training: previews, validation (latents, the conditioning entries of
+    each image), checkpoints and resume."""
+
+    preview: PreviewSettings | None = None
+    validation: ValidationSettings | None = None
+    validation_latents: list[torch.Tensor] = []
+    validation_captions: list[list[int]] = []
+    checkpoints: CheckpointWriter | None = None
+    resume: TrainState | None = None
+
+
 class TrainSampler(comfy.samplers.Sampler):
     """Runs the whole training loop where a sampler would sample; keeps the result."""
 
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
-                 uncond: tuple[int, ...] | None = None):
+                 uncond: tuple[int, ...] | None = None, extras: Extras = Extras()):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
+        self.extras = extras
         self.result: TrainResult | None = None
+        self.previewer: Previewer | None = None
         self.steps_done = 0  # completed steps, also when ComfyUI's progress hook raises on cancel
+        self.interrupted = False  # ComfyUI's progress hook raised (and cleared its flag) inside a hook
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -162,34 +183,76 @@ class TrainSampler(comfy.samplers.Sampler):
         _release_inference_tensors(net)
         # every latent through process_latent_in; the engine takes batches, so each image is a batch of 1
         latents = [base.process_latent_in(x.to(device)[None]) for x in self.latents]
-        fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args)
-        bar = tqdm(total=self.config.steps, desc="Train LoRA")
-        ui_bar = comfy.utils.ProgressBar(self.config.steps)
+        fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args, self.captions)
+        extras, config = self.extras, self.config
+        resumed = extras.resume.step if extras.resume is not None else 0
+        bar = tqdm(total=config.steps, initial=resumed, desc="Train LoRA")
+        ui_bar = comfy.utils.ProgressBar(config.steps)
+        reporter = ProgressReporter(config.steps)
+        validator = None
+        if extras.validation is not None:
+            val_latents = [base.process_latent_in(x.to(device)[None]) for x in extras.validation_latents]
+            val_fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args, extras.validation_captions)
+            validator = Validation(val_fns, val_latents, config, extras.validation.every,
+                                   extras.validation.noise_levels)
+        if extras.preview is not None:
+            self.previewer = Previewer(extras.preview, model_wrap.model_patcher, config.steps, ui_bar)
+
+        def guarded(hook):  # ComfyUI's progress hook raises on cancel (clearing its flag): stop at the next check
+            def run(*args):
+                try:
+                    return hook(*args)
+                except comfy.model_management.InterruptProcessingException:
+                    self.interrupted = True
+            return run
+
+        def on_start(state: TrainState) -> None:
+            ui_bar.update_absolute(state.step, config.steps)
+            if self.previewer is not None:
+                self.previewer.take(state.step)
+                reporter.event("preview", state, step=state.step)
 
         def on_step(state: TrainState) -> None:
             self.steps_done = state.step
             bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}")
             bar.update(1)
-            ui_bar.update(1)
+            reporter.step(state)
+            if validator is not None and state.validation and state.validation[-1][0] == state.step:
+                reporter.event("validation", state)
+            ui_bar.update_absolute(state.step, config.steps)
+            if self.previewer is not None and self.previewer.due(state.step):
+                self.previewer.take(state.step)
+                reporter.event("preview", state, step=state.step)
 
+        def save(state: TrainState, lora, reason: str) -> str:
+            where = extras.checkpoints.save(state, lora, reason)
+            reporter.event("checkpoint", state, path=where, reason=reason)
+            return where
+
+        def should_cancel() -> bool:
+            return self.interrupted or comfy.model_management.processing_interrupted()
+
+        hooks = Hooks(guarded(on_step), should_cancel, guarded(on_start),
+                      save if extras.checkpoints is not None else None)
         try:
             with _comfy_training_flag():
-                self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
+                self.result = train(net, fns, latents, config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
-                                    hooks=Hooks(on_step, comfy.model_management.processing_interrupted),
-                                    base=base_model_of(base))
+                                    hooks=hooks, base=base_model_of(base), resume=extras.resume,
+                                    validator=validator)
         finally:
             bar.close()
+            reporter.flush()
         return torch.zeros_like(latent_image)
 
-    def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict) -> ModelFns:
+    def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict, captions: list[list[int]]) -> ModelFns:
         def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
             p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
         # one guider call per caption: the guider combines every cond it holds over the whole batch
         predict = guider_predict(model_wrap, conds, extra_args)
-        denoise = grouped_denoise(predict, [tuple(c) for c in self.captions])
+        denoise = grouped_denoise(predict, [tuple(c) for c in captions])
         uncond = self.uncond
         denoise_uncond = (lambda noisy, sigma: predict(noisy, sigma, uncond)) if uncond else None
 
@@ -209,8 +272,9 @@ def _config(inputs: dict, options: TrainingOptions | None) -> TrainConfig:
     return TrainConfig(**fields, **(options.values if options is not None else {}))
 
 
-def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None) -> tuple:
-    """Train LoRA's execute: validate, train under a guider, shape the four outputs."""
+def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None,
+               preview: PreviewSettings | None = None, validation: ValidationSettings | None = None) -> dict:
+    """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI)."""
     config = _config(inputs, options)
     with torch.inference_mode(False), torch.enable_grad():
         images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
@@ -223,33 +287,59 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
             uncond = tuple(range(len(entries), len(entries) + len(extra)))
             entries = entries + extra
         log.info(describe_captions(counts, len(images)))
-        existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
-        sampler = TrainSampler(images, captions, config, existing, uncond)
+        val_latents, val_captions = [], []
+        if validation is not None:  # its captions join the guider's entries after the training ones
+            val_latents = flatten_latents([_clone_tree(l["samples"]) for l in validation.latents])
+            _check_channels(val_latents, model.model, "validation latents")
+            val_entries, val_counts = _flat_conditioning(_clone_tree(validation.positive))
+            val_captions = [[len(entries) + i for i in c] for c in caption_entries(val_counts, len(val_latents))]
+            entries = entries + val_entries
+        existing_name = inputs.get("existing_lora", NONE_LORA)
+        existing = _existing(existing_name, model.model)
+        writer = CheckpointWriter(folder_paths.get_output_directory(), config, images, len(entries))
+        resume = writer.resume()
+        extras = Extras(preview, validation, val_latents, val_captions, writer, resume)
+        sampler = TrainSampler(images, captions, config, existing, uncond, extras)
         guider = Guider_Basic(model.clone())
         guider.set_conds(entries)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
         try:
             guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
         except comfy.model_management.InterruptProcessingException:  # raised by ComfyUI's progress hook
-            _log_cancel(sampler.steps_done, config.steps)
+            _log_cancel(sampler.steps_done, config.steps, None)
             raise
     result = sampler.result
     if result is None or result.cancelled:
-        _log_cancel(0 if result is None else len(result.losses), config.steps)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        raise RuntimeError("Train LoRA: cancelled; the model is restored. Queue the prompt again to train.")
+        _log_cancel(0 if result is None else len(result.losses), config.steps,
+                    None if result is None else result.checkpoint)
+        # ComfyUI's cancel: its flag is cleared once a progress hook raised, so raise its exception here
+        raise comfy.model_management.InterruptProcessingException()
     model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
     # the text-encoder part of a continued LoRA goes into the output untouched
     lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, result.lora.metadata)
-    return model_with_lora, lora, {"loss": result.losses}, result.total_steps
+    loss = {"loss": result.losses}
+    if result.validation:
+        loss["validation_step"] = [step for step, _ in result.validation]
+        loss["validation_loss"] = [value for _, value in result.validation]
+    outputs = (model_with_lora, lora, loss, result.total_steps,
+               sampler.previewer.grid() if sampler.previewer is not None else _blank_image())
+    ui = {"images": sampler.previewer.ui()} if sampler.previewer is not None else {}
+    return {"ui": ui, "result": outputs}
 
 
-def _check_channels(images: list[torch.Tensor], base_model) -> None:
+def _blank_image() -> torch.Tensor:
+    """The previews output when no preview is connected: one small black IMAGE."""
+    return torch.zeros((1, 64, 64, 3))
+
+
+def _check_channels(images: list[torch.Tensor], base_model, what: str = "latents") -> None:
     latent_format = getattr(base_model, "latent_format", None)
     channels = getattr(latent_format, "latent_channels", None)
     if isinstance(channels, int):
-        check_latent_channels(images, channels, type(base_model.model_config).__name__)
+        check_latent_channels(images, channels, type(base_model.model_config).__name__, what)
 
 
-def _log_cancel(done: int, steps: int) -> None:
-    log.warning("Train LoRA: cancelled after %d of %d steps; the model is restored", done, steps)
+def _log_cancel(done: int, steps: int, checkpoint: str | None) -> None:
+    kept = (f"; the checkpoint and training state of step {done} are in {checkpoint} (set the options node's resume "
+            "to 'latest' and queue again to continue)") if checkpoint else ""
+    log.warning("Train LoRA: cancelled after %d of %d steps; the model is restored%s", done, steps, kept)

@@ -56,14 +56,14 @@ def describe_captions(entry_counts: Sequence[int], n_images: int) -> str:
     return f"Train LoRA: {n_images} images, {what}"
 
 
-def check_latent_channels(images: Sequence[torch.Tensor], channels: int, model_name: str) -> None:
+def check_latent_channels(images: Sequence[torch.Tensor], channels: int, model_name: str, what: str = "latents") -> None:
     """Every (C, H, W) latent has the model's `channels`; else a ValueError naming the VAE/model mismatch."""
     wrong = next((x for x in images if x.shape[0] != channels), None)
     if wrong is None:
         return
     got = wrong.shape[0]
     raise ValueError(
-        f"latents: they have {got} channels, but this model ({model_name}) takes {channels}-channel latents; the "
+        f"{what}: they have {got} channels, but this model ({model_name}) takes {channels}-channel latents; the "
         f"images were encoded with the VAE of another model ({_vae_family(got)}); encode them with the VAE that "
         f"belongs to this model ({_vae_family(channels)}), e.g. its checkpoint loader's VAE output")
 

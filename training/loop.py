@@ -192,8 +192,10 @@ class Trainer:
 
     def load_state(self, state: TrainState) -> None:
         """Continue from `state` (of a run with the same config and images): the next step is
-        bit-identical to the one the original run took after it."""
+        bit-identical to the one the original run took after it. ValueError (naming `resume`) if
+        its LoRA's layers are not this network's."""
         ours = self.network.weights()
+        _check_layers(state.lora, ours)
         with torch.no_grad():
             for path, weights in state.lora.items():
                 for suffix, tensor in weights.tensors.items():
@@ -287,6 +289,22 @@ def train(
             if hooks.on_step is not None:
                 hooks.on_step(trainer.state())
         return result()
+
+
+def _check_layers(saved: dict[str, LayerWeights], ours: dict[str, LayerWeights]) -> None:
+    """The layers, tensor names and shapes of a saved LoRA are this network's; else ValueError naming the first."""
+    fix = "it was made for another model or with other layer settings; connect that model, or clear resume"
+    for what, paths in (("lacks", sorted(set(saved) - set(ours))), ("has no state for", sorted(set(ours) - set(saved)))):
+        if paths:
+            raise ValueError(f"resume: this model {what} {len(paths)} layers of the training state (first: "
+                             f"{paths[0]}); {fix}")
+    for path, weights in saved.items():
+        for suffix, tensor in weights.tensors.items():
+            mine = ours[path].tensors.get(suffix)
+            if mine is None or mine.shape != tensor.shape:
+                got = "missing" if mine is None else tuple(mine.shape)
+                raise ValueError(f"resume: {path}.{suffix} is {tuple(tensor.shape)} in the training state but {got} "
+                                 f"here; {fix}")
 
 
 def lora_config_of(config: TrainConfig) -> LoraConfig:

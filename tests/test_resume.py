@@ -1,0 +1,174 @@
+"""Checkpoints and resume on disk (training/resume.py, nodes/checkpoints.py), on the tiny model.
+
+The proof the issue asks for: N steps in one run equal N/2 steps, a checkpoint on disk, and a
+resumed N/2 — the LoRA bit-identical; also after a cancel in the middle, and after a NaN step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from comfyui_lora_trainer.nodes.checkpoints import STATES_FOLDER, CheckpointWriter
+from comfyui_lora_trainer.training.config import TrainConfig
+from comfyui_lora_trainer.training.loop import Hooks, TrainingDiverged, train
+from comfyui_lora_trainer.training.resume import JSON, TENSORS
+from comfyui_lora_trainer.training.text import encode_captions
+from comfyui_lora_trainer.training.tiny_host import tiny_fns
+from comfyui_lora_trainer.training.tiny_model import build_tiny
+
+FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
+# a schedule counting total steps, warmup, dropout (its own RNG stream) and the epoch order: all must resume
+CONFIG = TrainConfig(steps=8, batch_size=2, learning_rate=2e-3, lr_schedule="cosine", warmup_steps=2,
+                     batch_order="epoch", rank_dropout=0.2, noise_offset=0.05, **FAST)
+
+
+def setup(n: int = 5):
+    model = build_tiny("eps")
+    contexts = encode_captions(["a ramp, lrtstyle"], model.net.config.context_dim)
+    latents = torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    return model, tiny_fns(model, contexts), latents
+
+
+def run(tmp_path, config, *, cancel_at=None, validator=None):
+    """train() with a CheckpointWriter on `tmp_path` as the output folder; cancel before step `cancel_at`+1."""
+    model, fns, latents = setup()
+    writer = CheckpointWriter(tmp_path, config, list(latents.unbind(0)), 1)
+    resume = writer.resume()
+    seen = []
+    hooks = Hooks(on_step=lambda s: seen.append(s.step),
+                  should_cancel=(lambda: bool(seen) and seen[-1] == cancel_at) if cancel_at else None,
+                  save=writer.save)
+    return train(model.net, fns, latents, config, hooks=hooks, resume=resume, validator=validator), writer
+
+
+def assert_same_lora(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_half_then_resumed_half_is_bit_identical_to_one_run(tmp_path):
+    straight, _ = run(tmp_path / "one", CONFIG)
+    first, writer = run(tmp_path / "two", replace(CONFIG, save_every=4))
+    assert writer.written == ["loras/checkpoints/lora_4_steps_00001_.safetensors",
+                              "loras/checkpoints/lora_8_steps_00001_.safetensors"]
+    # drop the final checkpoint: resume from the middle one
+    (tmp_path / "two" / writer.written[1]).unlink()
+    for suffix in (TENSORS, JSON):
+        (tmp_path / "two" / STATES_FOLDER / "loras/checkpoints" / f"lora_8_steps_00001_{suffix}").unlink()
+    second, _ = run(tmp_path / "two", replace(CONFIG, resume="latest"))
+    assert second.total_steps == 8 and second.losses == straight.losses
+    assert_same_lora(second.lora, straight.lora)
+    assert_same_lora(first.lora, straight.lora)
+
+
+def test_cancel_writes_the_last_completed_step_and_resume_finishes_bit_identically(tmp_path):
+    straight, _ = run(tmp_path / "one", CONFIG)
+    cancelled, writer = run(tmp_path / "two", CONFIG, cancel_at=3)  # save_every off: the cancel still writes
+    assert cancelled.cancelled and cancelled.total_steps == 3
+    assert cancelled.checkpoint == "loras/checkpoints/lora_3_steps_00001_.safetensors"
+    resumed, _ = run(tmp_path / "two", replace(CONFIG, resume="latest"))
+    assert not resumed.cancelled and resumed.losses == straight.losses
+    assert_same_lora(resumed.lora, straight.lora)
+
+
+def test_named_state_resumes_from_its_checkpoint_path_or_json(tmp_path):
+    straight, _ = run(tmp_path / "one", CONFIG)
+    run(tmp_path / "two", replace(CONFIG, save_every=3, steps=8))  # checkpoints at 3, 6, 8
+    for name in ("loras/checkpoints/lora_3_steps_00001_.safetensors",
+                 f"{STATES_FOLDER}/loras/checkpoints/lora_6_steps_00001_{JSON}"):
+        resumed, _ = run(tmp_path / "two", replace(CONFIG, resume=name))
+        assert_same_lora(resumed.lora, straight.lora)
+
+
+def test_files_are_safetensors_and_json_with_the_step_config_and_order(tmp_path):
+    _, writer = run(tmp_path, replace(CONFIG, save_every=4))
+    stem = tmp_path / STATES_FOLDER / "loras/checkpoints/lora_4_steps_00001_"
+    record = json.loads(stem.with_name(stem.name + JSON).read_text())
+    assert record["step"] == 4 and record["config"]["learning_rate"] == CONFIG.learning_rate
+    assert record["lora_file"] == writer.written[0] and "pending" in record and len(record["losses"]) == 4
+    with safe_open(str(stem) + TENSORS, "pt") as f:
+        kinds = {k.split("/")[0] for k in f.keys()}
+    assert kinds == {"lora", "optimizer", "rng"}
+    # the checkpoint LoRA is a normal LoRA file with Save LoRA's metadata and its steps
+    with safe_open(str(tmp_path / writer.written[0]), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_steps"] == "4" and meta["ss_network_module"] == "networks.lora"
+    assert meta["lora_trainer.format"] == "full" and meta["ss_output_name"] == "lora_4_steps_00001_"
+
+
+def test_keep_last_deletes_only_this_runs_older_checkpoints(tmp_path):
+    other = tmp_path / "loras/checkpoints/lora_1_steps_00001_.safetensors"  # another run's file
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"not ours")
+    _, writer = run(tmp_path, replace(CONFIG, save_every=2, keep_last=2))
+    left = sorted(p.name for p in (tmp_path / "loras/checkpoints").iterdir())
+    assert left == ["lora_1_steps_00001_.safetensors", "lora_6_steps_00001_.safetensors",
+                    "lora_8_steps_00001_.safetensors"]
+    states = sorted(p.name for p in (tmp_path / STATES_FOLDER / "loras/checkpoints").iterdir())
+    assert states == [f"lora_{s}_steps_00001_{x}" for s in (6, 8) for x in (JSON, TENSORS)]
+
+
+def test_nan_keeps_the_last_good_lora_and_state_and_says_where(tmp_path):
+    config = replace(CONFIG, steps=6)
+    model, fns, latents = setup()
+    calls = {"n": 0}
+
+    def poisoned(noisy, sigma, indices):  # the 4th step's loss turns NaN
+        calls["n"] += 1
+        out = fns.denoise(noisy, sigma, indices)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    writer = CheckpointWriter(tmp_path, config, list(latents.unbind(0)), 1)
+    with pytest.raises(TrainingDiverged) as err:
+        train(model.net, fns._replace(denoise=poisoned), latents, config, hooks=Hooks(save=writer.save))
+    assert "lora_3_steps_00001_.safetensors" in str(err.value) and err.value.last_good.total_steps == 3
+    # the last good state resumes into exactly the uninterrupted run
+    straight, _ = run(tmp_path / "one", config)
+    resumed, _ = run(tmp_path, replace(config, resume="latest"))
+    assert_same_lora(resumed.lora, straight.lora)
+
+
+@pytest.mark.parametrize("change, named", [(dict(rank=4), "rank"), (dict(optimizer="SGD"), "optimizer"),
+                                           (dict(algorithm="dora"), "algorithm")])
+def test_a_state_that_does_not_fit_is_refused_naming_the_setting(tmp_path, change, named):
+    run(tmp_path, replace(CONFIG, save_every=4))
+    with pytest.raises(ValueError, match=rf"^resume: .* made with {named} .*set {named} back"):
+        run(tmp_path, replace(CONFIG, resume="latest", **change))
+
+
+def test_other_images_are_refused_and_changed_learning_settings_warn(tmp_path, caplog):
+    run(tmp_path, replace(CONFIG, save_every=4))
+    model, fns, latents = setup(n=4)
+    with pytest.raises(ValueError, match="made with 5 training images, this run has 4"):
+        CheckpointWriter(tmp_path, replace(CONFIG, resume="latest"), list(latents.unbind(0)), 1).resume()
+    with caplog.at_level(logging.WARNING):
+        resumed, _ = run(tmp_path, replace(CONFIG, resume="latest", learning_rate=1e-3))
+    assert "learning_rate 0.002 → 0.001" in caplog.text and resumed.total_steps == 8
+
+
+def test_a_state_of_another_model_is_refused_naming_a_layer(tmp_path):
+    run(tmp_path, replace(CONFIG, save_every=4))
+    writer = CheckpointWriter(tmp_path, replace(CONFIG, resume="latest", include_layers="attn"),
+                              list(setup()[2].unbind(0)), 1)
+    with pytest.raises(ValueError, match="include_layers"):
+        writer.resume()
+    state = CheckpointWriter(tmp_path, replace(CONFIG, resume="latest"), list(setup()[2].unbind(0)), 1).resume()
+    state.lora["other.layer"] = next(iter(state.lora.values()))
+    model, fns, latents = setup()
+    with pytest.raises(ValueError, match=r"resume: this model lacks 1 layers .*first: other\.layer"):
+        train(model.net, fns, latents, CONFIG, resume=state)
+
+
+def test_resume_errors_name_the_input(tmp_path):
+    latents = list(setup()[2].unbind(0))
+    with pytest.raises(FileNotFoundError, match="^resume: no training state at"):
+        CheckpointWriter(tmp_path, replace(CONFIG, resume="loras/nothing.safetensors"), latents, 1).resume()
+    with pytest.raises(ValueError, match="^resume: '../x' points outside the output folder"):
+        CheckpointWriter(tmp_path, replace(CONFIG, resume="../x"), latents, 1).resume()
+    assert CheckpointWriter(tmp_path, replace(CONFIG, resume="latest"), latents, 1).resume() is None  # none yet
