@@ -2,11 +2,14 @@
 ComfyUI serves them as templates. Skips unless COMFYUI_DIR is set (see conftest.py)."""
 from __future__ import annotations
 
+import io
 import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "example_workflows"
 
@@ -118,3 +121,17 @@ def test_ui_workflows_are_served_as_templates(comfy):
     assert sorted(names) == ["sample_with_lora", "train_lora"], names
     served = comfy.get(f"/api/workflow_templates/{folder}/train_lora.json")
     assert served == json.loads((WORKFLOWS / "train_lora.json").read_text())
+    for name in names:  # the template card's thumbnail (scripts/make_thumbnails.py)
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{folder}/{name}.jpg", timeout=60) as response:
+            assert response.headers["Content-Type"] == "image/jpeg", name
+            with Image.open(io.BytesIO(response.read())) as image:
+                assert image.format == "JPEG" and image.size == (400, 400), (name, image.format, image.size)
+
+
+def test_display_names_are_not_core_names(comfy):
+    """Node search and the canvas tell ours from core's Train LoRA, Load LoRA Model, Plot Loss Graph."""
+    info = comfy.object_info()
+    ours = {k: v["display_name"] for k, v in info.items() if k.startswith("LoRATrainer_")}
+    others = {v["display_name"] for k, v in info.items() if not k.startswith("LoRATrainer_")}
+    assert len(ours) >= 10 and all(name.endswith(" (LoRA Trainer)") for name in ours.values()), ours
+    assert not others & set(ours.values()) and {"Train LoRA", "Plot Loss Graph"} <= others

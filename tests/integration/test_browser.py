@@ -1,0 +1,182 @@
+"""The example workflows in ComfyUI's real frontend: headless Chromium driven by selenium (browser.py).
+
+Runs when COMFYUI_DIR is set and selenium, Chromium and chromedriver are found (Debian: chromium,
+chromium-driver); skips otherwise. Checks that the examples open with every node type registered, no
+error overlay (missing nodes or models) and every node in view in a 1280x800 window; that
+train_lora.json, adapted to the test server (tiny checkpoint, 64 px, a few fp32 steps), trains when
+queued with the page's Run button; and that the previews grid and the loss graph then show on the
+page. A screenshot of that page is kept: under $LORA_TRAINER_ARTIFACTS (default
+tests/integration/artifacts/, git-ignored); its path is printed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+WORKFLOWS = ROOT / "example_workflows"
+DEMO_IMAGES = ROOT / "assets" / "demo_images"
+ARTIFACTS = Path(os.environ.get("LORA_TRAINER_ARTIFACTS") or HERE / "artifacts")
+
+_spec = importlib.util.spec_from_file_location("lora_trainer_it_browser", HERE / "browser.py")
+browser = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = browser
+_spec.loader.exec_module(browser)
+
+FRONTEND_ONLY = {"MarkdownNote", "Note"}
+DATASET, HELD_OUT = "it_browser_set", "it_browser_val"  # input subfolders: 3 demo images, 1 held-out
+# train_lora.json's node ids
+CHECKPOINT, IMAGES, VAL_IMAGES, TRAIN, SAVE, PLOT, PREVIEW, VALIDATION, PREVIEWS = 1, 2, 10, 5, 6, 7, 15, 12, 16
+STEPS = 4
+# What a user of the test server would change on the page: node id -> {widget: value}.
+ADAPT = {
+    IMAGES: {"folder": DATASET, "width": 64, "height": 64},
+    VAL_IMAGES: {"folder": HELD_OUT, "width": 64, "height": 64},
+    TRAIN: {"steps": STEPS, "learning_rate": 2e-3, "training_dtype": "fp32", "lora_dtype": "fp32"},
+    PREVIEW: {"every": 2, "steps": 1, "cfg": 2.0, "width": 64, "height": 64, "filename_prefix": "it_browser/preview"},
+    VALIDATION: {"every": 2, "noise_levels": 1},
+    SAVE: {"prefix": "loras/it_browser"},
+    PLOT: {"filename_prefix": "it_browser/loss"},
+}
+
+
+@pytest.fixture(scope="module")
+def folders(comfy) -> None:
+    """The input folders the adapted workflow reads; made before the page loads (its folder lists)."""
+    for folder, names in ((DATASET, ["circle", "stripes", "sunset"]), (HELD_OUT, ["dots"])):
+        (comfy.input_dir / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(DEMO_IMAGES / f"{name}.png", comfy.input_dir / folder / f"{name}.png")
+
+
+@pytest.fixture(scope="module")
+def page(comfy, folders):
+    try:
+        driver = browser.start_chromium()
+    except browser.NoBrowser as why:
+        pytest.skip(str(why))
+    try:
+        browser.open_comfyui(driver, comfy.url)
+        yield driver
+    finally:
+        browser.quit_chromium(driver)
+
+
+def open_example(page, name: str, checkpoint: str) -> dict:
+    """Load an example as it is shipped, with only the checkpoint set to the server's; its JSON."""
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = checkpoint
+    browser.load_workflow(page, workflow)
+    return workflow
+
+
+def check_opened(page, workflow: dict) -> list[dict]:
+    """Every node of `workflow` on the canvas, each type registered, in view; no error overlay."""
+    boxes = page.execute_script(browser.NODE_BOXES_JS)
+    assert sorted(b["id"] for b in boxes) == sorted(str(n["id"]) for n in workflow["nodes"])
+    assert [b["type"] for b in boxes if not b["registered"]] == [], "node types the frontend does not know"
+    hidden = {f'{b["id"]} {b["title"]} {b["box"]}': b["hidden"] for b in boxes if b["hidden"]}
+    assert not hidden, f"nodes not fully in view in a {browser.WINDOW} window: {hidden}"
+    return boxes
+
+
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.save_screenshot(str(path))
+    print(f"\nscreenshot: {path}")
+    return path
+
+
+@pytest.mark.parametrize("name", ["train_lora", "sample_with_lora"])
+def test_example_opens_with_every_node_in_view(comfy, page, name):
+    stand_in = comfy.loras_dir / "lrtstyle_200_steps_00001_.safetensors"  # sample_with_lora's LoRA
+    if name == "sample_with_lora":  # listed (never read), so that no "missing model" overlay shows
+        stand_in.write_bytes(b"")
+        browser.open_comfyui(page, comfy.url)  # a reload: the frontend reads the file lists on start
+    try:
+        workflow = open_example(page, name, comfy.checkpoint)
+    finally:
+        stand_in.unlink(missing_ok=True)
+    overlay = page.execute_script(browser.ERROR_OVERLAY_JS)
+    assert overlay is None, f"the frontend reports errors on opening {name}.json: {overlay}"
+    boxes = check_opened(page, workflow)
+    assert {b["type"] for b in boxes} - FRONTEND_ONLY <= set(comfy.object_info())
+    screenshot(page, f"opened_{name}")
+
+
+def test_train_lora_example_trains_from_the_page(comfy, page):
+    workflow = open_example(page, "train_lora", comfy.checkpoint)
+    assert page.execute_script(browser.ERROR_OVERLAY_JS) is None
+    check_opened(page, workflow)
+    for node_id, widgets in ADAPT.items():
+        for widget, value in widgets.items():
+            browser.set_widget(page, node_id, widget, value)
+    browser.set_widget(page, TRAIN, "seed", int(time.time()) % 2**31)  # a new prompt, never a cached result
+
+    from selenium.webdriver.common.by import By
+
+    before = set(comfy.get("/history"))
+    started = time.monotonic()
+    page.find_element(By.CSS_SELECTOR, "[data-testid=queue-button]").click()
+    prompt_id = browser.wait_for(lambda: next(iter(set(comfy.get("/history")) - before), None)
+                                 or next(iter(_queued(comfy) - before), None), 60, "the Run button queued nothing")
+    entry = comfy.wait(prompt_id, timeout=600)
+    print(f"\ntrained from the page in {time.monotonic() - started:.1f} s")
+    assert entry["status"]["status_str"] == "success", comfy.execution_error(entry) or entry["status"]
+    queued = entry["prompt"][2]
+    assert queued[str(TRAIN)]["inputs"]["steps"] == STEPS and str(PREVIEW) in queued and str(VALIDATION) in queued
+    assert any(f.name.startswith(f"it_browser_{STEPS}_steps_") for f in comfy.output_files("loras/*.safetensors"))
+
+    # The previews grid (Preview Image on Train LoRA's previews) and the loss graph show on their nodes.
+    shown = browser.wait_for(lambda: _shown_images(page, [PREVIEWS, PLOT]), 60,
+                             "the previews grid and the loss graph did not show on the page")
+    for node_id in (PREVIEWS, PLOT):
+        served = entry["outputs"][str(node_id)]["images"]
+        assert [img["filename"] for img in shown[str(node_id)]] == [s["filename"] for s in served], node_id
+    grid, = entry["outputs"][str(PREVIEWS)]["images"]
+    query = urllib.parse.urlencode({k: grid[k] for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{comfy.url}/view?{query}", timeout=60) as response:  # what the page shows
+        pixels = np.asarray(Image.open(io.BytesIO(response.read())).convert("L"))
+    # previews at steps 0, 2 and 4, 64 px each: wider or taller than one, and not the black stand-in
+    # Train LoRA returns without a preview input
+    assert max(pixels.shape) > 64 and pixels.std() > 0, pixels.shape
+    loss = entry["outputs"][str(PLOT)]
+    assert len(loss["loss"]) == STEPS
+    assert sorted(p.name for p in comfy.output_files("it_browser/preview*.png")), "no preview files saved"
+    screenshot(page, "trained_train_lora")
+
+
+def _queued(comfy) -> set[str]:
+    queue = comfy.get("/queue")
+    return {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])}
+
+
+def _shown_images(page, node_ids: list[int]) -> dict | None:
+    """{node id: [{filename, width, height}]} for nodes whose output images have loaded on the page."""
+    shown = page.execute_script(
+        "const out = {};"
+        "for (const id of arguments[0]) {"
+        "  const node = window.app.graph.getNodeById(id);"
+        "  const imgs = (node && node.imgs) || [];"
+        "  if (!imgs.length || !imgs.every(i => i.complete && i.naturalWidth > 0)) return null;"
+        "  out[id] = imgs.map(i => ({filename: new URL(i.src).searchParams.get('filename'),"
+        "                            width: i.naturalWidth, height: i.naturalHeight}));"
+        "}"
+        "return out;", node_ids)
+    return shown
