@@ -7,7 +7,8 @@ the size training/grid.py lays out; each preview reaches a websocket client as C
 progress preview while training runs; the step-0 preview (the LoRA starts at zero) is exactly what
 core's KSampler + VAE Decode make of the base model with the same settings; later previews change
 with the LoRA; without a VAE the latent previewer draws them; and the LoRA and its losses are
-bit-identical with previews on (with a VAE, or an ancestral sampler without one) and off.
+bit-identical with previews on (with a VAE, or an ancestral sampler without one) and off; a cancel
+while a preview samples stops the run cleanly, and the runs after it still train and preview.
 Skips unless COMFYUI_DIR is set (see conftest.py).
 """
 from __future__ import annotations
@@ -174,6 +175,34 @@ def assert_grid(comfy, run: Run, name: str, previews: list[np.ndarray]) -> None:
     for i, image in enumerate(previews):
         top, left = (i // plan.columns) * plan.cell_height + plan.label_height, (i % plan.columns) * plan.cell_width
         assert np.array_equal(grid[top: top + SIZE, left: left + SIZE], image), f"grid cell {i}"
+
+
+def test_cancel_during_a_preview_stops_cleanly(comfy, dataset):
+    """POST /interrupt while the first preview samples (400 sampling steps): the prompt is interrupted
+    from the sampler's callback, no preview is saved, and ComfyUI trains fine afterwards (the tests below)."""
+    websocket = pytest.importorskip("websocket", reason="listening needs websocket-client")
+    mark = len(comfy.log())
+    graph = training_graph(comfy, "cancel", {"steps": 400})
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"{comfy.url.replace('http', 'ws', 1)}/ws?clientId={client_id}", timeout=300)
+    try:
+        status, body = comfy.post_prompt(graph, client_id)
+        assert status == 200, body
+        while True:  # Train LoRA's bar at 0 is sent just before the first preview samples
+            message = ws.recv()
+            if isinstance(message, bytes):
+                continue
+            event = json.loads(message)
+            if event["type"] == "progress" and event["data"].get("node") == TRAIN_NODE:
+                break
+            assert event["type"] != "execution_error", event
+    finally:
+        ws.close()
+    comfy.interrupt()
+    entry = comfy.wait(body["prompt_id"], timeout=300)
+    assert "execution_interrupted" in [e for e, _ in entry["status"]["messages"]], entry["status"]
+    assert re.search(r"Train LoRA: cancelled after 0 of 6 steps", comfy.log(mark)), comfy.log(mark)[-3000:]
+    assert not comfy.output_files("it_previews/cancel_*"), "the interrupted preview was saved"
 
 
 def test_previews_with_the_checkpoints_vae(comfy, with_vae):
