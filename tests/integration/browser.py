@@ -64,14 +64,21 @@ def _find(env: str, name: str) -> str:
     return path
 
 
-def start_chromium(size: tuple[int, int] = WINDOW) -> Any:
-    """A headless Chromium with a fresh profile and a `size` viewport; the caller quits it."""
+def find_browser() -> tuple[str, str]:
+    """(chromium, chromedriver) paths; raises NoBrowser naming what is missing (selenium too)."""
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError as why:
         raise NoBrowser(f"selenium is not installed ({why}); pip install selenium") from why
-    chromium, chromedriver = _find("CHROMIUM", "chromium"), _find("CHROMEDRIVER", "chromedriver")
+    return _find("CHROMIUM", "chromium"), _find("CHROMEDRIVER", "chromedriver")
+
+
+def start_chromium(size: tuple[int, int] = WINDOW) -> Any:
+    """A headless Chromium with a fresh profile and a `size` viewport; the caller quits it."""
+    chromium, chromedriver = find_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="lora-trainer-chromium-")

@@ -35,6 +35,10 @@ _spec = importlib.util.spec_from_file_location("lora_trainer_it_browser", HERE /
 browser = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = browser
 _spec.loader.exec_module(browser)
+try:  # before the server fixture starts anything
+    browser.find_browser()
+except browser.NoBrowser as _why:
+    pytest.skip(str(_why), allow_module_level=True)
 
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
 DATASET, HELD_OUT = "it_browser_set", "it_browser_val"  # input subfolders: 3 demo images, 1 held-out
@@ -64,10 +68,7 @@ def folders(comfy) -> None:
 
 @pytest.fixture(scope="module")
 def page(comfy, folders):
-    try:
-        driver = browser.start_chromium()
-    except browser.NoBrowser as why:
-        pytest.skip(str(why))
+    driver = browser.start_chromium()
     try:
         browser.open_comfyui(driver, comfy.url)
         yield driver
