@@ -53,12 +53,14 @@ class ProgressBar:
         self.tty = self.stream.isatty() if tty is None else tty
         self._starts: dict[str, tuple[float, int]] = {}  # label -> (time, value) of its first update
         self._last_print = float("-inf")
+        self._last_line = ""  # the last line printed (not on a tty): an identical one is not repeated
         self._drawn = 0  # characters of the bar now on screen (tty only)
 
     def reset(self) -> None:
         """Forget rates and print times: a new run starts."""
         self._starts.clear()
         self._last_print = float("-inf")
+        self._last_line = ""
 
     def eta(self, label: str, value: int, total: int) -> float | None:
         """Seconds left for `label`, from its rate since its first update; None until measurable."""
@@ -90,9 +92,9 @@ class ProgressBar:
             self._draw(line)
         else:
             now = self.clock()
-            if value < total and now - self._last_print < self.interval:
+            if line == self._last_line or value < total and now - self._last_print < self.interval:
                 return
-            self._last_print = now
+            self._last_print, self._last_line = now, line
             self.stream.write(line + "\n")
         self.stream.flush()
 

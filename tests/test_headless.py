@@ -162,7 +162,10 @@ def test_bar_shows_what_train_loras_event_carries():
     out = io.StringIO()
     bar = ProgressBar(out, clock=lambda: 0.0, tty=False)
     bar.update("Train LoRA", 1, 2, 0.5, eta=30.0)  # the sender's ETA, where none is measurable here
-    assert out.getvalue() == "Train LoRA [############------------] 1/2  50%  loss 0.5  ETA 0:30\n"
+    for _ in range(2):  # the last step, then a notice at the same step: one line in a log
+        bar.update("Train LoRA", 2, 2, 0.25, eta=0.0)
+    assert out.getvalue().splitlines() == ["Train LoRA [############------------] 1/2  50%  loss 0.5  ETA 0:30",
+                                           "Train LoRA [########################] 2/2 100%  loss 0.25  ETA 0:00"]
 
 
 def _train_event(prompt_id: str | None, step: int, total: int = 4, **fields) -> dict:

@@ -85,7 +85,8 @@ def test_training_end_to_end_with_progress_and_download(comfy, workflow, dataset
     assert code == 0, f"{out}\n{err}\n{comfy.log()[-4000:]}"
     # progress from Train LoRA's event: the loss, its smoothed value and the LR, not only the step
     number = r"-?\d[\d.e+-]*"
-    assert re.search(rf"Train LoRA \[#+\] 3/3 100%  loss {number} \(avg {number}\)  lr {number}  ETA 0:00", err), err
+    assert re.search(rf"Train LoRA \[#+\] 3/3 100%  loss {number} \(avg {number}\)(  val {number})?  lr {number}  "
+                     r"ETA 0:00", err), err
     loras = _lora_paths(out)
     assert len(loras) == 1 and "_3_steps_" in loras[0], out
     written = comfy.output_dir / loras[0]
