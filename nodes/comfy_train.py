@@ -233,7 +233,8 @@ class TrainSampler(comfy.samplers.Sampler):
             return self.interrupted or comfy.model_management.processing_interrupted()
 
         hooks = Hooks(guarded(on_step), should_cancel, guarded(on_start),
-                      save if extras.checkpoints is not None else None)
+                      save if extras.checkpoints is not None else None,
+                      (comfy.model_management.InterruptProcessingException,))
         try:
             with _comfy_training_flag():
                 self.result = train(net, fns, latents, config, checkpoint_blocks=model_blocks(net),

@@ -77,6 +77,31 @@ def test_cancel_writes_the_last_completed_step_and_resume_finishes_bit_identical
     assert_same_lora(resumed.lora, straight.lora)
 
 
+class Interrupt(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException, which its ops raise inside the model."""
+
+
+def test_a_cancel_raised_inside_the_model_mid_step_keeps_the_last_completed_step(tmp_path):
+    config = replace(CONFIG, gradient_accumulation=2)  # the cancel lands between two micro-batches
+    straight, _ = run(tmp_path / "one", config)
+    model, fns, latents = setup()
+    calls = {"n": 0}
+
+    def interrupted(noisy, sigma, indices):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the 2nd micro-batch of step 4 (one forward per micro-batch of one shape)
+            raise Interrupt()
+        return fns.denoise(noisy, sigma, indices)
+
+    writer = CheckpointWriter(tmp_path / "two", config, list(latents.unbind(0)), 1)
+    cut = train(model.net, fns._replace(denoise=interrupted), latents, config,
+                hooks=Hooks(save=writer.save, cancel_errors=(Interrupt,)))
+    assert cut.cancelled and cut.total_steps == 3 and cut.checkpoint.endswith("lora_3_steps_00001_.safetensors")
+    resumed, _ = run(tmp_path / "two", replace(config, resume="latest"))
+    assert resumed.losses == straight.losses
+    assert_same_lora(resumed.lora, straight.lora)
+
+
 def test_named_state_resumes_from_its_checkpoint_path_or_json(tmp_path):
     straight, _ = run(tmp_path / "one", CONFIG)
     run(tmp_path / "two", replace(CONFIG, save_every=3, steps=8))  # checkpoints at 3, 6, 8

@@ -79,12 +79,15 @@ class Validator(Protocol):
 class Hooks:
     """on_start(state) before the first step (after a resume: at the resumed step); on_step(state)
     after each optimizer step; should_cancel() before each; save(state, lora, reason) writes a
-    checkpoint (reason "every", "cancel" or "diverged") and returns where it went, for messages."""
+    checkpoint (reason "every", "cancel" or "diverged") and returns where it went, for messages. A
+    `cancel_errors` exception raised inside a step (ComfyUI raises its interrupt from inside the
+    model) cancels like should_cancel: the step is undone and the last completed one is kept."""
 
     on_step: Callable[[TrainState], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     on_start: Callable[[TrainState], None] | None = None
     save: Callable[[TrainState, LoraStateDict, str], str] | None = None
+    cancel_errors: tuple[type[BaseException], ...] = ()  # raised inside a step, they mean a cancel (ComfyUI's)
 
 
 @dataclass
@@ -160,8 +163,13 @@ class Trainer:
                   dict(self.dropout.state) if self.dropout is not None else None)
         self.lr = lr_at(step, self.config)
         set_lr(self.optimizer, self.lr)
-        with self.dropout.active() if self.dropout is not None else nullcontext():
-            loss = self.gradients.run()
+        try:
+            with self.dropout.active() if self.dropout is not None else nullcontext():
+                loss = self.gradients.run()
+        except BaseException:  # e.g. a cancel raised inside the model: the step did not happen
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(before)
+            raise
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -169,10 +177,7 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm(grads)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self.generator.set_state(before[0])
-            self.gradients.batches.pending, self.lr = before[1], before[2]
-            if self.dropout is not None:
-                self.dropout.state = before[3]
+            self._restore(before)
             fp32_hint = " or set training_dtype to fp32" if self.config.training_dtype != "fp32" else ""
             raise TrainingDiverged(
                 f"Train LoRA: the loss became {loss} at step {self.existing_steps + step + 1}; "
@@ -181,6 +186,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss)
         return loss
+
+    def _restore(self, before: tuple) -> None:
+        self.generator.set_state(before[0])
+        self.gradients.batches.pending, self.lr = before[1], before[2]
+        if self.dropout is not None:
+            self.dropout.state = before[3]
 
     def state(self) -> TrainState:
         return TrainState(
@@ -275,6 +286,8 @@ def train(
                 return result(cancelled=True, checkpoint=save("cancel"))
             try:
                 trainer.step()
+            except hooks.cancel_errors:
+                return result(cancelled=True, checkpoint=save("cancel"))
             except TrainingDiverged as err:
                 where = save("diverged")
                 kept = f"; the last good LoRA and training state are in {where}" if where else ""
