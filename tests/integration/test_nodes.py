@@ -270,6 +270,38 @@ def test_continuing_a_saved_lora_counts_its_steps(comfy, trained):
     assert len(entry["outputs"][PLOT_NODE]["loss"]) == 4
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def test_saved_file_carries_the_run_as_kohya_writes_it(comfy, trained):
+    """Save LoRA's file: output name, start and end, epochs (3 images, batch 1: 3 steps an epoch),
+    the trained images' size in pixels (the latents × 8), and ModelSpec's resolution."""
+    meta = _metadata(comfy.output_dir / trained.saved)
+    assert meta["ss_output_name"] == "it_train" and meta["modelspec.title"] == "it_train"
+    assert float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"]) <= time.time()
+    assert meta["ss_session_id"].isdigit() and meta["ss_steps"] == "30"
+    assert (meta["ss_num_batches_per_epoch"], meta["ss_num_epochs"], meta["ss_epoch"]) == ("3", "10", "10")
+    assert meta["ss_resolution"] == f"({SIZE}, {SIZE})" and meta["modelspec.resolution"] == f"{SIZE}x{SIZE}"
+    assert json.loads(meta["ss_bucket_info"])["buckets"] == {"0": {"resolution": [SIZE, SIZE], "count": 3}}
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_continuing_reads_the_steps_from_the_metadata(comfy, trained):
+    """A file whose metadata says 7 steps and whose name says 30: the metadata counts."""
+    from safetensors.torch import load_file, save_file
+    meta = _metadata(comfy.output_dir / trained.saved)
+    name = "it_meta7_30_steps_.safetensors"
+    save_file(load_file(str(comfy.output_dir / trained.saved)), str(comfy.output_dir / "loras" / name),
+              {**meta, "ss_steps": "7"})
+    entry = comfy.run(train_graph(comfy, steps=2, existing_lora=name, seed=4))
+    saved = entry["outputs"][SAVE_NODE]["text"][0]
+    assert re.fullmatch(r"loras/it_train_9_steps_\d{5}_\.safetensors", saved), saved
+    assert _metadata(comfy.output_dir / saved)["ss_steps"] == "9"
+
+
 def test_captioned_loader_gives_one_conditioning_per_image(comfy, dataset):
     g = train_graph(comfy, steps=2, seed=3)
     g["2"] = {"class_type": "LoRATrainer_LoadCaptionedImageSet",
