@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..lora import save_lora_file
+from ..lora.metadata import output_name
 from ..training.config import TrainConfig
 from ..training.loop import TrainState
 from ..training.resume import JSON, TENSORS, fingerprint, read_record, read_state, state_paths, stem_of, write_state
@@ -56,7 +57,7 @@ class CheckpointWriter:
         steps = state.total_steps
         path = next_free(self.folder, lambda n: f"{self.stem}_{steps}_steps_{n:05}_.safetensors")
         sd, metadata = file_contents(lora, steps, "full")
-        metadata["modelspec.title"] = metadata["ss_output_name"] = path.stem
+        metadata.update(output_name(self.stem))  # as Save LoRA: the prefix's name, without step and counter
         save_lora_file(path, sd, metadata)
         relative = path.relative_to(self.output).as_posix()
         try:

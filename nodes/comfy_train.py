@@ -10,6 +10,7 @@ so everything here runs with inference mode off, on clones of the latents and co
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
@@ -115,7 +116,9 @@ def _diffusers_paths(base_model) -> dict[str, str]:
 def base_model_of(base_model) -> BaseModel:
     """The model's family for the file: kohya's naming and metadata (nodes/families.py)."""
     model_type = getattr(getattr(base_model, "model_type", None), "name", "")
-    return families.base_model(type(base_model.model_config).__name__, model_type, _diffusers_paths(base_model))
+    family = families.base_model(type(base_model.model_config).__name__, model_type, _diffusers_paths(base_model))
+    scale = getattr(getattr(base_model, "latent_format", None), "spacial_downscale_ratio", None)  # 16 for Flux 2
+    return dataclasses.replace(family, pixel_scale=scale) if isinstance(scale, int) else family
 
 
 class Existing(NamedTuple):

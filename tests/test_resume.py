@@ -124,7 +124,7 @@ def test_files_are_safetensors_and_json_with_the_step_config_and_order(tmp_path)
     with safe_open(str(tmp_path / writer.written[0]), "pt") as f:
         meta = f.metadata()
     assert meta["ss_steps"] == "4" and meta["ss_network_module"] == "networks.lora"
-    assert meta["lora_trainer.format"] == "full" and meta["ss_output_name"] == "lora_4_steps_00001_"
+    assert meta["lora_trainer.format"] == "full" and meta["ss_output_name"] == "lora"
 
 
 def test_keep_last_deletes_only_this_runs_older_checkpoints(tmp_path):
