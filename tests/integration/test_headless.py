@@ -69,7 +69,8 @@ def _fit_to_test_server(comfy, workflow: Path, steps: int) -> list[str]:
             sets.append(f"{node_id}.folder={DATASET}")
         sets += [f"{node_id}.{name}=64" for name in ("width", "height") if name in inputs]
     sets += [f"Train LoRA.steps={steps}", "Train LoRA.training_dtype=fp32", "Train LoRA.batch_size=1",
-             f"Train LoRA.seed={uuid.uuid4().int % 2**31}", "Save LoRA.prefix=loras/it_headless"]
+             f"Train LoRA.seed={uuid.uuid4().int % 2**31}", "Save LoRA.prefix=loras/it_headless",
+             "LoRA Training Preview.steps=2"]  # the example's previews, kept short
     return [arg for spec in sets for arg in ("--set", spec)]
 
 
