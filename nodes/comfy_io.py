@@ -20,6 +20,7 @@ from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
 from .lora_file import file_contents
 from .paths import PrefixInput, next_free, output_target
+from .plot import validation_points
 
 
 SAVE_LORA_PREFIX = PrefixInput("prefix", "ComfyUI_trained_lora", "loras/my_lora")
@@ -53,11 +54,12 @@ def apply_lora(model, lora: dict, strength: float):
 
 
 def save_loss_graph(loss: dict, prefix: str) -> tuple[torch.Tensor, dict]:
-    """Draw the graph, save it as PNG in the output folder; (IMAGE tensor, UI preview entry)."""
+    """Draw the graph (with the validation line when the LOSS_MAP has one), save it as PNG in the output
+    folder; (IMAGE tensor, UI preview entry)."""
     values = loss.get("loss") if isinstance(loss, dict) else None
     if not values:
         raise ValueError("loss: no loss values; connect the loss output of Train LoRA")
-    pixels = plot_losses([float(v) for v in values])
+    pixels = plot_losses([float(v) for v in values], validation=validation_points(loss))
     folder, stem = output_target(_output_dir(), prefix, PLOT_PREFIX)
     path = next_free(folder, lambda n: f"{stem}_{n:05}_.png")
     write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), "loss graph")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..training.data import check_caption_count
 from .common import CATEGORY
 
 VALIDATION_TYPE = "LORA_VALIDATION"
@@ -48,4 +49,6 @@ class ValidationSet:
         }
 
     def execute(self, latents, positive, every, noise_levels) -> tuple[ValidationSettings]:
+        # refused here, before training starts, so the error names this node rather than Train LoRA
+        check_caption_count(len(positive), sum(latent["samples"].shape[0] for latent in latents))
         return (ValidationSettings(list(latents), list(positive), every[0], noise_levels[0]),)

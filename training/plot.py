@@ -1,7 +1,9 @@
 """The loss graph: raw and smoothed curves, steps on x, log scale when the loss spans decades.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot global state, no display needed).
-One step, or a flat curve, draws fine.
+One step, or a flat curve, draws fine. A validation loss (training/validation.py), when given, is a
+second line in another colour with a marker at each measured step, labelled "validation"; its step
+k is the loss after k optimizer steps (0 = before training), on the same x axis as the loss list.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ def smooth(values: Sequence[float], window: int | None = None) -> np.ndarray:
     return (cumsum[hi] - cumsum[lo]) / (hi - lo)
 
 
-def plot_losses(losses: Sequence[float], first_step: int = 1, title: str = "Training loss") -> np.ndarray:
-    """Render the curve; returns an RGB uint8 image (H, W, 3). Raises ValueError on an empty list."""
+def plot_losses(losses: Sequence[float], first_step: int = 1, title: str = "Training loss",
+                validation: Sequence[tuple[int, float]] = ()) -> np.ndarray:
+    """Render the curve (loss i at step first_step + i) and the validation points (step, loss), if any;
+    returns an RGB uint8 image (H, W, 3). Raises ValueError on an empty loss list."""
     if len(losses) == 0:
         raise ValueError("loss: the loss history is empty; train for at least one step")
     values = np.asarray(losses, dtype=np.float64)
@@ -36,6 +40,10 @@ def plot_losses(losses: Sequence[float], first_step: int = 1, title: str = "Trai
             label="loss")
     if len(values) >= 3:
         ax.plot(steps, smooth(values), color="tab:blue", linewidth=2, label="smoothed")
+    if len(validation):
+        val_steps, val_values = (np.asarray(column, dtype=np.float64) for column in zip(*validation))
+        ax.plot(val_steps, val_values, color="tab:orange", linewidth=2, marker="o", markersize=5, label="validation")
+        values = np.concatenate([values, val_values])  # the scale covers both lines
     finite = values[np.isfinite(values)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() >= 10:
         ax.set_yscale("log")
