@@ -20,8 +20,13 @@ time between two steps' on_step calls minus the hook's own work (so it holds the
 and on some steps the validation or a checkpoint); the totals per kind of work are reported too.
 The machine is shared and noisy: times are indicative, memory is what this measures.
 
-    python -m comfyui_lora_trainer.bench.long_run [--steps N] [--size N] [--threads N] [--quick] [--json PATH]
-                                                  [--output DIR]
+`--trace` is for diagnosis: tracemalloc runs from the warm-up on, each sample after that runs a full
+garbage collection first (the count it frees goes into the sample: cyclic garbage waiting for Python's
+collector is no leak), and the report lists the allocation sites whose live memory grew most between
+the first and the last snapshot. tracemalloc's own memory then counts in the RSS figures.
+
+    python -m comfyui_lora_trainer.bench.long_run [--steps N] [--size N] [--threads N] [--quick] [--trace]
+                                                  [--json PATH] [--output DIR]
 """
 from __future__ import annotations
 
@@ -30,10 +35,12 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +60,8 @@ from ..training.tiny_host import TINY_BASE, tiny_fns
 from ..training.tiny_model import TinyDiffusion, build_tiny, encode_images
 from ..training.validation import Validation
 
+ROOT = Path(__file__).resolve().parent.parent
+TRACE_FRAMES = 25
 RESULTS = Path(__file__).resolve().parent / "results" / "long_run.json"
 TARGET_MIB_PER_100 = 1.0  # issue 14: peak RSS growth per 100 steps after warm-up
 HELD_OUT = 2  # the last demo images are the validation set
@@ -137,8 +146,10 @@ class Previews:
 class Recorder:
     """The on_step hook: memory every `sample_every` steps, then the preview when one is due."""
 
-    def __init__(self, sample_every: int, previews: Previews, preview_every: int):
+    def __init__(self, sample_every: int, previews: Previews, preview_every: int, trace_from: int | None = None):
         self.sample_every, self.previews, self.preview_every = sample_every, previews, preview_every
+        self.trace_from = trace_from  # step to start tracemalloc at (diagnosis; None: off)
+        self.snapshots: list[tracemalloc.Snapshot] = []  # the first and the latest after the start
         self.samples: list[dict[str, float]] = []
         self.gaps: list[float] = []  # seconds between one hook's end and the next one's start
         self.hook_seconds = {"previews": 0.0, "measuring": 0.0}
@@ -156,10 +167,31 @@ class Recorder:
                              "peak_mib": round(status.get("VmHWM", float("nan")), 3),
                              "gc_objects": len(gc.get_objects()), "seconds": round(begin - self.started, 2)})
         self.peak_reset = reset_peak()
+        if self.trace_from is not None and step >= self.trace_from:
+            self.trace()
         last = self.samples[-1]
         print(f"step {step}: RSS {last['rss_mib']:.1f} MiB, peak {last['peak_mib']:.1f} MiB, "
               f"{last['gc_objects']} objects, {last['seconds']} s", file=sys.stderr, flush=True)  # progress
         self.hook_seconds["measuring"] += time.perf_counter() - begin
+
+    def trace(self) -> None:
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(TRACE_FRAMES)
+            return
+        self.samples[-1]["collected"] = gc.collect()  # garbage in cycles, not a leak: gone from the snapshot
+        self.snapshots[1:] = []
+        self.snapshots.append(tracemalloc.take_snapshot())
+
+    def traced_growth(self, top: int = 10) -> list[dict[str, object]]:
+        """The allocation sites (tracebacks) that grew most between the first and the latest snapshot: what
+        stays alive, since each snapshot follows a full garbage collection."""
+        if len(self.snapshots) < 2:
+            return []
+        keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        first, last = (snap.filter_traces(keep) for snap in self.snapshots)
+        stats = sorted(last.compare_to(first, "traceback"), key=lambda st: st.size_diff, reverse=True)[:top]
+        return [{"kib": round(st.size_diff / 1024, 1), "blocks": st.count_diff,
+                 "where": [f"{_short(f.filename)}:{f.lineno}" for f in reversed(st.traceback)][:8]} for st in stats]
 
     def __call__(self, state: TrainState) -> None:
         now = time.perf_counter()
@@ -171,6 +203,14 @@ class Recorder:
             self.previews.take(state.step)
             self.hook_seconds["previews"] += time.perf_counter() - begin
         self.last = time.perf_counter()
+
+
+def _short(filename: str) -> str:
+    """A traceback file name without the folders before the package or site-packages."""
+    for marker in ("site-packages/", str(ROOT.parent) + "/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return re.sub(r"^.*/lib/python3\.\d+/", "", filename)
 
 
 def growth(samples: list[dict[str, float]], warmup: int) -> dict[str, float]:
@@ -185,7 +225,7 @@ def growth(samples: list[dict[str, float]], warmup: int) -> dict[str, float]:
 
 def run(steps: int, out: Path, *, size: int = 16, save_every: int = 100, keep_last: int = 3,
         validation_every: int = 50, preview_every: int = 200, sample_every: int = 100, warmup: int = 300,
-        seed: int = 0) -> dict:
+        seed: int = 0, trace: bool = False) -> dict:
     """Train `steps` steps with everything on, writing into the folder `out`; returns the report."""
     image_set = load_image_folder(ASSETS, "Stretch", size, size)
     latents = encode_images(image_set.images)
@@ -199,24 +239,28 @@ def run(steps: int, out: Path, *, size: int = 16, save_every: int = 100, keep_la
     save = Timed(writer.save)
     validator = TimedValidation(Validation(tiny_fns(model, contexts[-HELD_OUT:]), val_latents, config,
                                            validation_every))
-    recorder = Recorder(sample_every, Previews(model, contexts[:2], out / "lora_previews", seed), preview_every)
+    recorder = Recorder(sample_every, Previews(model, contexts[:2], out / "lora_previews", seed), preview_every,
+                        warmup if trace else None)
     started = time.perf_counter()
     result = train(model.net, tiny_fns(model, contexts[:-HELD_OUT]), train_latents, config,
                    checkpoint_blocks=model.net.blocks, base=TINY_BASE, validator=validator,
                    hooks=Hooks(on_step=recorder, on_start=recorder.start, save=save))
     total = time.perf_counter() - started
+    traced = recorder.traced_growth()
+    grown = growth(recorder.samples, warmup)
+    tracemalloc.stop()
     left = sorted(p.name for p in (out / "loras" / "checkpoints").glob("*.safetensors"))
     return {
         "settings": {"steps": steps, "size": size, "batch_size": config.batch_size, "rank": config.rank,
                      "training_images": len(train_latents), "validation_images": HELD_OUT,
                      "gradient_checkpointing": config.gradient_checkpointing, "save_every": save_every,
                      "keep_last": keep_last, "validation_every": validation_every, "preview_every": preview_every,
-                     "sample_every": sample_every, "warmup": warmup,
+                     "sample_every": sample_every, "warmup": warmup, "tracemalloc": trace,
                      "peak": "since the previous sample (VmHWM reset)" if recorder.peak_reset
                      else "since the process started (VmHWM could not be reset)"},
         "machine": machine(),
-        "growth_per_100_steps": growth(recorder.samples, warmup),
-        "target": {"peak_mib_per_100_steps_below": TARGET_MIB_PER_100},
+        "growth_per_100_steps": grown,
+        "target": {"peak_mib_per_100_steps_below": TARGET_MIB_PER_100, "met": grown["peak_mib"] < TARGET_MIB_PER_100},
         "samples": recorder.samples,
         "time": {"total_s": round(total, 1), "step_ms_median": round(1000 * statistics.median(recorder.gaps), 2),
                  "checkpoints_s": round(save.seconds, 1), "validation_s": round(validator.loss.seconds, 1),
@@ -225,6 +269,7 @@ def run(steps: int, out: Path, *, size: int = 16, save_every: int = 100, keep_la
         "work": {"steps": len(result.losses), "checkpoints_written": save.calls, "checkpoints_left": left,
                  "validations": len(result.validation), "previews": len(recorder.previews.taken),
                  "final_loss": result.losses[-1], "final_validation_loss": result.validation[-1][1]},
+        **({"traced_growth": traced} if trace else {}),
     }
 
 
@@ -245,7 +290,8 @@ def summary(report: dict) -> str:
             f"{len(w['checkpoints_left'])} left; {w['validations']} validations; {w['previews']} previews) in "
             f"{t['total_s']} s, median step {t['step_ms_median']} ms\n"
             f"growth per 100 steps after step {s['warmup']} ({g['samples']} samples): RSS {g['rss_mib']:+.3f} MiB, "
-            f"peak RSS {g['peak_mib']:+.3f} MiB (target < {report['target']['peak_mib_per_100_steps_below']} MiB), "
+            f"peak RSS {g['peak_mib']:+.3f} MiB (target < {report['target']['peak_mib_per_100_steps_below']} MiB: "
+            f"{'PASS' if report['target']['met'] else 'MISS'}), "
             f"gc-tracked objects {g['gc_objects']:+.1f}")
 
 
@@ -257,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "in bench/results for a full run, nothing for --quick)")
     parser.add_argument("--output", type=Path, default=None, help="output folder for checkpoints and previews "
                         "(default a temporary folder, deleted after)")
+    parser.add_argument("--trace", action="store_true", help="diagnosis: tracemalloc from the warm-up on, and the "
+                        "allocation sites that grew most in the report (its own memory then counts in the figures)")
     parser.add_argument("--size", type=int, default=16, help="training latent side (default 16; previews sample "
                         "at the demo's 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a busy machine more "
@@ -271,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = 40 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="lora_long_run_") as tmp:
         out = args.output if args.output is not None else Path(tmp)
-        report = run(steps, out, size=args.size, **every)
+        report = run(steps, out, size=args.size, trace=args.trace, **every)
     print(summary(report))
     target = args.json if args.json is not None else (None if args.quick else RESULTS)
     if target is not None:

@@ -18,8 +18,9 @@ def test_slope_is_the_least_squares_growth_per_100_steps():
     assert math.isnan(long_run.slope_per_100([300], [1.0]))
 
 
-def test_quick_long_run_reports_memory_time_and_the_work_done(tmp_path, capsys):
-    report = long_run.main(["--quick", "--json", str(tmp_path / "l.json"), "--output", str(tmp_path / "out")])
+def test_quick_long_run_reports_memory_time_the_work_done_and_what_grew(tmp_path, capsys):
+    report = long_run.main(["--quick", "--trace", "--json", str(tmp_path / "l.json"),
+                            "--output", str(tmp_path / "out")])
     assert "growth per 100 steps" in capsys.readouterr().out
     assert json.loads((tmp_path / "l.json").read_text()) == json.loads(json.dumps(report))
     samples = report["samples"]
@@ -34,6 +35,7 @@ def test_quick_long_run_reports_memory_time_and_the_work_done(tmp_path, capsys):
         y = np.array([s[key] for s in after], dtype=float)
         expected = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum() * 100
         assert growth[key] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert report["target"]["met"] == (growth["peak_mib"] < report["target"]["peak_mib_per_100_steps_below"])
     work = report["work"]
     assert work["steps"] == 40 and work["checkpoints_written"] == 4  # every 10 steps
     assert work["checkpoints_left"] == ["long_run_30_steps_00001_.safetensors", "long_run_40_steps_00001_.safetensors"]
@@ -42,5 +44,8 @@ def test_quick_long_run_reports_memory_time_and_the_work_done(tmp_path, capsys):
     previews = tmp_path / "out" / "lora_previews"
     assert sorted(p.name for p in previews.iterdir()) == ["grid.png", "preview_20_steps_00001_.png",
                                                           "preview_40_steps_00001_.png"]
+    # --trace: tracemalloc from the warm-up on; a full collection before each snapshot after its start
+    assert [s["step"] for s in samples if "collected" in s] == list(range(15, 41, 5))
+    assert report["traced_growth"] and all(t["where"] and isinstance(t["kib"], float) for t in report["traced_growth"])
     times = report["time"]
     assert times["total_s"] > 0 and times["step_ms_median"] > 0 and times["previews_s"] > 0
