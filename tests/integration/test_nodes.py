@@ -193,7 +193,8 @@ def test_object_info_lists_every_node_with_spec_inputs(comfy):
             assert node["output"][: len(outputs)] == outputs, node_id
 
     train = info["LoRATrainer_TrainLoRA"]
-    assert train["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
+    # SPEC's four outputs first, so links to them stay valid; then the previews grid (issue 14)
+    assert train["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "IMAGE"]
     assert list(train["input"]["optional"])[:10] == PACK_NODES["LoRATrainer_TrainLoRA"][1]
     opt = train["input"]["optional"]
     assert opt["batch_size"][0] == "INT" and opt["batch_size"][1]["default"] == 1
