@@ -160,6 +160,14 @@ def test_train_lora_example_trains_from_the_page(comfy, page):
     loss = entry["outputs"][str(PLOT)]
     assert len(loss["loss"]) == STEPS
     assert sorted(p.name for p in comfy.output_files("it_browser/preview*.png")), "no preview files saved"
+    # web/progress.js: Train LoRA's progress event reached the page and shows on the node
+    progress = browser.wait_for(lambda: page.execute_script(
+        "const n = window.app.graph.getNodeById(arguments[0]);"
+        "const p = n && n.loraTrainerProgress;"
+        "return p && p.step === p.total ? {p: p, line: n.loraTrainerStatus} : null;", TRAIN), 30,
+        "Train LoRA's progress event did not reach its node on the page")
+    assert progress["p"]["total"] == STEPS and progress["p"]["validation_loss"] is not None, progress
+    assert progress["line"].startswith(f"step {STEPS}/{STEPS} · loss ") and " val " in progress["line"], progress
     screenshot(page, "trained_train_lora")
 
 
