@@ -38,6 +38,7 @@ from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
 from .comfy_preview import Previewer
 from .options import TrainingOptions
+from .plot import VALIDATION_LOSS, VALIDATION_STEP
 from .preview import PreviewSettings
 from .progress import ProgressReporter
 from .validation import ValidationSettings
@@ -323,8 +324,8 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, result.lora.metadata)
     loss = {"loss": result.losses}
     if result.validation:
-        loss["validation_step"] = [step for step, _ in result.validation]
-        loss["validation_loss"] = [value for _, value in result.validation]
+        loss[VALIDATION_STEP] = [step for step, _ in result.validation]
+        loss[VALIDATION_LOSS] = [value for _, value in result.validation]
     outputs = (model_with_lora, lora, loss, result.total_steps,
                sampler.previewer.grid() if sampler.previewer is not None else _blank_image())
     ui = {"images": sampler.previewer.ui()} if sampler.previewer is not None else {}
