@@ -20,6 +20,7 @@ from comfyui_lora_trainer.training.resume import JSON, TENSORS
 from comfyui_lora_trainer.training.text import encode_captions
 from comfyui_lora_trainer.training.tiny_host import tiny_fns
 from comfyui_lora_trainer.training.tiny_model import build_tiny
+from comfyui_lora_trainer.training.validation import Validation
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 # a schedule counting total steps, warmup, dropout (its own RNG stream) and the epoch order: all must resume
@@ -34,11 +35,14 @@ def setup(n: int = 5):
     return model, tiny_fns(model, contexts), latents
 
 
-def run(tmp_path, config, *, cancel_at=None, validator=None):
-    """train() with a CheckpointWriter on `tmp_path` as the output folder; cancel before step `cancel_at`+1."""
+def run(tmp_path, config, *, cancel_at=None, validate_every=None):
+    """train() with a CheckpointWriter on `tmp_path` as the output folder; cancel before step `cancel_at`+1;
+    with `validate_every`, a validation loss on two held-out latents."""
     model, fns, latents = setup()
     writer = CheckpointWriter(tmp_path, config, list(latents.unbind(0)), 1)
     resume = writer.resume()
+    held_out = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11))
+    validator = Validation(fns, held_out, config, validate_every, 2) if validate_every else None
     seen = []
     hooks = Hooks(on_step=lambda s: seen.append(s.step),
                   should_cancel=(lambda: bool(seen) and seen[-1] == cancel_at) if cancel_at else None,
@@ -74,6 +78,15 @@ def test_cancel_writes_the_last_completed_step_and_resume_finishes_bit_identical
     assert cancelled.checkpoint == "loras/checkpoints/lora_3_steps_00001_.safetensors"
     resumed, _ = run(tmp_path / "two", replace(CONFIG, resume="latest"))
     assert not resumed.cancelled and resumed.losses == straight.losses
+    assert_same_lora(resumed.lora, straight.lora)
+
+
+def test_the_validation_history_resumes_with_the_run(tmp_path):
+    straight, _ = run(tmp_path / "one", CONFIG, validate_every=3)
+    run(tmp_path / "two", CONFIG, cancel_at=4, validate_every=3)
+    resumed, _ = run(tmp_path / "two", replace(CONFIG, resume="latest"), validate_every=3)
+    assert [step for step, _ in straight.validation] == [0, 3, 6, 8]
+    assert resumed.validation == straight.validation  # the values before the cancel come from the state
     assert_same_lora(resumed.lora, straight.lora)
 
 

@@ -413,7 +413,10 @@ def test_diverging_loss_is_an_error_and_the_model_is_restored(comfy, dataset, ba
     # SGD at learning_rate 1.0 blows up on the tiny model after a few good steps (seeded: reproducible).
     _, error = run_failing(comfy, train_graph(comfy, steps=40, learning_rate=1.0, optimizer="SGD", seed=9,
                                               prefix="loras/it_diverged"))
-    assert re.search(r"the loss became (nan|inf) at step \d+; lower learning_rate", error), error
+    said = re.search(r"the loss became (nan|inf) at step (\d+); lower learning_rate.*; the last good LoRA and "
+                     r"training state are in (loras/checkpoints/lora_(\d+)_steps_\d+_\.safetensors)", error)
+    assert said and int(said.group(4)) == int(said.group(2)) - 1, error
+    assert (comfy.output_dir / said.group(3)).is_file()  # the last good step's checkpoint, to continue from
     assert not list(comfy.output_dir.glob("loras/it_diverged*"))
     assert_base_model_restored(comfy, baseline, checkpoint_loads(comfy), "after_divergence")
 
