@@ -115,6 +115,31 @@ def test_a_cancel_raised_inside_the_model_mid_step_keeps_the_last_completed_step
     assert_same_lora(resumed.lora, straight.lora)
 
 
+def test_a_cancel_inside_the_validation_loss_resumes_to_the_same_history(tmp_path):
+    straight, _ = run(tmp_path / "one", CONFIG, validate_every=3)
+    model, fns, latents = setup()
+    held_out = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11))
+    validation = Validation(fns, held_out, CONFIG, 3, 2)
+    calls = {"n": 0}
+
+    class Cut:  # measures at step 0, then a cancel arrives while measuring after step 3
+        every = 3
+
+        def loss(self):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Interrupt()
+            return validation.loss()
+
+    writer = CheckpointWriter(tmp_path / "two", CONFIG, list(latents.unbind(0)), 1)
+    cut = train(model.net, fns, latents, CONFIG, validator=Cut(),
+                hooks=Hooks(save=writer.save, cancel_errors=(Interrupt,)))
+    assert cut.cancelled and cut.total_steps == 3 and [s for s, _ in cut.validation] == [0]
+    resumed, _ = run(tmp_path / "two", replace(CONFIG, resume="latest"), validate_every=3)
+    assert resumed.validation == straight.validation  # step 3 measured on resuming
+    assert_same_lora(resumed.lora, straight.lora)
+
+
 def test_named_state_resumes_from_its_checkpoint_path_or_json(tmp_path):
     straight, _ = run(tmp_path / "one", CONFIG)
     run(tmp_path / "two", replace(CONFIG, save_every=3, steps=8))  # checkpoints at 3, 6, 8

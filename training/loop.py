@@ -274,11 +274,23 @@ def train(
                 return None  # nothing new since the start (or the resumed state) to keep
             return hooks.save(trainer.state(), result().lora, reason)
 
-        def validate() -> None:
-            trainer.validation.append((trainer.step_count, validator.loss()))
+        def validate() -> bool:
+            """Measure the validation loss; False if a cancel came inside it (the step itself is complete)."""
+            try:
+                loss = validator.loss()
+            except hooks.cancel_errors:
+                return False
+            trainer.validation.append((trainer.step_count, loss))
+            return True
 
-        if validator is not None and not trainer.validation:
-            validate()  # the starting point of the curve
+        def validation_due(step: int) -> bool:
+            return step % validator.every == 0 or step == config.steps
+
+        # the curve's starting point; after a resume, the resumed step's if a cancel came inside its measuring
+        start = trainer.step_count
+        if validator is not None and validation_due(start) and start not in (s for s, _ in trainer.validation) \
+                and not validate():
+            return result(cancelled=True)
         if hooks.on_start is not None:
             hooks.on_start(trainer.state())
         while trainer.step_count < config.steps:
@@ -295,8 +307,8 @@ def train(
             step = trainer.step_count
             if step == 1 or resume is not None and step == resume.step + 1:
                 log.info("Train LoRA: %s", forward.describe())
-            if validator is not None and (step % validator.every == 0 or step == config.steps):
-                validate()
+            if validator is not None and validation_due(step) and not validate():
+                return result(cancelled=True, checkpoint=save("cancel"))
             if config.save_every and (step % config.save_every == 0 or step == config.steps):
                 save("every")
             if hooks.on_step is not None:
