@@ -59,6 +59,7 @@ from ..training.text import encode_captions
 from ..training.tiny_host import TINY_BASE, tiny_fns
 from ..training.tiny_model import TinyDiffusion, build_tiny, encode_images
 from ..training.validation import Validation
+from .speed import reset_peak_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_FRAMES = 25
@@ -79,16 +80,6 @@ def read_status() -> dict[str, float]:
     except OSError:
         pass
     return found
-
-
-def reset_peak() -> bool:
-    """Set the high-water mark (VmHWM) to the current RSS; False where Linux can't."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def slope_per_100(steps: Sequence[float], values: Sequence[float]) -> float:
@@ -166,7 +157,7 @@ class Recorder:
         self.samples.append({"step": step, "rss_mib": round(status.get("VmRSS", float("nan")), 3),
                              "peak_mib": round(status.get("VmHWM", float("nan")), 3),
                              "gc_objects": len(gc.get_objects()), "seconds": round(begin - self.started, 2)})
-        self.peak_reset = reset_peak()
+        self.peak_reset = reset_peak_rss()
         if self.trace_from is not None and step >= self.trace_from:
             self.trace()
         last = self.samples[-1]

@@ -99,7 +99,7 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Set the RSS high-water mark (ru_maxrss) to the current RSS; False where Linux can't."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -119,7 +119,7 @@ def memory_worker(case: Case, steps: int) -> dict[str, object]:
         step()
         gc.collect()
         setup_peak = _maxrss_mib()
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         base = _maxrss_mib()
         for _ in range(steps):
             step()
