@@ -1,7 +1,8 @@
 """The training set as the engine sees it: single latents, grouped by shape, and batch choice.
 
 Latents arrive as one batch (N, C, H, W) or a list of batches of different sizes; the engine keeps
-one (C, H, W) tensor per image. Batch choice is `torch.randperm(n)[:batch_size]` from the run's
+one (C, H, W) tensor per image. Video latents (N, C, T, H, W) (Wan) are the same with one more axis:
+one (C, T, H, W) tensor per video; any rank from 4 up is taken, and only same-shape latents share a batch. Batch choice is `torch.randperm(n)[:batch_size]` from the run's
 seeded generator (SPEC.md), or an epoch order where every image is seen once per pass.
 """
 from __future__ import annotations
@@ -13,12 +14,14 @@ import torch
 
 
 def flatten_latents(latents: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """(N, C, H, W) or a list of such batches → N single (C, H, W) latents, in order."""
+    """(N, C, H, W) or a list of such batches → N single (C, H, W) latents, in order; video batches
+    (N, C, T, H, W) → N single (C, T, H, W) latents."""
     batches = [latents] if isinstance(latents, torch.Tensor) else list(latents)
     images = []
     for i, batch in enumerate(batches):
-        if batch.dim() != 4:
-            raise ValueError(f"latents[{i}]: got shape {tuple(batch.shape)}; expected (batch, channels, height, width)")
+        if batch.dim() < 4:
+            raise ValueError(f"latents[{i}]: got shape {tuple(batch.shape)}; expected (batch, channels, height, width), "
+                             "or (batch, channels, frames, height, width) for video; give a VAE-encoded LATENT")
         images.extend(batch.unbind(0))
     if not images:
         raise ValueError("latents: no images; give at least one encoded image")
@@ -57,7 +60,7 @@ def describe_captions(entry_counts: Sequence[int], n_images: int) -> str:
 
 
 def check_latent_channels(images: Sequence[torch.Tensor], channels: int, model_name: str, what: str = "latents") -> None:
-    """Every (C, H, W) latent has the model's `channels`; else a ValueError naming the VAE/model mismatch."""
+    """Every (C, H, W) or (C, T, H, W) latent has the model's `channels`; else a ValueError naming the VAE/model mismatch."""
     wrong = next((x for x in images if x.shape[0] != channels), None)
     if wrong is None:
         return

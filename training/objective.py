@@ -27,7 +27,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) 
 
 
 class ModelFns(NamedTuple):
-    """How the engine drives one diffusion model. Shapes: sigma (B,), latents (B, C, H, W).
+    """How the engine drives one diffusion model. Shapes: sigma (B,), latents (B, C, H, W), or
+    (B, C, T, H, W) for video (any rank from 4 up: everything here is per image, whatever its axes).
 
     percent_to_sigma: percent in [0, 1] → sigma (0 = most noise), through the model's schedule.
     noise_scaling: (sigma, noise, x0) → noisy latent.
@@ -61,9 +62,10 @@ def loss_function(name: str) -> LossFn:
     return _LOSSES[name]
 
 
-def output_coefficient(fns: ModelFns, sigma: torch.Tensor) -> torch.Tensor:
-    """c(σ) = ∂x0/∂out, shaped (B, 1, 1, 1): the slope of the affine denoise."""
-    one = torch.ones(sigma.shape[0], 1, 1, 1, device=sigma.device)
+def output_coefficient(fns: ModelFns, sigma: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+    """c(σ) = ∂x0/∂out, shaped (B, 1, …) with `ndim` axes, the latents' (5 for video): the slope of
+    the affine denoise. The trap: a (B, 1, 1, 1) against (B, C, T, H, W) broadcasts B onto C."""
+    one = torch.ones(sigma.shape[0], *[1] * (ndim - 1), device=sigma.device)
     zero = torch.zeros_like(one)
     return fns.calculate_denoised(sigma, one, zero) - fns.calculate_denoised(sigma, zero, zero)
 
@@ -123,7 +125,14 @@ def offset_noise(noise: torch.Tensor, generator: torch.Generator, offset: float)
 def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
     """Multires (pyramid) noise (Whitaker 2023): for level i = 1…iterations, noise drawn at the size
     divided by r^i (r uniform in [2, 4)), upsampled bilinearly, weighted discount^i and added; stops
-    once a side reaches 1; each image renormalised to unit standard deviation."""
+    once a side reaches 1; each image renormalised to unit standard deviation.
+
+    Video (B, C, T, H, W): per frame, each frame an image of its own (its own coarse noise, its own
+    renormalisation; the level ratios r are shared by all frames of the call)."""
+    if noise.dim() > 4:
+        frames = noise.movedim(1, -3)  # (B, T…, C, H, W)
+        flat = pyramid_noise(frames.reshape(-1, *frames.shape[-3:]), generator, iterations, discount)
+        return flat.reshape(frames.shape).movedim(-3, 1)
     b, c, h, w = noise.shape
     out = noise.clone()
     for i in range(1, iterations + 1):
@@ -195,7 +204,7 @@ class Objective:
             pred = self.predict(noisy, sigma, indices, dropped)
         pred = pred.float()
         if cfg.loss_space == "native":
-            c = output_coefficient(fns, sigma)
+            c = output_coefficient(fns, sigma, x0.dim())
             per = per_image(self.loss_fn(pred / c, target / c))
         else:
             per = per_image(self.loss_fn(pred, target))
@@ -203,7 +212,8 @@ class Objective:
         return per.mean() if weights is None else (per * weights).mean()
 
     def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        """ε ~ N(0, I) (B, C, H, W) on the CPU, with the config's offset and pyramid."""
+        """ε ~ N(0, I) of `shape` (B, C, H, W) or (B, C, T, H, W) on the CPU, with the config's offset
+        (per image and channel) and pyramid (per frame for video)."""
         noise = torch.randn(shape, generator=generator)
         if self.config.noise_offset:
             noise = offset_noise(noise, generator, self.config.noise_offset)
@@ -217,6 +227,10 @@ class Objective:
         percent = draw_percent(n, generator, self.config)
         if self.config.flow_shift == "model":
             return self.fns.percent_to_sigma(percent)
+        if self.config.flow_shift == "resolution" and len(shape) > 4:
+            raise ValueError(f"flow_shift: 'resolution' is Flux's shift for image latents, but these latents are video "
+                             f"{tuple(shape[1:])} (channels, frames, height, width); set flow_shift to model (the "
+                             "model's own shift, e.g. Wan's) or fixed with a flow_shift_value")
         shift = self.config.flow_shift_value if self.config.flow_shift == "fixed" else flux_shift(shape[-2], shape[-1])
         return shifted_sigma((1 - percent).clamp(1e-5, 1.0), shift)
 

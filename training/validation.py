@@ -30,12 +30,13 @@ VALIDATION_SEED = 271828182  # its own stream: never the training seed's
 
 
 class _Chunk(NamedTuple):
-    """One same-shape batch of (image, level) pairs, fixed at construction. Shapes: (B, C, H, W), (B,)."""
+    """One same-shape batch of (image, level) pairs, fixed at construction. Shapes: (B, C, H, W) or
+    (B, C, T, H, W) for video, (B,)."""
 
     noisy: torch.Tensor
     sigma: torch.Tensor
     target: torch.Tensor  # x0
-    coefficient: torch.Tensor  # c(σ) (B, 1, 1, 1): native error = x0 error / c
+    coefficient: torch.Tensor  # c(σ) (B, 1, …) of the latents' rank: native error = x0 error / c
     indices: list[int]  # into the validation latents, for the host's conditioning
 
 
@@ -45,15 +46,17 @@ def level_percents(noise_levels: int) -> torch.Tensor:
 
 
 def validation_images(latents: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """(N, C, H, W), or a list of (N, C, H, W) or (C, H, W) tensors → N single (C, H, W) latents."""
+    """(N, C, H, W), or a list of (N, C, H, W) or (C, H, W) tensors → N single (C, H, W) latents;
+    video batches (N, C, T, H, W) → N single (C, T, H, W) latents (a 4-D tensor is a batch of images)."""
     batches = [latents] if isinstance(latents, torch.Tensor) else list(latents)
     images: list[torch.Tensor] = []
     for i, batch in enumerate(batches):
-        if not isinstance(batch, torch.Tensor) or batch.dim() not in (3, 4):
+        if not isinstance(batch, torch.Tensor) or batch.dim() < 3:
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise ValueError(f"validation latents[{i}]: got {shape}; give VAE-encoded latents shaped "
-                             "(batch, channels, height, width), e.g. from VAE Encode")
-        images.extend(batch.unbind(0) if batch.dim() == 4 else [batch])
+                             "(batch, channels, height, width), or (batch, channels, frames, height, width) for "
+                             "video, e.g. from VAE Encode")
+        images.extend(batch.unbind(0) if batch.dim() >= 4 else [batch])
     if not images:
         raise ValueError("validation latents: no images; connect at least one VAE-encoded held-out image to the "
                          "LoRA Validation Set node's latents, or disconnect the validation input")
@@ -94,7 +97,7 @@ class Validation:
             noise = torch.stack([noises[i][level] for i, level in part]).to(x0.device, x0.dtype)
             sigma = sigmas[[level for _, level in part]].to(x0.device)
             built.append(_Chunk(self.fns.noise_scaling(sigma, noise, x0), sigma, x0,
-                                output_coefficient(self.fns, sigma), [i for i, _ in part]))
+                                output_coefficient(self.fns, sigma, x0.dim()), [i for i, _ in part]))
         return built
 
     @torch.no_grad()
