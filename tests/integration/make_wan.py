@@ -1,0 +1,100 @@
+"""Write a tiny Wan 2.1 text-to-video diffusion model with random weights, for tests.
+
+Run with ComfyUI's Python from the ComfyUI folder (or with COMFYUI_DIR set):
+
+    cd $COMFYUI_DIR && venv/bin/python /path/to/make_wan.py OUT_DIR
+
+writes OUT_DIR/tiny_wan21_t2v.safetensors (for models/diffusion_models, core's UNETLoader). The model
+is ComfyUI's own `comfy.ldm.wan.model.WanModel`, built with the shapes `comfy/model_detection.py`
+reads back: `head.modulation` → image_model "wan2.1"; dim from it (128, the smallest width detection
+allows: num_heads = dim // 128 = 1), ffn_dim from `blocks.0.ffn.0`, num_layers by counting blocks (1),
+in_dim from `patch_embedding` (16, Wan 2.1's latent channels); no `img_emb` → model_type "t2v" →
+`supported_models.WAN21_T2V` (flow, shift 8). text_dim stays Wan's 4096 (umT5-XXL's width: detection
+does not read it). ~1M parameters, fp32, plain keys. No VAE: the tests feed 16-channel video latents
+from a test-only node (it_video_nodes.py). If the file exists the script does nothing.
+
+Weights: N(0, 0.02) for every parameter, then torch's default init for torch layers (Linear, Conv3d,
+LayerNorm) under a fixed seed, RMSNorm scales 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+SEED = 0
+WAN_NAME = "tiny_wan21_t2v.safetensors"
+
+# What detect_unet_config() returns for the file written below (the keys this script sets).
+WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 128, "ffn_dim": 256, "num_heads": 1,
+              "num_layers": 1, "in_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2)}
+
+
+def init_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter a value (ComfyUI's ops skip init), torch's defaults for torch layers, RMSNorm 1."""
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.LayerNorm)) and getattr(m, "weight", None) is not None:
+            type(m).reset_parameters(m)
+        elif type(m).__name__ == "RMSNorm" and getattr(m, "weight", None) is not None:
+            torch.nn.init.ones_(m.weight)
+    return module
+
+
+def build_wan() -> dict[str, torch.Tensor]:
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    torch.manual_seed(SEED)
+    config = {k: v for k, v in WAN_CONFIG.items() if k != "image_model"}
+    model = WanModel(**config, freq_dim=256, text_dim=4096, operations=comfy.ops.disable_weight_init,
+                     dtype=torch.float32, device="cpu")
+    return {k: v.float().contiguous() for k, v in init_weights(model).state_dict().items()}
+
+
+def detect(sd: dict[str, torch.Tensor]) -> dict:
+    """ComfyUI's own reading of the model's config (raises if it is not Wan 2.1 T2V)."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.detect_unet_config(sd, "")
+    wrong = {k: (config.get(k), v) for k, v in WAN_CONFIG.items() if config.get(k) != v}
+    if wrong:
+        raise SystemExit(f"ComfyUI detects a different model: {{key: (detected, built)}} = {wrong}")
+    model_config = comfy.model_detection.model_config_from_unet(sd, "")
+    if model_config is None or type(model_config).__name__ != "WAN21_T2V":
+        raise SystemExit(f"ComfyUI picks {type(model_config).__name__} for it, not WAN21_T2V")
+    return config
+
+
+def save(sd: dict[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(sd, tmp, metadata={"format": "pt", "note": "random weights, for tests only"})
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {len(sd)} tensors)")
+
+
+def main(out_dir: str) -> None:
+    path = os.path.join(out_dir, WAN_NAME)
+    if os.path.exists(path):
+        print(f"exists, skipping: {path}")
+        return
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported: it picks the device on import
+    os.makedirs(out_dir, exist_ok=True)
+    sd = build_wan()
+    print("detected:", detect(sd))
+    save(sd, path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
+    for p in (os.environ.get("COMFYUI_DIR"), os.getcwd()):
+        if p and p not in sys.path:
+            sys.path.insert(0, p)
+    main(sys.argv[1])
