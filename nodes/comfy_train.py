@@ -29,7 +29,7 @@ from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, resolve_sta
 from ..lora.keys import TEXT_ENCODER_PREFIXES
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
-from ..training.data import caption_entries, check_latent_channels, describe_captions, flatten_latents
+from ..training.data import caption_entries, check_latent_channels, check_latent_rank, describe_captions, flatten_latents
 from ..training.captions import grouped_denoise, guider_predict
 from ..training.loop import Hooks, ModelFns, TrainResult, TrainState, train
 from ..training.validation import Validation
@@ -342,6 +342,9 @@ def _check_channels(images: list[torch.Tensor], base_model, what: str = "latents
     channels = getattr(latent_format, "latent_channels", None)
     if isinstance(channels, int):
         check_latent_channels(images, channels, type(base_model.model_config).__name__, what)
+    dimensions = getattr(latent_format, "latent_dimensions", None)
+    if isinstance(dimensions, int):  # video latents for an image model: refused, naming the model
+        check_latent_rank(images, dimensions, type(base_model.model_config).__name__, what)
 
 
 def _log_cancel(done: int, steps: int, checkpoint: str | None) -> None:

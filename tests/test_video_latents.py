@@ -9,7 +9,7 @@ from torch import nn
 
 from comfyui_lora_trainer.lora import merge_lora, resolve_state_dict
 from comfyui_lora_trainer.training.config import TrainConfig
-from comfyui_lora_trainer.training.data import flatten_latents
+from comfyui_lora_trainer.training.data import check_latent_rank, flatten_latents
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.objective import ModelFns, Objective, output_coefficient, pyramid_noise
 from comfyui_lora_trainer.training.schedules import make_schedule
@@ -85,6 +85,14 @@ def test_video_batches_flatten_to_single_clips_in_order():
 def test_latents_under_four_axes_are_refused_with_the_shapes_to_give():
     with pytest.raises(ValueError, match=r"latents\[0\].*\(8, 8\).*frames, height, width"):
         flatten_latents(torch.zeros(8, 8))
+
+
+def test_video_latents_for_an_image_model_are_refused_naming_the_model():
+    clips = flatten_latents(torch.zeros(1, 4, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"latents: they are video latents \(4, 3, 8, 8\).*this model \(SDXL\) takes image"):
+        check_latent_rank(clips, 2, "SDXL")
+    check_latent_rank(clips, 3, "WAN21_T2V")  # a video model takes them
+    check_latent_rank(flatten_latents(torch.zeros(1, 16, 8, 8)), 3, "QwenImage")  # and single images
 
 
 # objective

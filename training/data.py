@@ -71,6 +71,18 @@ def check_latent_channels(images: Sequence[torch.Tensor], channels: int, model_n
         f"belongs to this model ({_vae_family(channels)}), e.g. its checkpoint loader's VAE output")
 
 
+def check_latent_rank(images: Sequence[torch.Tensor], dimensions: int, model_name: str, what: str = "latents") -> None:
+    """Video latents (C, T, H, W) for a model of image latents (`dimensions` 2, its latent format's
+    spatial axes) are a ValueError naming the model; else nothing. (Models of 3-D latents, Wan and
+    Qwen-Image, also take single images, so 4-D latents are not refused for them.)"""
+    wrong = next((x for x in images if x.dim() - 1 > dimensions), None)
+    if wrong is None or dimensions >= 3:
+        return
+    raise ValueError(f"{what}: they are video latents {tuple(wrong.shape)} (channels, frames, height, width), but this "
+                     f"model ({model_name}) takes image latents (channels, height, width); train a video model (e.g. "
+                     "Wan) on them, or encode single images with this model's VAE")
+
+
 def _vae_family(channels: int) -> str:
     families = {4: "4 channels: SD1.x/SDXL", 16: "16 channels: SD3/Flux", 128: "128 channels: Flux 2"}
     return families.get(channels, f"{channels} channels")
