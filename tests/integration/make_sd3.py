@@ -14,7 +14,8 @@ RMS q/k norms as SD3.5 has them. Detection accepts this width, and `supported_mo
 shift 3) takes it: this script checks both.
 
 Weights: torch's default init for torch layers under a fixed seed, RMSNorm scales 1, N(0, 0.02) for
-the rest (ComfyUI's ops skip init). Stored fp32 with plain keys. If the file exists the script does
+the rest and for the `pos_embed` buffer (ComfyUI's ops skip init; left as torch.empty it holds
+garbage and the model outputs NaN). Stored fp32 with plain keys. If the file exists the script does
 nothing, so callers can cache it.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ def build_sd3() -> dict[str, torch.Tensor]:
 
     torch.manual_seed(SEED)
     model = MMDiT(**MMDIT_CONFIG, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    torch.nn.init.normal_(model.pos_embed, std=0.02)  # a buffer (torch.empty), not a parameter: init skips it
     return {k: v.float().contiguous() for k, v in _init_weights(model).state_dict().items()}
 
 
