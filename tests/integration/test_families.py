@@ -14,11 +14,11 @@ One server for the module (`comfy_families` below) holds:
   16-channel latents), which core's UNETLoader detects as SD3 (flow, shift 3); the 16-channel VAE
   is make_flux.py's; ITSD3Conditioning gives a 4096-wide context and a 2048-wide pooled output.
 
-For each family, one fp32 training of the demo images at 64 px: the loss falls, the saved file
-loads in core's LoraLoaderModelOnly with every key matched and changes a sample, and the base
-model samples bit-identically (latent and pixels) before and after (the probe trick of
-test_flux.py: LoraLoaderModelOnly at strength 0 with a fresh file name re-runs the sampler on the
-cached, trained-on model object). The pooled output and (SDXL) the size values reach the model
+For each family, one fp32 training of the demo images at 64 px (SDXL 30 steps, SD3 60): the loss
+falls, the saved file loads in core's LoraLoaderModelOnly with every key matched and changes a
+sample, and the base model samples bit-identically (latent and pixels) before and after (the probe
+trick of test_flux.py: LoraLoaderModelOnly at strength 0 with a fresh file name re-runs the sampler
+on the cached, trained-on model object). The pooled output and (SDXL) the size values reach the model
 while training: with the same seed, a training's first loss equals the main run's when the
 conditioning is the same and differs when only the pooled output or only the sizes differ.
 Each training prints its step rate and the server's extra peak RSS (run with -s to see them).
@@ -52,6 +52,10 @@ TRAIN = {"steps": STEPS, "learning_rate": 5e-3, "batch_size": 1, "rank": 8, "opt
          "loss_function": "MSE", "seed": 1, "lora_dtype": "bf16", "existing_lora": "[None]",
          "training_dtype": "fp32", "train_norms": True, "train_biases": True, "gradient_checkpointing": False}
 FAMILIES = ("sdxl", "sd3")
+# The tiny MMDiT's flow loss is noisy step to step (a fresh noise level each step): in 30 steps its
+# first-5 → last-5 mean fell by only about a quarter (1.48 → 1.12), too close to the 0.8 bar, so
+# it trains longer.
+FAMILY_STEPS = {"sdxl": STEPS, "sd3": 60}
 TRAIN_NODE, SAVE_NODE, PLOT_NODE = "5", "6", "7"
 SAMPLE_IMAGE, SAMPLE_LATENT = "8", "9"
 LORA_NOT_LOADED = "lora key not loaded"
@@ -120,9 +124,10 @@ def vae(family: str) -> list:
     return ["v", 0] if family == "sd3" else ["ckpt", 2]
 
 
-def train_graph(family: str, prefix: str, cond: dict, steps: int = STEPS) -> dict:
+def train_graph(family: str, prefix: str, cond: dict, steps: int | None = None) -> dict:
     """Model + VAE, the demo images → VAEEncode, conditioning → Train LoRA → Save LoRA (`full`, with
     norm and bias differences) and Plot Loss Graph."""
+    steps = FAMILY_STEPS[family] if steps is None else steps
     return {
         **loaders(family),
         "2": {"class_type": "LoRATrainer_LoadImageSetFromFolder",
@@ -241,7 +246,8 @@ def families(comfy_families) -> dict[str, Trained]:
         baseline = sample_base(comfy, family, "baseline")
         loads = model_loads(comfy)
         entry, log, extra = run_measured(comfy, train_graph(family, f"loras/it_{family}", conditioning(family, 0)))
-        rates = re.findall(rf"{STEPS}/{STEPS} \[[^,\]]*,\s*([\d.]+(?:it/s|s/it))", log)
+        steps = FAMILY_STEPS[family]
+        rates = re.findall(rf"{steps}/{steps} \[[^,\]]*,\s*([\d.]+(?:it/s|s/it))", log)
         probes = {"same": conditioning(family, 0), "pooled": conditioning(family, 0, pooled_seed=5)}
         if family == "sdxl":
             probes["size"] = conditioning(family, 0, size=1024)
@@ -254,7 +260,7 @@ def families(comfy_families) -> dict[str, Trained]:
                                sample_base(comfy, family, "base_after"), loads, model_loads(comfy), probe_losses)
         losses = runs[family].losses
         print(f"\n{family}: loss first 5 {np.mean(losses[:5]):.4f} -> last 5 {np.mean(losses[-5:]):.4f}; "
-              f"{runs[family].rate} ({STEPS} steps, 3 images 64 px, batch 1, fp32, rank 8); "
+              f"{runs[family].rate} ({steps} steps, 3 images 64 px, batch 1, fp32, rank 8); "
               f"server extra peak RSS {extra if extra is None else f'{extra:.0f} MiB'}; probes {probe_losses}")
     return runs
 
@@ -277,10 +283,11 @@ def test_models_are_the_families_comfyui_says(comfy_families, families):
 def test_training_runs_and_the_loss_falls(comfy_families, families, family):
     run = families[family]
     losses = run.losses
-    assert len(losses) == STEPS and all(np.isfinite(losses)), losses
+    steps = FAMILY_STEPS[family]
+    assert len(losses) == steps and all(np.isfinite(losses)), losses
     first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
     assert last < 0.8 * first, f"{family}: loss did not fall: first 5 mean {first:.4f}, last 5 mean {last:.4f}: {losses}"
-    assert re.fullmatch(rf"loras/it_{family}_{STEPS}_steps_\d{{5}}_\.safetensors", run.saved), run.saved
+    assert re.fullmatch(rf"loras/it_{family}_{steps}_steps_\d{{5}}_\.safetensors", run.saved), run.saved
     assert (comfy_families.output_dir / run.saved).is_file()
 
 
