@@ -8,8 +8,13 @@ The `comfy_wan` fixture (test_families_video.py) links this file into its server
   at about a VAE's latent scale: something a model can learn, not white noise. They stand in for
   VAE-encoded frames (Wan's VAE is not built here).
 - ITWanConditioning: a seeded umT5-XXL-shaped context (1, tokens, 4096), the CONDITIONING layout
-  core's Wan model reads (`c_crossattn`). Plain torch only.
+  core's Wan model reads (`c_crossattn`); `width` 3584 gives Qwen2.5-VL's, for Qwen-Image.
+- ITTinyQwenImageLoader: make_qwen_image.py's toy-width Qwen-Image built in-process (ComfyUI's
+  detection would rebuild a file at full width) and returned as a MODEL, as UNETLoader would.
 """
+import importlib.util
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -50,13 +55,36 @@ class ITWanConditioning:
         return {"required": {
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
             "tokens": ("INT", {"default": 16, "min": 1, "max": 512}),
+            "width": ("INT", {"default": 4096, "min": 1, "max": 8192}),
         }}
 
-    def encode(self, seed, tokens):
+    def encode(self, seed, tokens, width):
         generator = torch.Generator().manual_seed(seed)
-        return ([[torch.randn((1, tokens, 4096), generator=generator), {}]],)
+        return ([[torch.randn((1, tokens, width), generator=generator), {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"ITVideoLatents": ITVideoLatents, "ITWanConditioning": ITWanConditioning}
+class ITTinyQwenImageLoader:
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    def load(self, seed):
+        spec = importlib.util.spec_from_file_location(
+            "lora_trainer_it_make_qwen_image", Path(__file__).resolve().with_name("make_qwen_image.py"))
+        make = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(make)
+        patcher = make.build_qwen_image(seed)
+        if make.detection_reads_it_back(patcher):  # the reason this node exists would be gone
+            raise RuntimeError("ComfyUI's detection now reads the toy Qwen-Image's widths: load it from a file instead")
+        return (patcher,)
+
+
+NODE_CLASS_MAPPINGS = {"ITVideoLatents": ITVideoLatents, "ITWanConditioning": ITWanConditioning,
+                       "ITTinyQwenImageLoader": ITTinyQwenImageLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"ITVideoLatents": "IT Video Latents (test only)",
-                              "ITWanConditioning": "IT Wan Conditioning (test only)"}
+                              "ITWanConditioning": "IT Wan Conditioning (test only)",
+                              "ITTinyQwenImageLoader": "IT Tiny Qwen-Image Loader (test only)"}
