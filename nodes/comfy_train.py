@@ -29,7 +29,8 @@ from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, resolve_sta
 from ..lora.keys import TEXT_ENCODER_PREFIXES
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
-from ..training.data import caption_entries, check_latent_channels, check_latent_rank, describe_captions, flatten_latents
+from ..training.data import (as_model_rank, caption_entries, check_latent_channels, check_latent_rank, describe_captions,
+                             flatten_latents)
 from ..training.captions import grouped_denoise, guider_predict
 from ..training.loop import Hooks, ModelFns, TrainResult, TrainState, train
 from ..training.validation import Validation
@@ -282,7 +283,7 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI)."""
     config = _config(inputs, options)
     with torch.inference_mode(False), torch.enable_grad():
-        images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
+        images = _model_rank(flatten_latents([_clone_tree(l["samples"]) for l in latents]), model.model)
         _check_channels(images, model.model)
         entries, counts = _flat_conditioning(_clone_tree(positive))
         captions = caption_entries(counts, len(images))
@@ -294,7 +295,7 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         log.info(describe_captions(counts, len(images)))
         val_latents, val_captions = [], []
         if validation is not None:  # its captions join the guider's entries after the training ones
-            val_latents = flatten_latents([_clone_tree(l["samples"]) for l in validation.latents])
+            val_latents = _model_rank(flatten_latents([_clone_tree(l["samples"]) for l in validation.latents]), model.model)
             _check_channels(val_latents, model.model, "validation latents")
             val_entries, val_counts = _flat_conditioning(_clone_tree(validation.positive))
             val_captions = [[len(entries) + i for i in c] for c in caption_entries(val_counts, len(val_latents))]
@@ -335,6 +336,12 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
 def _blank_image() -> torch.Tensor:
     """The previews output when no preview is connected: one small black IMAGE."""
     return torch.zeros((1, 64, 64, 3))
+
+
+def _model_rank(images: list[torch.Tensor], base_model) -> list[torch.Tensor]:
+    """Image latents for a model of 3-D latents (Qwen-Image, Wan) with a frame axis, as core's sampler adds it."""
+    dimensions = getattr(getattr(base_model, "latent_format", None), "latent_dimensions", None)
+    return as_model_rank(images, dimensions) if isinstance(dimensions, int) else images
 
 
 def _check_channels(images: list[torch.Tensor], base_model, what: str = "latents") -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from comfyui_lora_trainer.lora import merge_lora, resolve_state_dict
 from comfyui_lora_trainer.training.config import TrainConfig
-from comfyui_lora_trainer.training.data import check_latent_rank, flatten_latents
+from comfyui_lora_trainer.training.data import as_model_rank, check_latent_rank, flatten_latents
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.objective import ModelFns, Objective, output_coefficient, pyramid_noise
 from comfyui_lora_trainer.training.schedules import make_schedule
@@ -93,6 +93,14 @@ def test_video_latents_for_an_image_model_are_refused_naming_the_model():
         check_latent_rank(clips, 2, "SDXL")
     check_latent_rank(clips, 3, "WAN21_T2V")  # a video model takes them
     check_latent_rank(flatten_latents(torch.zeros(1, 16, 8, 8)), 3, "QwenImage")  # and single images
+
+
+def test_image_latents_for_a_model_of_3d_latents_get_a_frame_axis():
+    images = flatten_latents([torch.randn(2, 16, 8, 8), torch.randn(1, 16, 2, 8, 8)])
+    shaped = as_model_rank(images, 3)
+    assert [tuple(x.shape) for x in shaped] == [(16, 1, 8, 8)] * 2 + [(16, 2, 8, 8)]
+    assert torch.equal(shaped[0][:, 0], images[0])
+    assert as_model_rank(images, 2) is images  # image models: unchanged
 
 
 # objective

@@ -71,6 +71,15 @@ def check_latent_channels(images: Sequence[torch.Tensor], channels: int, model_n
         f"belongs to this model ({_vae_family(channels)}), e.g. its checkpoint loader's VAE output")
 
 
+def as_model_rank(images: list[torch.Tensor], dimensions: int) -> list[torch.Tensor]:
+    """Image latents (C, H, W) for a model of 3-D latents (Wan, Qwen-Image: `dimensions` 3) get a
+    frame axis, (C, 1, H, W), as ComfyUI's sampler gives them (`fix_empty_latent_channels`); others
+    are returned as they are. Without it the model's 5-D latent scaling would broadcast them wrong."""
+    if dimensions != 3:
+        return images
+    return [x.unsqueeze(1) if x.dim() == 3 else x for x in images]
+
+
 def check_latent_rank(images: Sequence[torch.Tensor], dimensions: int, model_name: str, what: str = "latents") -> None:
     """Video latents (C, T, H, W) for a model of image latents (`dimensions` 2, its latent format's
     spatial axes) are a ValueError naming the model; else nothing. (Models of 3-D latents, Wan and

@@ -6,7 +6,7 @@ The `comfy_wan` fixture (test_families_video.py) links this file into its server
   (1, 16, 3, H/8, W/8) and (1, 16, 2, H/8, W/8)), as a list output, so Train LoRA gets several
   LATENTs of video. Each clip is a smooth seeded pattern that drifts one latent pixel per frame,
   at about a VAE's latent scale: something a model can learn, not white noise. They stand in for
-  VAE-encoded frames (Wan's VAE is not built here).
+  VAE-encoded frames (Wan's VAE is not built here). An entry "i" gives a 4-D image LATENT instead.
 - ITWanConditioning: a seeded umT5-XXL-shaped context (1, tokens, 4096), the CONDITIONING layout
   core's Wan model reads (`c_crossattn`); `width` 3584 gives Qwen2.5-VL's, for Qwen-Image.
 - ITTinyQwenImageLoader: make_qwen_image.py's toy-width Qwen-Image built in-process (ComfyUI's
@@ -38,10 +38,13 @@ class ITVideoLatents:
         generator = torch.Generator().manual_seed(seed)
         h, w = height // 8, width // 8
         out = []
-        for count in (int(f) for f in frames.split(",")):
+        for entry in frames.split(","):
             coarse = torch.randn((1, 16, max(1, h // 4), max(1, w // 4)), generator=generator)
             image = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * 0.5
-            out.append({"samples": torch.stack([image.roll(t, dims=-1) for t in range(count)], dim=2)})
+            if entry.strip() == "i":  # an image LATENT (1, 16, H/8, W/8), as an image VAE gives it
+                out.append({"samples": image})
+                continue
+            out.append({"samples": torch.stack([image.roll(t, dims=-1) for t in range(int(entry))], dim=2)})
         return (out,)
 
 

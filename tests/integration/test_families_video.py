@@ -16,7 +16,8 @@ test_flux.py). The step rate (tqdm) and the server's peak RSS go to the console 
 Qwen-Image: ComfyUI's detection reads only its layer count and in-channels from a file (every width
 full size), so make_qwen_image.py builds ComfyUI's `QwenImageTransformer2DModel` at toy width
 in-process (2 heads of 32, 1 block) behind the test-only ITTinyQwenImageLoader node. Its latents
-are 5-D too (Wan 2.1's latent format, one frame): two (1, 16, 1, 8, 8) LATENTs from the same node,
+are 5-D too (Wan 2.1's latent format, one frame): one (1, 16, 1, 8, 8) LATENT and one 4-D image
+LATENT (1, 16, 8, 8), which Train LoRA gives a frame axis as core's sampler does (one batch then),
 a Qwen2.5-VL-shaped (3584-wide) context. The same checks, except that the layer list comes from the
 LoRA itself (the model is not a file): every adapter moved from zero and the blocks are covered.
 Skips unless COMFYUI_DIR is set.
@@ -44,7 +45,7 @@ TRAIN = {"learning_rate": 5e-3, "batch_size": 2, "rank": 8, "optimizer": "AdamW"
 FAMILIES = {  # family -> (loader node, training clips' frames, context width, sampled frames as `length`, lr, steps)
     "wan21_t2v": ({"class_type": "UNETLoader", "inputs": {"unet_name": WAN_MODEL, "weight_dtype": "default"}},
                   "3,2", 4096, 9, 5e-3, 30),
-    "qwen_image": ({"class_type": "ITTinyQwenImageLoader", "inputs": {"seed": 0}}, "1,1", 3584, 1, 1e-2, 80),
+    "qwen_image": ({"class_type": "ITTinyQwenImageLoader", "inputs": {"seed": 0}}, "1,i", 3584, 1, 1e-2, 80),
 }
 # In a one-block joint (MMDiT) model the block's text-stream outputs are never read again: no gradient
 # reaches these Qwen-Image adapters, correctly (with more blocks the next block reads them).
