@@ -19,7 +19,7 @@ from torch import nn
 
 from .algos import ALGORITHMS, AlgoOptions, Algorithm, LayerShape
 from .keys import kohya_name
-from .layers import LayerAdapter, LayerWeights, build_adapter
+from .layers import LayerAdapter, LayerWeights, build_adapter, readable_weight
 from .patching import swapped_forwards
 from .targets import TARGETS, in_target
 
@@ -136,7 +136,8 @@ class LoraNetwork(nn.Module):
 
     def _patch(self) -> None:
         for p in self._model_params:
-            p.requires_grad_(False)
+            if p.requires_grad:  # only where it changes: a quantized weight (a tensor subclass) refuses the call
+                p.requires_grad_(False)
         swaps = [(module, _wrapper(module, self.adapters[kohya_name(path)])) for path, module in self._targets.items()]
         self._forwards.enter_context(swapped_forwards(swaps))
         self.active = True
@@ -145,7 +146,8 @@ class LoraNetwork(nn.Module):
         """Restore every forward and requires_grad flag; safe to call twice."""
         self._forwards.close()
         for p in self._model_params:
-            p.requires_grad_(self._saved_grad[id(p)])
+            if p.requires_grad != self._saved_grad[id(p)]:
+                p.requires_grad_(self._saved_grad[id(p)])
         self.active = False
 
     def __enter__(self) -> LoraNetwork:
@@ -196,18 +198,19 @@ def inject(
     `seed` drives the random init (layer order is the model's module order). `weights` (module path →
     LayerWeights, from `formats.resolve_state_dict`) resumes a trained adapter exactly; its algorithm,
     rank and alpha win over the config's. `device` is where the layers compute (under ComfyUI's
-    offloading not where their weights rest); None: each layer's weight's device. Raises ValueError
-    if the model is already injected.
+    offloading not where their weights rest), chosen by `adapter_device`. Raises ValueError if the
+    model is already injected, or a layer whose weight must be read (DoRA, a weight difference)
+    has one that cannot be (meta, quantized): the error names the layer.
     """
     if any(is_injected(m) for m in model.modules()):
         raise ValueError("model: already has LoRA adapters injected; remove() them before injecting again")
     weights = weights or {}
     generator = torch.Generator().manual_seed(seed)
+    at = adapter_device(model, device)
     targets, adapters = {}, {}
     for path, module in eligible_modules(model, config).items():
-        at = torch.device(device) if device is not None else _resting_device(module)
-        make = _maker(module, config, generator, at, weights.get(path))
-        adapter = build_adapter(module, make, config.train_norms, config.train_biases, at)
+        make = _maker(path, module, config, generator, at, weights.get(path))
+        adapter = build_adapter(module, make, config.train_norms, config.train_biases, at, path)
         if adapter is None:
             continue
         if adapter.algo is None:
@@ -220,22 +223,41 @@ def inject(
     return network
 
 
-def _resting_device(module: nn.Module) -> torch.device:
-    weight = getattr(module, "weight", None)
-    return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+def adapter_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """The one place that decides where adapters live: the device the layers compute on.
+
+    Under ComfyUI's low-VRAM loading a layer's weight rests on the offload device and is cast onto
+    the compute device inside the layer's forward (`comfy/ops.py` cast_bias_weight), so no weight's
+    device says where the layer computes: the caller gives it (the training loop: the latents'
+    device). None is for a model wholly on one real device (tests, scripts): that device; a model
+    whose parameters rest on several devices, or on "meta", is refused.
+    """
+    if device is not None:
+        return torch.device(device)
+    resting = {p.device for p in model.parameters()}
+    if len(resting) > 1 or any(d.type == "meta" for d in resting):
+        names = ", ".join(sorted(str(d) for d in resting))
+        raise ValueError(f"device: not given, and the model's weights rest on {names} (offloaded or not loaded); "
+                         "give the device the layers compute on")
+    return resting.pop() if resting else torch.device("cpu")
 
 
-def _maker(module: nn.Module, config: LoraConfig, generator: torch.Generator, device: torch.device,
+def _maker(path: str, module: nn.Module, config: LoraConfig, generator: torch.Generator, device: torch.device,
            loaded: LayerWeights | None) -> Callable[[LayerShape], Algorithm]:
     """The builder of one layer's algorithm: fresh (drawing from `generator` in every case, so the
-    other layers' init does not depend on which ones a file holds), or the file's."""
-    weight = lambda: module.weight  # noqa: E731 (fetched when needed: DoRA's norm)
+    other layers' init does not depend on which ones a file holds), or the file's. An algorithm that
+    reads the base weight (DoRA) gets it through `readable_weight`, checked here before the model is
+    patched."""
+    weight = lambda: readable_weight(path, module)  # noqa: E731 (fetched when needed: DoRA's norm)
 
     def make(shape: LayerShape) -> Algorithm:
+        chosen = ALGORITHMS[loaded.algorithm if loaded is not None and loaded.algorithm else config.algorithm]
+        if chosen.READS_WEIGHT:
+            weight()
         fresh = ALGORITHMS[config.algorithm].create(shape, config.options(shape), generator, device, weight)
         if loaded is None or loaded.algorithm is None:
             return fresh
-        return ALGORITHMS[loaded.algorithm].load(shape, loaded.tensors, device, weight)
+        return chosen.load(shape, loaded.tensors, device, weight)
 
     return make
 

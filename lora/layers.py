@@ -6,6 +6,14 @@ loader reads them). An adapter's forward is `base(x) + h(x)`; the bias differenc
 
 Parameters are fp32 master weights; they are cast to the input's dtype in the forward pass, so a
 bf16 (or autocast) forward stays bf16.
+
+Bases as ComfyUI holds them: a layer's weight may be fp8, rest on the offload device while the
+layer computes elsewhere (ComfyUI's lowvram: `comfy/ops.py` `cast_bias_weight` casts it inside the
+layer's forward), or be a tensor subclass that is not a plain tensor (`comfy/quant_ops.py`
+QuantizedTensor, GGUF's GGMLTensor). Adapters read only the layer's shape attributes and the
+input's device and dtype. The two paths that must read the weight itself (a weight difference, and
+DoRA's norm) take it through `base_weight`, which casts a plain tensor to the compute device and
+dtype, the way the layer's own cast does, and refuses any other weight with an error naming the layer.
 """
 from __future__ import annotations
 
@@ -53,14 +61,49 @@ class LayerWeights(NamedTuple):
 
 def layer_shape(module: nn.Module) -> LayerShape | None:
     """The shapes of a Linear or ungrouped Conv1d/2d/3d (ComfyUI's op classes subclass these), from
-    the layer's attributes; None for any other layer (it takes a weight difference)."""
-    if isinstance(module, nn.Linear):
+    the layer's attributes; None for any other layer (it takes a weight difference).
+
+    A module that is no nn.Linear but has integer `in_features` / `out_features` and computes
+    `x @ W.T + b` counts as a Linear: ComfyUI's mixed-precision/quantized Linear
+    (`comfy/ops.py` mixed_precision_ops) is an nn.Module of that kind, whose weight is a QuantizedTensor.
+    """
+    if isinstance(module, nn.Linear) or _linear_like(module):
         return LayerShape(module.out_features, module.in_features)
     if isinstance(module, CONV_TYPES) and module.groups == 1:
         padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         return LayerShape(module.out_channels, module.in_channels, tuple(module.kernel_size), tuple(module.stride),
                           padding, tuple(module.dilation), module.padding_mode)
     return None
+
+
+def _linear_like(module: nn.Module) -> bool:
+    inp, out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    weight = module._parameters.get("weight")
+    return (type(inp) is int and type(out) is int and weight is not None and tuple(weight.shape) == (out, inp)
+            and not isinstance(module, nn.Bilinear))
+
+
+def readable_weight(name: str, module: nn.Module, part: str = "weight") -> torch.Tensor:
+    """The layer's `part` (weight or bias) as it rests, if its values can be read; else ValueError
+    naming the layer: on the "meta" device (not materialised), or a tensor subclass (ComfyUI's
+    QuantizedTensor, GGUF's GGMLTensor: its data are not the weight's values)."""
+    tensor = getattr(module, part)
+    if type(tensor) not in (torch.Tensor, nn.Parameter):
+        raise ValueError(f"layer {name}: its {part} is a {type(tensor).__name__} (quantized), not a plain tensor, and "
+                         "this needs its values (DoRA's norm, or a weight difference for train_norms / "
+                         "train_biases); use lora, loha or lokr and turn train_norms off for such a base, or "
+                         "load the model unquantized")
+    if tensor.device.type == "meta":
+        raise ValueError(f"layer {name}: its {part} is on the meta device (not loaded), and this needs its values "
+                         "(DoRA's norm, or a weight difference); load the model's weights first")
+    return tensor
+
+
+def base_weight(name: str, module: nn.Module, device: torch.device, dtype: torch.dtype,
+                part: str = "weight") -> torch.Tensor:
+    """`readable_weight` cast to `device` and `dtype`: what the layer's own cast computes with (fp8 and
+    offloaded weights are cast; no copy when already there)."""
+    return readable_weight(name, module, part).to(device, dtype)
 
 
 def can_take_lora(module: nn.Module) -> bool:
@@ -76,14 +119,24 @@ class DiffAdapter(nn.Module):
         self.diff = zeros(weight_shape) if weight_shape is not None else None
         self.diff_b = zeros(bias_shape) if bias_shape is not None else None
 
-    def patched_params(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The module's weight/bias plus the differences, in the base parameters' dtype and device."""
+    def patched_params(self, name: str, module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The module's weight and bias, plus the differences, on the input's device in the compute dtype
+        (`compute_dtype`), read through `base_weight` (never the weight's own device or dtype). Both are
+        given even when only one has a difference, so the layer's op sees one dtype for both."""
+        dtype = compute_dtype(x)
         params = {}
-        if self.diff is not None:
-            params["weight"] = module.weight + self.diff.to(module.weight.device, module.weight.dtype)
-        if self.diff_b is not None:
-            params["bias"] = module.bias + self.diff_b.to(module.bias.device, module.bias.dtype)
+        for part, diff in (("weight", self.diff), ("bias", self.diff_b)):
+            if getattr(module, part, None) is not None:
+                params[part] = base_weight(name, module, x.device, dtype, part)
+                if diff is not None:
+                    params[part] = params[part] + diff.to(x.device, dtype)
         return params
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in for input x: x's, or float32 under autocast (which casts each op's
+    tensors itself, so the fp32 sum loses nothing). ComfyUI's cast ops cast the weight to x's dtype too."""
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 @contextmanager
@@ -109,16 +162,17 @@ class LayerAdapter(nn.Module):
 
     skip: Callable[[], bool] | None = None  # training-time module dropout: True skips the adapter for this call
 
-    def __init__(self, algo: Algorithm | None, diff: DiffAdapter | None):
+    def __init__(self, algo: Algorithm | None, diff: DiffAdapter | None, name: str = ""):
         super().__init__()
         self.algo = algo
         self.diffs = diff
+        self.name = name  # the layer's module path, for errors
 
     def run(self, module: nn.Module, base_forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.skip is not None and self.algo is not None and self.skip():
             return base_forward(x)
         if self.algo is None:
-            with swapped_params(module, self.diffs.patched_params(module)):
+            with swapped_params(module, self.diffs.patched_params(self.name, module, x)):
                 return base_forward(x)
         diff_b = self.diffs.diff_b if self.diffs is not None else None
         return self.algo.run(base_forward, x, diff_b)
@@ -139,11 +193,13 @@ def _param(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def build_adapter(module: nn.Module, make: Callable[[LayerShape], Algorithm], train_weights: bool,
-                  train_biases: bool, device: torch.device) -> LayerAdapter | None:
+                  train_biases: bool, device: torch.device, name: str = "") -> LayerAdapter | None:
     """One dispatch from layer type to adapter kind; None if the layer has nothing to train.
 
     `make(shape)` builds the algorithm for a Linear/Conv layer; other layers with a weight get a
-    `diff` when `train_weights`, layers with a bias a `diff_b` when `train_biases`.
+    `diff` when `train_weights`, layers with a bias a `diff_b` when `train_biases`. A layer that needs
+    a weight difference but whose weight cannot be read (`base_weight`) is refused here, before the
+    model is patched.
     """
     weight, bias = _param(module, "weight"), _param(module, "bias")
     shape = layer_shape(module) if weight is not None else None
@@ -154,8 +210,9 @@ def build_adapter(module: nn.Module, make: Callable[[LayerShape], Algorithm], tr
     diff = DiffAdapter(weight_shape, bias_shape, device) if has_diffs else None
     if algo is None and diff is None:
         return None
-    return LayerAdapter(algo, diff)
+    if algo is None:  # the layer runs on weight + diff: its weight and bias are read each step
+        for part in ("weight", "bias"):
+            if _param(module, part) is not None:
+                readable_weight(name, module, part)
+    return LayerAdapter(algo, diff, name)
 
-
-__all__ = ["CONV_TYPES", "DIFF", "DIFF_B", "DiffAdapter", "LayerAdapter", "LayerWeights",
-           "build_adapter", "can_take_lora", "layer_shape", "swapped_params"]

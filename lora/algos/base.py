@@ -9,7 +9,10 @@ An algorithm is one `nn.Module` class per layer that:
 - gives its weight difference from a file's tensors (`delta`, a pure classmethod, the formula in its
   docstring), which the merge and the tests use;
 - exports `{suffix: tensor}` (alpha as a 0-d float32 tensor), the layout ComfyUI core loads.
-Parameters live on the device the layer computes on, built from the layer's shapes (LayerShape).
+Parameters live on the device the layer computes on, built from the layer's shapes (LayerShape);
+the base weight is never read for a device or dtype. An algorithm that needs the weight's values
+sets READS_WEIGHT and gets them from `weight()`, a plain tensor (fp8 or offloaded, cast by the
+caller as the layer's own cast would) or a ValueError naming the layer (meta, quantized).
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class Algorithm(nn.Module):
     NAME: ClassVar[str] = ""
     SUFFIXES: ClassVar[tuple[str, ...]] = ()
     MARKERS: ClassVar[frozenset[str]] = frozenset()
+    READS_WEIGHT: ClassVar[bool] = False  # reads the base weight's values while training (DoRA's norm)
 
     def __init__(self, shape: LayerShape, alpha: float):
         super().__init__()

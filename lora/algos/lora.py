@@ -151,6 +151,7 @@ class Dora(Lora):
     NAME = "dora"
     SUFFIXES = (DOWN, UP, MID, ALPHA, DORA_SCALE)
     MARKERS = frozenset({DORA_SCALE})
+    READS_WEIGHT = True
 
     def __init__(self, shape: LayerShape, down: torch.Tensor, up: torch.Tensor, alpha: float,
                  magnitude: torch.Tensor, weight: Callable[[], torch.Tensor], mid: torch.Tensor | None = None):

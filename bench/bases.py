@@ -1,0 +1,223 @@
+"""Extra peak memory of training on fp8 against bf16 bases, and the design target for it.
+
+    python -m comfyui_lora_trainer.bench.bases [--json PATH] [--steps N] [--width W] [--size S]
+
+ComfyUI stores a model's weights in fp8 or bf16 and casts each layer's weight to the compute dtype
+inside the layer's forward (comfy/ops.py `manual_cast`, `cast_bias_weight`). `cast_layers` gives the
+bundled tiny model such layers (the tests use them too: tests/test_bases.py). For each storage dtype,
+two cases run, each in its own subprocess (peak RSS, `VmHWM`, reset after setup as bench/speed.py
+does; torch's CPU allocations live in RSS):
+- floor: forward + backward of the frozen base with respect to its input (the activations and the
+  per-layer weight casts training cannot avoid), no adapters;
+- ours: LoRA (rank 8, Adam) injected, the same steps plus the optimizer step.
+The design target (issue 15): fp8 base + adapters + optimizer state ≤ fp8 weights + activations +
+4 × LoRA parameter bytes. The weights are resident before the reset (their bytes are reported
+alongside), so the check is: ours' increase ≤ activations + 4 × LoRA bytes (fp32 master, gradient,
+Adam's two moments). "Activations" are what autograd saves in ours' first step (unique storages,
+through saved_tensors_hooks), reported in two parts: tensors of a layer weight's shape (the weight
+cast to the compute dtype inside the layer's forward, which F.linear/F.conv keep for the input
+gradient: for an fp8 base they cost the weights in the compute dtype) and the rest (the layers'
+inputs, which the adapters' gradients need, and the nonlinearities'). The floor case shows what the
+base alone saves: only what its input gradient needs, not its layers' inputs. Compute is fp32 on
+the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .speed import MALLOC_ENV, _maxrss_mib, reset_peak_rss
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = __package__.rsplit(".", 1)[0]
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bases.json"
+DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+CASES = ("floor", "ours")
+MIB = 2 ** 20
+
+_BOOTSTRAP = """
+import importlib.util, runpy, sys
+name, root = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location(name, root + "/__init__.py", submodule_search_locations=[root])
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+sys.argv = [name + ".bench.bases"] + sys.argv[3:]
+runpy.run_module(name + ".bench.bases", run_name="__main__", alter_sys=True)
+"""
+
+
+# --- layers that cast in forward, as ComfyUI's do ----------------------------------------------------
+
+class _Cast:
+    """Casts its weight/bias to the input's device and dtype in forward (ComfyUI's cast_bias_weight).
+    A parameter resting on "meta" reads its values from `self.aside` (an offload device stand-in)."""
+
+    def cast(self, part: str, x: torch.Tensor) -> torch.Tensor | None:
+        rest = getattr(self, part)
+        if rest is None:
+            return None
+        return (self.aside[part] if rest.device.type == "meta" else rest).to(x.device, x.dtype)
+
+
+class CastLinear(nn.Linear, _Cast):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.cast("weight", x), self.cast("bias", x))
+
+
+class CastConv2d(nn.Conv2d, _Cast):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.cast("weight", x), self.cast("bias", x))
+
+
+class CastGroupNorm(nn.GroupNorm, _Cast):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.cast("weight", x), self.cast("bias", x), self.eps)
+
+
+class CastLayerNorm(nn.LayerNorm, _Cast):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.cast("weight", x), self.cast("bias", x), self.eps)
+
+
+CASTS = {nn.Linear: CastLinear, nn.Conv2d: CastConv2d, nn.GroupNorm: CastGroupNorm, nn.LayerNorm: CastLayerNorm}
+OFFLOADED = (nn.Linear, nn.Conv2d)  # the layers whose weights rest on meta with offload=True
+
+
+def cast_layers(net: nn.Module, dtype: torch.dtype, offload: bool = False) -> None:
+    """Every Linear/Conv2d/GroupNorm/LayerNorm of `net` stores its parameters in `dtype` and casts them
+    in forward; with `offload`, Linear/Conv2d parameters rest on "meta", their values in `module.aside`."""
+    for module in net.modules():
+        kind = type(module)
+        if kind not in CASTS:
+            continue
+        module.__class__ = CASTS[kind]
+        module.aside = {}
+        for part in ("weight", "bias"):
+            param = module._parameters.get(part)
+            if param is None:
+                continue
+            values = param.detach().to(dtype)
+            if offload and kind in OFFLOADED:
+                module.aside[part] = values
+                values = torch.empty(param.shape, dtype=dtype, device="meta")
+            module._parameters[part] = nn.Parameter(values, requires_grad=False)
+
+
+# --- one case -------------------------------------------------------------------------------------
+
+def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[str, object]:
+    """In this process: the peak RSS increase (MiB) over `steps` steps, above the loaded base model.
+
+    The high-water mark is reset once the base model is built and cast (its weights resident), so the
+    increase holds everything training adds: for ours the adapters, their gradients and Adam's
+    state, and in both cases the activations and first-use allocations (alike in both).
+    """
+    from ..lora import LoraConfig, inject
+    from ..training.tiny_model import TinyConfig, build_tiny
+
+    model = build_tiny("eps", TinyConfig(width=width, context_dim=2 * width))
+    cast_layers(model.net, DTYPES[dtype_name])
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, size, size, generator=gen)
+    context = torch.randn(2, 8, 2 * width, generator=gen)
+    sigma = torch.tensor([0.5, 1.5])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    gc.collect()
+    reset = reset_peak_rss()
+    base = _maxrss_mib()
+    network = inject(model.net, LoraConfig(rank=8), device="cpu") if case == "ours" else None
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if network is not None else None
+    weight_shapes = {tuple(p.shape) for p in model.net.parameters() if p.dim() >= 2}
+    saved: dict[int, tuple[int, bool]] = {}  # storage → (bytes, a weight's shape: the layer's cast weight)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape) in weight_shapes)
+        return t
+
+    for i in range(steps):
+        noisy = (x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)).requires_grad_(network is None)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else nullcontext():
+            loss = F.mse_loss(model.denoise(noisy, sigma, context), x0)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peak = _maxrss_mib()
+    lora_bytes = sum(p.numel() * p.element_size() for p in network.parameters()) if network is not None else 0
+    if network is not None:
+        network.remove()
+    return {"peak_increase_mib": peak - base, "weight_mib": weight_bytes / MIB, "lora_mib": lora_bytes / MIB,
+            "saved_activations_mib": sum(n for n, w in saved.values() if not w) / MIB,
+            "saved_weight_casts_mib": sum(n for n, w in saved.values() if w) / MIB, "peak_reset": reset}
+
+
+def measure(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[str, object]:
+    command = [sys.executable, "-c", _BOOTSTRAP, PACKAGE, str(ROOT), "--one", f"{dtype_name}:{case}",
+               "--steps", str(steps), "--width", str(width), "--size", str(size)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {dtype_name}:{case} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(steps: int, width: int, size: int) -> dict[str, object]:
+    """Every dtype × case; per dtype the target check (see the module docstring)."""
+    rows = {f"{d}:{c}": measure(d, c, steps, width, size) for d in DTYPES for c in CASES}
+    report = {}
+    for d in DTYPES:
+        floor, ours = rows[f"{d}:floor"], rows[f"{d}:ours"]
+        activations = ours["saved_activations_mib"] + ours["saved_weight_casts_mib"]
+        budget = activations + 4 * ours["lora_mib"]
+        report[d] = {"weights_mib": ours["weight_mib"], "lora_mib": ours["lora_mib"],
+                     "floor_increase_mib": floor["peak_increase_mib"], "ours_increase_mib": ours["peak_increase_mib"],
+                     "extra_over_floor_mib": ours["peak_increase_mib"] - floor["peak_increase_mib"],
+                     "saved_activations_mib": ours["saved_activations_mib"],
+                     "saved_weight_casts_mib": ours["saved_weight_casts_mib"], "budget_mib": budget, "meets_target": ours["peak_increase_mib"] <= budget}
+    return {"settings": {"steps": steps, "width": width, "latent": [2, 4, size, size], "rank": 8,
+                         "compute": "fp32 cpu"}, "cases": rows, "report": report}
+
+
+def markdown(result: dict[str, object]) -> str:
+    lines = ["| base | weights MiB | LoRA MiB | floor +MiB | ours +MiB | saved activations | saved weight casts | "
+             "budget (saved + 4×LoRA) | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for d, r in result["report"].items():
+        lines.append(f"| {d} | {r['weights_mib']:.1f} | {r['lora_mib']:.2f} | {r['floor_increase_mib']:.1f} | "
+                     f"{r['ours_increase_mib']:.1f} | {r['saved_activations_mib']:.1f} | "
+                     f"{r['saved_weight_casts_mib']:.1f} | {r['budget_mib']:.1f} | "
+                     f"{'PASS' if r['meets_target'] else 'MISS'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", help="dtype:case, measured in this process (internal)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    if args.one:
+        dtype_name, case = args.one.split(":")
+        print(json.dumps(one(dtype_name, case, args.steps, args.width, args.size)))
+        return
+    result = run(args.steps, args.width, args.size)
+    print(markdown(result))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
