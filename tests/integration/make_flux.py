@@ -88,19 +88,25 @@ def build_vae() -> dict[str, torch.Tensor]:
     return _state_dict(_init_weights(vae), torch.float16)  # ~70 MiB instead of ~140
 
 
-def detect(flux_sd: dict[str, torch.Tensor]) -> dict:
-    """ComfyUI's own reading of the diffusion model's config (raises if it is not Flux-dev)."""
+def detect_as(sd: dict[str, torch.Tensor], built: dict, config_class: str) -> dict:
+    """ComfyUI's own reading of a diffusion model's file: its detected config, which must hold `built`,
+    and its supported_models class, which must be `config_class` (else SystemExit saying what differs).
+    make_sd3.py and make_wan.py use it too."""
     import comfy.model_detection
 
-    config = comfy.model_detection.detect_unet_config(flux_sd, "")
-    expected = {**FLUX_CONFIG}
-    wrong = {k: (config.get(k), v) for k, v in expected.items() if config.get(k) != v}
+    config = comfy.model_detection.detect_unet_config(sd, "")
+    wrong = {k: (config.get(k), v) for k, v in built.items() if config.get(k) != v}
     if wrong:
         raise SystemExit(f"ComfyUI detects a different model: {{key: (detected, built)}} = {wrong}")
-    model_config = comfy.model_detection.model_config_from_unet(flux_sd, "")
-    if model_config is None or type(model_config).__name__ != "Flux":
-        raise SystemExit(f"ComfyUI picks {type(model_config).__name__} for it, not Flux")
+    model_config = comfy.model_detection.model_config_from_unet(sd, "")
+    if model_config is None or type(model_config).__name__ != config_class:
+        raise SystemExit(f"ComfyUI picks {type(model_config).__name__} for it, not {config_class}")
     return config
+
+
+def detect(flux_sd: dict[str, torch.Tensor]) -> dict:
+    """ComfyUI's own reading of the diffusion model's config (raises if it is not Flux-dev)."""
+    return detect_as(flux_sd, FLUX_CONFIG, "Flux")
 
 
 def _save(sd: dict[str, torch.Tensor], path: str) -> None:

@@ -24,7 +24,7 @@ import os
 import sys
 
 import torch
-from make_flux import _init_weights, _save  # run as a script: its folder is on sys.path
+from make_flux import _init_weights, _save, detect_as  # run as a script: its folder is on sys.path
 
 SEED = 0
 SD3_NAME = "tiny_sd3.safetensors"
@@ -50,16 +50,7 @@ def build_sd3() -> dict[str, torch.Tensor]:
 
 def detect(sd: dict[str, torch.Tensor]) -> dict:
     """ComfyUI's own reading of the file's config (raises if it is not this MMDiT or not SD3)."""
-    import comfy.model_detection
-
-    config = comfy.model_detection.detect_unet_config(sd, "")
-    wrong = {k: (config.get(k), v) for k, v in MMDIT_CONFIG.items() if config.get(k) != v}
-    if wrong:
-        raise SystemExit(f"ComfyUI detects a different model: {{key: (detected, built)}} = {wrong}")
-    model_config = comfy.model_detection.model_config_from_unet(sd, "")
-    if model_config is None or type(model_config).__name__ != "SD3":
-        raise SystemExit(f"ComfyUI picks {type(model_config).__name__} for it, not SD3")
-    return config
+    return detect_as(sd, MMDIT_CONFIG, "SD3")
 
 
 def main(out_dir: str) -> None:

@@ -22,6 +22,7 @@ import os
 import sys
 
 import torch
+from make_flux import _save, detect_as  # run as a script: its folder is on sys.path
 
 SEED = 0
 WAN_NAME = "tiny_wan21_t2v.safetensors"
@@ -56,25 +57,7 @@ def build_wan() -> dict[str, torch.Tensor]:
 
 def detect(sd: dict[str, torch.Tensor]) -> dict:
     """ComfyUI's own reading of the model's config (raises if it is not Wan 2.1 T2V)."""
-    import comfy.model_detection
-
-    config = comfy.model_detection.detect_unet_config(sd, "")
-    wrong = {k: (config.get(k), v) for k, v in WAN_CONFIG.items() if config.get(k) != v}
-    if wrong:
-        raise SystemExit(f"ComfyUI detects a different model: {{key: (detected, built)}} = {wrong}")
-    model_config = comfy.model_detection.model_config_from_unet(sd, "")
-    if model_config is None or type(model_config).__name__ != "WAN21_T2V":
-        raise SystemExit(f"ComfyUI picks {type(model_config).__name__} for it, not WAN21_T2V")
-    return config
-
-
-def save(sd: dict[str, torch.Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(sd, tmp, metadata={"format": "pt", "note": "random weights, for tests only"})
-    os.replace(tmp, path)  # never leave a half-written file under the final name
-    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {len(sd)} tensors)")
+    return detect_as(sd, WAN_CONFIG, "WAN21_T2V")
 
 
 def main(out_dir: str) -> None:
@@ -88,7 +71,7 @@ def main(out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     sd = build_wan()
     print("detected:", detect(sd))
-    save(sd, path)
+    _save(sd, path)
 
 
 if __name__ == "__main__":
