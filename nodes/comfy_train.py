@@ -211,11 +211,14 @@ class TrainSampler(comfy.samplers.Sampler):
                     self.interrupted = True
             return run
 
+        def preview(state: TrainState) -> None:
+            self.previewer.take(state.step)
+            reporter.event("preview", state)
+
         def on_start(state: TrainState) -> None:
             ui_bar.update_absolute(state.step, config.steps)
             if self.previewer is not None:
-                self.previewer.take(state.step)
-                reporter.event("preview", state, step=state.step)
+                preview(state)
 
         def on_step(state: TrainState) -> None:
             self.steps_done = state.step
@@ -226,8 +229,7 @@ class TrainSampler(comfy.samplers.Sampler):
                 reporter.event("validation", state)
             ui_bar.update_absolute(state.step, config.steps)
             if self.previewer is not None and self.previewer.due(state.step):
-                self.previewer.take(state.step)
-                reporter.event("preview", state, step=state.step)
+                preview(state)
 
         def save(state: TrainState, lora, reason: str) -> str:
             where = extras.checkpoints.save(state, lora, reason)
@@ -283,8 +285,7 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI)."""
     config = _config(inputs, options)
     with torch.inference_mode(False), torch.enable_grad():
-        images = _model_rank(flatten_latents([_clone_tree(l["samples"]) for l in latents]), model.model)
-        _check_channels(images, model.model)
+        images = _latents(latents, model.model, "latents")
         entries, counts = _flat_conditioning(_clone_tree(positive))
         captions = caption_entries(counts, len(images))
         uncond = None
@@ -295,13 +296,11 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         log.info(describe_captions(counts, len(images)))
         val_latents, val_captions = [], []
         if validation is not None:  # its captions join the guider's entries after the training ones
-            val_latents = _model_rank(flatten_latents([_clone_tree(l["samples"]) for l in validation.latents]), model.model)
-            _check_channels(val_latents, model.model, "validation latents")
+            val_latents = _latents(validation.latents, model.model, "validation latents")
             val_entries, val_counts = _flat_conditioning(_clone_tree(validation.positive))
             val_captions = [[len(entries) + i for i in c] for c in caption_entries(val_counts, len(val_latents))]
             entries = entries + val_entries
-        existing_name = inputs.get("existing_lora", NONE_LORA)
-        existing = _existing(existing_name, model.model)
+        existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
         writer = CheckpointWriter(folder_paths.get_output_directory(), config, images, len(entries))
         resume = writer.resume()
         extras = Extras(preview, validation, val_latents, val_captions, writer, resume)
@@ -338,13 +337,17 @@ def _blank_image() -> torch.Tensor:
     return torch.zeros((1, 64, 64, 3))
 
 
-def _model_rank(images: list[torch.Tensor], base_model) -> list[torch.Tensor]:
-    """Image latents for a model of 3-D latents (Qwen-Image, Wan) with a frame axis, as core's sampler adds it."""
+def _latents(latents: list[dict], base_model, what: str) -> list[torch.Tensor]:
+    """LATENTs → single latents (clones) of the model's rank and channels; `what` names the input in errors.
+    Image latents for a model of 3-D latents (Qwen-Image, Wan) get a frame axis, as core's sampler adds it."""
+    images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
     dimensions = getattr(getattr(base_model, "latent_format", None), "latent_dimensions", None)
-    return as_model_rank(images, dimensions) if isinstance(dimensions, int) else images
+    images = as_model_rank(images, dimensions) if isinstance(dimensions, int) else images
+    _check_channels(images, base_model, what)
+    return images
 
 
-def _check_channels(images: list[torch.Tensor], base_model, what: str = "latents") -> None:
+def _check_channels(images: list[torch.Tensor], base_model, what: str) -> None:
     latent_format = getattr(base_model, "latent_format", None)
     channels = getattr(latent_format, "latent_channels", None)
     if isinstance(channels, int):

@@ -15,6 +15,7 @@ The model's layers are checked by `Trainer.load_state`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -149,7 +150,7 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
                     "have been uninterrupted", json_path, "; ".join(changed))
     try:
         tensors = load_file(str(tensors_path))
-    except (OSError, Exception) as err:  # safetensors raises its own error types
+    except Exception as err:  # OSError, or safetensors' own error types
         raise ValueError(f"resume: cannot read {tensors_path} ({err}); pick another training state") from None
     lora: dict[str, dict[str, torch.Tensor]] = {}
     optimizer_state: dict[int, dict[str, Any]] = {}
@@ -178,8 +179,6 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
 def fingerprint(images: list[torch.Tensor], captions: int) -> dict[str, Any]:
     """What a state must be resumed with: the training images' shapes (the data order indexes them),
     a hash of their values and the number of caption entries (changes there only warn)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for image in images:
         digest.update(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
