@@ -283,6 +283,9 @@ def train(
             trainer.validation.append((trainer.step_count, loss))
             return True
 
+        def cancel() -> TrainResult:  # the last completed step, written to resume from
+            return result(cancelled=True, checkpoint=save("cancel"))
+
         def validation_due(step: int) -> bool:
             return step % validator.every == 0 or step == config.steps
 
@@ -290,25 +293,25 @@ def train(
         start = trainer.step_count
         if validator is not None and validation_due(start) and start not in (s for s, _ in trainer.validation) \
                 and not validate():
-            return result(cancelled=True)
+            return cancel()  # nothing new to write: save() keeps only steps taken in this call
         if hooks.on_start is not None:
             hooks.on_start(trainer.state())
         while trainer.step_count < config.steps:
             if hooks.should_cancel is not None and hooks.should_cancel():
-                return result(cancelled=True, checkpoint=save("cancel"))
+                return cancel()
             try:
                 trainer.step()
             except hooks.cancel_errors:
-                return result(cancelled=True, checkpoint=save("cancel"))
+                return cancel()
             except TrainingDiverged as err:
                 where = save("diverged")
                 kept = f"; the last good LoRA and training state are in {where}" if where else ""
                 raise TrainingDiverged(str(err) + kept, result()) from None
             step = trainer.step_count
-            if step == 1 or resume is not None and step == resume.step + 1:
+            if step == start + 1:
                 log.info("Train LoRA: %s", forward.describe())
             if validator is not None and validation_due(step) and not validate():
-                return result(cancelled=True, checkpoint=save("cancel"))
+                return cancel()
             if config.save_every and (step % config.save_every == 0 or step == config.steps):
                 save("every")
             if hooks.on_step is not None:
