@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
@@ -222,6 +223,7 @@ class TrainSampler(comfy.samplers.Sampler):
 
         def on_step(state: TrainState) -> None:
             self.steps_done = state.step
+            step_times.append(time.perf_counter())
             bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}")
             bar.update(1)
             reporter.step(state)
@@ -239,6 +241,9 @@ class TrainSampler(comfy.samplers.Sampler):
         def should_cancel() -> bool:
             return self.interrupted or comfy.model_management.processing_interrupted()
 
+        step_times: list[float] = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         hooks = Hooks(guarded(on_step), should_cancel, guarded(on_start),
                       save if extras.checkpoints is not None else None,
                       (comfy.model_management.InterruptProcessingException,))
@@ -251,6 +256,7 @@ class TrainSampler(comfy.samplers.Sampler):
         finally:
             bar.close()
             reporter.flush()
+        _log_speed(step_times, device)
         return torch.zeros_like(latent_image)
 
     def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict, captions: list[list[int]]) -> ModelFns:
@@ -332,6 +338,17 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     return {"ui": ui, "result": outputs}
 
 
+def _log_speed(step_times: list[float], device: torch.device) -> None:
+    """One log line: the steps' time from the end of the first (its extra first-use cost left out), and
+    on CUDA the peak memory torch allocated during the training (weights loaded before included)."""
+    if len(step_times) < 2:
+        return
+    per_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
+    peak = (f"; peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB allocated on {device}"
+            if device.type == "cuda" else "")
+    log.info("Train LoRA: %.4f s/step over %d steps after the first%s", per_step, len(step_times) - 1, peak)
+
+
 def _blank_image() -> torch.Tensor:
     """The previews output when no preview is connected: one small black IMAGE."""
     return torch.zeros((1, 64, 64, 3))
@@ -344,7 +361,31 @@ def _latents(latents: list[dict], base_model, what: str) -> list[torch.Tensor]:
     dimensions = getattr(getattr(base_model, "latent_format", None), "latent_dimensions", None)
     images = as_model_rank(images, dimensions) if isinstance(dimensions, int) else images
     _check_channels(images, base_model, what)
+    _check_no_concat_input(images[0], base_model)
     return images
+
+
+def _check_no_concat_input(latent: torch.Tensor, base_model) -> None:
+    """Refuse, naming the model, one that takes more than the noisy latent: channels ComfyUI concatenates
+    to it (`concat_cond`: Wan image-to-video's start-frame latent and mask, inpainting models' masked
+    image, Flux Fill's). Train LoRA gives only latents and captions, so ComfyUI would fill them with
+    blanks and the LoRA would learn a conditioning nobody samples with: a wrong training, not an error."""
+    concat = getattr(base_model, "concat_cond", None)
+    if concat is None:
+        return
+    noise = torch.zeros((1, *latent.shape))
+    try:
+        extra = concat(noise=noise, latent_image=noise, device=noise.device)
+    except Exception:  # it needs an input beside the latent that Train LoRA cannot give
+        extra = ()
+    if extra is None:
+        return
+    name = type(base_model.model_config).__name__
+    took = f" ({latent.shape[0]} + {extra.shape[1]} input channels)" if isinstance(extra, torch.Tensor) else ""
+    raise ValueError(
+        f"model: this {name} model takes an image or mask beside the noisy latent{took} (image-to-video, "
+        "inpainting or fill models), and Train LoRA gives it only latents and captions, so it would train on "
+        f"blank images; load the family's text-to-image / text-to-video model (not {name}) for training instead")
 
 
 def _check_channels(images: list[torch.Tensor], base_model, what: str) -> None:

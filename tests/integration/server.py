@@ -7,6 +7,8 @@ Environment:
     COMFYUI_IT_CACHE       where the tiny checkpoint (and make_flux.py's tiny Flux model and VAE)
                            are cached (default: ~/.cache/comfyui-lora-trainer-it)
     COMFYUI_START_TIMEOUT  seconds to wait for the server (default: 180)
+    LORA_TRAINER_FIGURES   a JSON file: trainings run through `run_measured` add their step time and
+                           the server's extra peak memory to it (bench/families.py sets it)
 
 conftest.py's session-scoped `comfy` fixture builds a throw-away ComfyUI base folder (models/checkpoints
 with a tiny SD1.5-shaped checkpoint from make_checkpoint.py, models/loras, input, output, user,
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 HERE = Path(__file__).resolve().parent
@@ -145,6 +148,53 @@ class ComfyClient:
     @staticmethod
     def execution_error(entry: dict) -> str | None:
         return execution_error(entry)
+
+
+class Measured(NamedTuple):
+    entry: dict  # the history entry
+    log: str  # the server's log meanwhile
+    seconds_per_step: float | None  # Train LoRA's log: seconds per step after the first; None if it has none
+    extra_peak_mib: float | None  # the server's peak RSS over its RSS before; None where Linux can't reset it
+
+
+def _proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _seconds_per_step(log: str) -> float | None:
+    """Train LoRA's own figure: its log's seconds per step after the first step."""
+    found = re.findall(r"Train LoRA: ([\d.]+) s/step over \d+ steps after the first", log)
+    return float(found[-1]) if found else None
+
+
+def run_measured(client: "ComfyClient", graph: dict, steps: int, figure: str | None = None,
+                 timeout: float = 600, **settings: Any) -> Measured:
+    """Run a training graph of `steps` steps and measure it: the server's extra peak RSS (its
+    high-water mark reset to its RSS just before) and the seconds per step Train LoRA logged. With `figure`
+    and LORA_TRAINER_FIGURES set, the figures (and `settings`, which say what was trained) are
+    added to that file under `figure`."""
+    pid = client.process.pid
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
+        before = _proc_kib(pid, "VmRSS")
+    except OSError:
+        before = None
+    mark = len(client.log())
+    entry = client.run(graph, timeout=timeout)
+    extra = None if before is None else (_proc_kib(pid, "VmHWM") - before) / 1024
+    log = client.log(mark)
+    measured = Measured(entry, log, _seconds_per_step(log), extra)
+    out = os.environ.get("LORA_TRAINER_FIGURES")
+    if figure and out:
+        path = Path(out)
+        figures = json.loads(path.read_text()) if path.exists() else {}
+        figures[figure] = {"steps": steps, "seconds_per_step": measured.seconds_per_step,
+                           "extra_peak_rss_mib": extra, **settings}
+        path.write_text(json.dumps(figures, indent=2))
+    return measured
 
 
 def execution_error(entry: dict) -> str | None:

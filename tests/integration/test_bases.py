@@ -120,7 +120,9 @@ def test_fp8_base_trains_and_stays_bit_identical(comfy, dataset, unets, unet, we
     mark = len(comfy.log())
     before = fp8_base_sample(comfy, unet, weight_dtype, f"{weight_dtype}_before")
     assert f"model weight dtype torch.{stored}" in comfy.log(mark)  # ComfyUI really built an fp8 model
-    entry = comfy.run(fp8_graph(comfy, unet, weight_dtype, 30, f"loras/it_fp8_{weight_dtype}"), timeout=600)
+    entry = sys.modules["lora_trainer_it_server"].run_measured(
+        comfy, fp8_graph(comfy, unet, weight_dtype, 30, f"loras/it_fp8_{weight_dtype}"), 30,
+        f"sd15 UNet {unet} as {weight_dtype}", images="3 × 64 px", batch=1, training_dtype="fp32").entry
     losses = entry["outputs"][nodes_it.PLOT_NODE]["loss"]
     assert sum(losses[-5:]) < sum(losses[:5]), losses
     after = fp8_base_sample(comfy, unet, weight_dtype, f"{weight_dtype}_after")

@@ -56,6 +56,9 @@ FAMILIES = ("sdxl", "sd3")
 # first-5 → last-5 mean fell by only about a quarter (1.48 → 1.12), too close to the 0.8 bar, so
 # it trains longer.
 FAMILY_STEPS = {"sdxl": STEPS, "sd3": 60}
+# bf16 autocast with gradient checkpointing: its first steps track the fp32 run's
+BF16 = {"training_dtype": "bf16", "gradient_checkpointing": True}
+BF16_STEPS = 10
 TRAIN_NODE, SAVE_NODE, PLOT_NODE = "5", "6", "7"
 SAMPLE_IMAGE, SAMPLE_LATENT = "8", "9"
 LORA_NOT_LOADED = "lora key not loaded"
@@ -124,9 +127,9 @@ def vae(family: str) -> list:
     return ["v", 0] if family == "sd3" else ["ckpt", 2]
 
 
-def train_graph(family: str, prefix: str, cond: dict, steps: int | None = None) -> dict:
-    """Model + VAE, the demo images → VAEEncode, conditioning → Train LoRA → Save LoRA (`full`, with
-    norm and bias differences) and Plot Loss Graph."""
+def train_graph(family: str, prefix: str, cond: dict, steps: int | None = None, **settings) -> dict:
+    """Model + VAE, the demo images → VAEEncode, conditioning → Train LoRA (TRAIN, then `settings`)
+    → Save LoRA (`full`, with norm and bias differences) and Plot Loss Graph."""
     steps = FAMILY_STEPS[family] if steps is None else steps
     return {
         **loaders(family),
@@ -135,7 +138,8 @@ def train_graph(family: str, prefix: str, cond: dict, steps: int | None = None) 
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": vae(family)}},
         "c": cond,
         TRAIN_NODE: {"class_type": "LoRATrainer_TrainLoRA",
-                     "inputs": {"model": ["1", 0], "latents": ["3", 0], "positive": ["c", 0], **TRAIN, "steps": steps}},
+                     "inputs": {"model": ["1", 0], "latents": ["3", 0], "positive": ["c", 0], **TRAIN, "steps": steps,
+                                **settings}},
         SAVE_NODE: {"class_type": "LoRATrainer_SaveLoRA",
                     "inputs": {"lora": [TRAIN_NODE, 1], "prefix": prefix, "steps": [TRAIN_NODE, 3], "format": "full"}},
         PLOT_NODE: {"class_type": "LoRATrainer_PlotLossGraph",
@@ -198,45 +202,24 @@ def model_loads(comfy) -> int:
     return comfy.log().count("model weight dtype")
 
 
-def _proc_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def run_measured(comfy, graph: dict) -> tuple[dict, str, float | None]:
-    """Run a training graph; (history entry, server log meanwhile, extra peak RSS in MiB over the
-    RSS before it, None where Linux cannot reset the high-water mark)."""
-    pid = comfy.process.pid
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
-        before = _proc_kib(pid, "VmRSS")
-    except OSError:
-        before = None
-    mark = len(comfy.log())
-    entry = comfy.run(graph, timeout=600)
-    extra = None if before is None else (_proc_kib(pid, "VmHWM") - before) / 1024
-    return entry, comfy.log(mark), extra
-
-
 # ---- fixtures ----------------------------------------------------------------------------
 class Trained(NamedTuple):
     saved: str
     losses: list[float]
     log: str
-    rate: str  # tqdm's rate at the last step, e.g. '12.3it/s'
-    extra_peak_mib: float | None
+    seconds_per_step: float | None  # tqdm's rate at the last step
+    extra_peak_mib: float | None  # the server's peak RSS over its RSS before the training
     baseline: Sample
     base_after: Sample
     loads_before: int
     loads_after: int
     probes: dict[str, list[float]]  # first losses of 2-step trainings: same / pooled / size
+    bf16: list[float]  # the losses of a BF16_STEPS-step training in bf16 with gradient checkpointing
 
 
 @pytest.fixture(scope="module")
 def families(comfy_families) -> dict[str, Trained]:
-    comfy = comfy_families
+    comfy, server = comfy_families, sys.modules["lora_trainer_it_server"]
     folder = comfy.input_dir / DATASET
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("circle", "stripes", "sunset"):
@@ -245,9 +228,14 @@ def families(comfy_families) -> dict[str, Trained]:
     for family in FAMILIES:
         baseline = sample_base(comfy, family, "baseline")
         loads = model_loads(comfy)
-        entry, log, extra = run_measured(comfy, train_graph(family, f"loras/it_{family}", conditioning(family, 0)))
         steps = FAMILY_STEPS[family]
-        rates = re.findall(rf"{steps}/{steps} \[[^,\]]*,\s*([\d.]+(?:it/s|s/it))", log)
+        run = server.run_measured(comfy, train_graph(family, f"loras/it_{family}", conditioning(family, 0)), steps,
+                                  f"{family} fp32", images="3 × 64 px", batch=1, rank=8, training_dtype="fp32",
+                                  gradient_checkpointing=False)
+        bf16 = server.run_measured(comfy, train_graph(family, f"loras/it_{family}_bf16", conditioning(family, 0),
+                                                      BF16_STEPS, **BF16), BF16_STEPS, f"{family} bf16+checkpointing",
+                                   images="3 × 64 px", batch=1, rank=8, training_dtype="bf16",
+                                   gradient_checkpointing=True)
         probes = {"same": conditioning(family, 0), "pooled": conditioning(family, 0, pooled_seed=5)}
         if family == "sdxl":
             probes["size"] = conditioning(family, 0, size=1024)
@@ -255,13 +243,15 @@ def families(comfy_families) -> dict[str, Trained]:
         for what, cond in probes.items():
             probe = comfy.run(train_graph(family, f"loras/it_{family}_probe_{what}", cond, steps=2), timeout=600)
             probe_losses[what] = probe["outputs"][PLOT_NODE]["loss"]
-        runs[family] = Trained(entry["outputs"][SAVE_NODE]["text"][0], entry["outputs"][PLOT_NODE]["loss"], log,
-                               rates[-1] if rates else "?", extra, baseline,
-                               sample_base(comfy, family, "base_after"), loads, model_loads(comfy), probe_losses)
+        runs[family] = Trained(run.entry["outputs"][SAVE_NODE]["text"][0], run.entry["outputs"][PLOT_NODE]["loss"],
+                               run.log, run.seconds_per_step, run.extra_peak_mib, baseline,
+                               sample_base(comfy, family, "base_after"), loads, model_loads(comfy), probe_losses,
+                               bf16.entry["outputs"][PLOT_NODE]["loss"])
         losses = runs[family].losses
         print(f"\n{family}: loss first 5 {np.mean(losses[:5]):.4f} -> last 5 {np.mean(losses[-5:]):.4f}; "
-              f"{runs[family].rate} ({steps} steps, 3 images 64 px, batch 1, fp32, rank 8); "
-              f"server extra peak RSS {extra if extra is None else f'{extra:.0f} MiB'}; probes {probe_losses}")
+              f"{run.seconds_per_step} s/step ({steps} steps, 3 images 64 px, batch 1, fp32, rank 8); "
+              f"server extra peak RSS {run.extra_peak_mib} MiB; bf16 + checkpointing {bf16.seconds_per_step} s/step, "
+              f"{bf16.extra_peak_mib} MiB; probes {probe_losses}")
     return runs
 
 
@@ -289,6 +279,15 @@ def test_training_runs_and_the_loss_falls(comfy_families, families, family):
     assert last < 0.8 * first, f"{family}: loss did not fall: first 5 mean {first:.4f}, last 5 mean {last:.4f}: {losses}"
     assert re.fullmatch(rf"loras/it_{family}_{steps}_steps_\d{{5}}_\.safetensors", run.saved), run.saved
     assert (comfy_families.output_dir / run.saved).is_file()
+    assert run.seconds_per_step > 0, "Train LoRA logged no s/step line"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_with_gradient_checkpointing_tracks_fp32(families, family):
+    run = families[family]
+    assert len(run.bf16) == BF16_STEPS and all(np.isfinite(run.bf16)), run.bf16
+    np.testing.assert_allclose(run.bf16, run.losses[:BF16_STEPS], rtol=0.05,
+                               err_msg=f"{family}: bf16 autocast with checkpointing strays from fp32")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -39,6 +39,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 WAN_MODEL = "tiny_wan21_t2v.safetensors"  # make_wan.WAN_NAME
+WAN_I2V = "tiny_wan21_i2v.safetensors"  # make_wan.I2V_NAME
 TRAIN = {"learning_rate": 5e-3, "batch_size": 2, "rank": 8, "optimizer": "AdamW",
          "loss_function": "MSE", "seed": 1, "lora_dtype": "fp32", "training_dtype": "fp32",
          "gradient_checkpointing": False, "existing_lora": "[None]"}
@@ -50,6 +51,9 @@ FAMILIES = {  # family -> (loader node, training clips' frames, context width, s
 # In a one-block joint (MMDiT) model the block's text-stream outputs are never read again: no gradient
 # reaches these Qwen-Image adapters, correctly (with more blocks the next block reads them).
 QWEN_DEAD_TEXT_PATH = {"attn_add_q_proj", "attn_norm_added_q", "attn_to_add_out", "txt_mlp_net_0_proj", "txt_mlp_net_2"}
+# bf16 autocast with gradient checkpointing: its first steps track the fp32 run's
+BF16 = {"training_dtype": "bf16", "gradient_checkpointing": True}
+BF16_STEPS = 10
 TRAIN_NODE, SAVE_NODE, PLOT_NODE, SAMPLE_LATENT = "5", "6", "7", "9"
 LORA_NOT_LOADED = "lora key not loaded"
 _probe_ids = itertools.count()
@@ -60,13 +64,14 @@ def _server():
 
 
 def cached_wan(comfy_dir: Path, python: str) -> Path:
-    """Build the tiny Wan model once per version of make_wan.py (the cache of server.cached_flux)."""
+    """The folder of the tiny Wan models (T2V, I2V), built once per version of make_wan.py (the cache
+    of server.cached_flux)."""
     script = HERE / "make_wan.py"
     digest = hashlib.sha256(script.read_bytes()).hexdigest()[:10]
     cache = Path(os.environ.get("COMFYUI_IT_CACHE", "~/.cache/comfyui-lora-trainer-it")).expanduser()
-    path = cache / f"tiny_wan-{digest}" / WAN_MODEL
-    if not path.exists():
-        done = subprocess.run([python, str(script), str(path.parent)], cwd=comfy_dir,
+    path = cache / f"tiny_wan-{digest}"
+    if not all((path / name).exists() for name in (WAN_MODEL, WAN_I2V)):
+        done = subprocess.run([python, str(script), str(path)], cwd=comfy_dir,
                               env=dict(os.environ, COMFYUI_DIR=str(comfy_dir)), capture_output=True, text=True,
                               timeout=900)
         if done.returncode != 0:
@@ -85,7 +90,8 @@ def comfy_wan(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(str(why))
     python = server.comfyui_python(comfy_dir)
     base = tmp_path_factory.mktemp("comfyui_wan_base")
-    server.make_base_dir(base, None, {f"models/diffusion_models/{WAN_MODEL}": cached_wan(comfy_dir, python),
+    models = cached_wan(comfy_dir, python)
+    server.make_base_dir(base, None, {**{f"models/diffusion_models/{name}": models / name for name in (WAN_MODEL, WAN_I2V)},
                                       "custom_nodes/it_video_nodes.py": HERE / "it_video_nodes.py"})
     started = time.monotonic()
     client = server.start_server(comfy_dir, python, base)
@@ -101,7 +107,7 @@ def conditioning(family: str, seed: int) -> dict:
     return {"class_type": "ITWanConditioning", "inputs": {"seed": seed, "tokens": 16, "width": FAMILIES[family][2]}}
 
 
-def train_graph(family: str, prefix: str) -> dict:
+def train_graph(family: str, prefix: str, steps: int | None = None, **settings) -> dict:
     """UNETLoader, two video LATENTs (3 and 2 frames) and a Wan-shaped caption → Train LoRA → Save
     LoRA (format full: norms and biases train too, so every weight shows whether gradients reached
     it) and Plot Loss Graph."""
@@ -111,8 +117,9 @@ def train_graph(family: str, prefix: str) -> dict:
         "4": conditioning(family, 0),
         TRAIN_NODE: {"class_type": "LoRATrainer_TrainLoRA",
                      "inputs": {"model": ["1", 0], "latents": ["3", 0], "positive": ["4", 0],
-                                **TRAIN, "learning_rate": FAMILIES[family][4], "steps": FAMILIES[family][5],
-                                "train_norms": True, "train_biases": True}},
+                                **TRAIN, "learning_rate": FAMILIES[family][4],
+                                "steps": FAMILIES[family][5] if steps is None else steps,
+                                "train_norms": True, "train_biases": True, **settings}},
         SAVE_NODE: {"class_type": "LoRATrainer_SaveLoRA",
                     "inputs": {"lora": [TRAIN_NODE, 1], "prefix": prefix, "steps": [TRAIN_NODE, 3], "format": "full"}},
         PLOT_NODE: {"class_type": "LoRATrainer_PlotLossGraph",
@@ -166,12 +173,6 @@ def model_loads(comfy) -> int:
     return comfy.log().count("model weight dtype")
 
 
-def peak_rss_mib(pid: int) -> float:
-    """The server's peak resident memory so far (VmHWM), MiB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
-
-
 # ---- fixture -----------------------------------------------------------------------------
 class Trained(NamedTuple):
     baseline: Sample
@@ -180,6 +181,7 @@ class Trained(NamedTuple):
     saved: str  # loras/it_<family>_<steps>_steps_00001_.safetensors
     losses: list[float]
     log: str
+    bf16: list[float]  # the losses of a BF16_STEPS-step training in bf16 with gradient checkpointing
     base_after: Sample
     loads: int  # diffusion-model loads when base_after was taken
 
@@ -191,18 +193,17 @@ def trained(comfy_wan) -> dict[str, Trained]:
     for family in FAMILIES:
         baseline = sample_base(comfy_wan, family, "baseline")
         loads_before = model_loads(comfy_wan)
-        mark, rss_before = len(comfy_wan.log()), peak_rss_mib(comfy_wan.process.pid)
-        started = time.monotonic()
-        entry = comfy_wan.run(train_graph(family, f"loras/it_{family}"), timeout=600)
-        seconds, log = time.monotonic() - started, comfy_wan.log(mark)
-        rss_after = peak_rss_mib(comfy_wan.process.pid)
-        losses = entry["outputs"][PLOT_NODE]["loss"]
-        steps = FAMILIES[family][5]
-        rates = re.findall(rf"{steps}/{steps} \[[^,\]]*,\s*([\d.]+(?:it/s|s/it))", log)
+        steps, what = FAMILIES[family][5], {"clips": FAMILIES[family][1], "batch": 2, "rank": 8}
+        run = _server().run_measured(comfy_wan, train_graph(family, f"loras/it_{family}"), steps, f"{family} fp32",
+                                     **what, training_dtype="fp32", gradient_checkpointing=False)
+        bf16 = _server().run_measured(comfy_wan, train_graph(family, f"loras/it_{family}_bf16", BF16_STEPS, **BF16),
+                                      BF16_STEPS, f"{family} bf16+checkpointing", **what, **BF16)
+        losses = run.entry["outputs"][PLOT_NODE]["loss"]
         print(f"\n{family}: loss first 10 {np.mean(losses[:10]):.4f} -> last 10 {np.mean(losses[-10:]):.4f}; "
-              f"rate {rates[-1] if rates else '?'}; graph {seconds:.1f} s; server peak RSS {rss_before:.0f} -> "
-              f"{rss_after:.0f} MiB")
-        runs[family] = Trained(baseline, loads_before, entry, entry["outputs"][SAVE_NODE]["text"][0], losses, log,
+              f"{run.seconds_per_step} s/step, server extra peak RSS {run.extra_peak_mib} MiB; bf16 + checkpointing "
+              f"{bf16.seconds_per_step} s/step, {bf16.extra_peak_mib} MiB")
+        runs[family] = Trained(baseline, loads_before, run.entry, run.entry["outputs"][SAVE_NODE]["text"][0], losses,
+                               run.log, bf16.entry["outputs"][PLOT_NODE]["loss"],
                                sample_base(comfy_wan, family, "base_after"), model_loads(comfy_wan))
     return runs
 
@@ -230,6 +231,25 @@ def test_video_latents_train_and_the_loss_falls(comfy_wan, trained, family):
     assert last < 0.85 * first, f"{family}: loss did not fall: first 10 mean {first:.4f}, last 10 {last:.4f}: {losses}"
     assert re.fullmatch(rf"loras/it_{family}_{steps}_steps_\d{{5}}_\.safetensors", run.saved), run.saved
     assert "Train LoRA: 2 images, one caption for every image" in run.log
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_with_gradient_checkpointing_tracks_fp32(trained, family):
+    run = trained[family]
+    assert len(run.bf16) == BF16_STEPS and all(np.isfinite(run.bf16)), run.bf16
+    np.testing.assert_allclose(run.bf16, run.losses[:BF16_STEPS], rtol=0.05,
+                               err_msg=f"{family}: bf16 autocast with checkpointing strays from fp32")
+
+
+def test_wan_image_to_video_is_refused_naming_the_model(comfy_wan):
+    """Wan 2.1 I2V concatenates a start-frame latent and mask to the noisy latent; Train LoRA gives
+    neither, so it refuses the model by name instead of training on blank images."""
+    graph = train_graph("wan21_t2v", "loras/it_wan_i2v", 2)
+    graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_I2V, "weight_dtype": "default"}}
+    error = comfy_wan.execution_error(comfy_wan.wait(comfy_wan.queue(graph), 300))
+    assert error is not None and error.startswith("LoRATrainer_TrainLoRA: ValueError: model: this WAN21_I2V model"), error
+    assert "(16 + 20 input channels)" in error and "text-to-video" in error, error
+    assert not list(comfy_wan.output_dir.glob("loras/it_wan_i2v*")), "a file was written for a refused training"
 
 
 def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):

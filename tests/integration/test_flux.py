@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -169,9 +170,10 @@ def flux(comfy_flux) -> Module:
     loads = model_loads(comfy_flux)
     runs = {}
     for case, (dtype, checkpointing) in CASES.items():
-        mark = len(comfy_flux.log())
-        entry = comfy_flux.run(train_graph(dtype, checkpointing, f"loras/it_flux_{case}"), timeout=600)
-        log = comfy_flux.log(mark)
+        measured = sys.modules["lora_trainer_it_server"].run_measured(
+            comfy_flux, train_graph(dtype, checkpointing, f"loras/it_flux_{case}"), STEPS, f"flux {case}",
+            images="3 × 64 px", batch=1, rank=8, training_dtype=dtype, gradient_checkpointing=checkpointing)
+        entry, log = measured.entry, measured.log
         runs[case] = Trained(entry, entry["outputs"][SAVE_NODE]["text"][0], entry["outputs"][PLOT_NODE]["loss"],
                              log, sample_base(comfy_flux, f"base_after_{case}"), model_loads(comfy_flux))
         print(f"\n{case}: {summary(runs[case])}")  # shown with pytest -s
