@@ -5,21 +5,27 @@
 ComfyUI stores a model's weights in fp8 or bf16 and casts each layer's weight to the compute dtype
 inside the layer's forward (comfy/ops.py `manual_cast`, `cast_bias_weight`). `cast_layers` gives the
 bundled tiny model such layers (the tests use them too: tests/test_bases.py). For each storage dtype,
-two cases run, each in its own subprocess (peak RSS, `VmHWM`, reset after setup as bench/speed.py
-does; torch's CPU allocations live in RSS):
+three cases run, each in its own subprocess:
 - floor: forward + backward of the frozen base with respect to its input (the activations and the
   per-layer weight casts training cannot avoid), no adapters;
-- ours: LoRA (rank 8, Adam) injected, the same steps plus the optimizer step.
+- ours: LoRA (rank 8, Adam) injected, the same steps plus the optimizer step, no checkpointing;
+- ours_checkpointing: the same through the engine's `training_forward` with gradient checkpointing,
+  Train LoRA's default (training/checkpointing.py: each block keeps only its inputs and is run again
+  in the backward).
+Memory is counted as torch's own allocations: a dispatch mode sums the bytes of every live tensor
+storage an op creates (a storage counts until it is freed), so the peak is the most the steps held
+at once above the loaded base (the weights, made before), exact on any device and free of the
+allocator's slack. The JSON also has each case's peak RSS increase (`VmHWM`, reset after setup as
+bench/speed.py does), which holds the allocator's, the libraries' and the count's own memory too.
+
 The design target (issue 15): fp8 base + adapters + optimizer state ≤ fp8 weights + activations +
-4 × LoRA parameter bytes. The weights are resident before the reset (their bytes are reported
-alongside), so the check is: ours' increase ≤ activations + 4 × LoRA bytes (fp32 master, gradient,
-Adam's two moments). "Activations" are what autograd saves in ours' first step (unique storages,
-through saved_tensors_hooks), reported in two parts: tensors of a layer weight's shape (the weight
-cast to the compute dtype inside the layer's forward, which F.linear/F.conv keep for the input
-gradient: for an fp8 base they cost the weights in the compute dtype) and the rest (the layers'
-inputs, which the adapters' gradients need, and the nonlinearities'). The floor case shows what the
-base alone saves: only what its input gradient needs, not its layers' inputs. Compute is fp32 on
-the CPU.
+4 × LoRA parameter bytes (fp32 master, gradient, Adam's two moments). The weights are resident before
+the count starts, so the check is: a case's peak ≤ activations + 4 × LoRA bytes, where "activations"
+are what autograd saves in ours' first step without checkpointing (unique storages, through
+saved_tensors_hooks): the layers' inputs, which the adapters' gradients need, and the
+nonlinearities'. Tensors of a layer weight's shape are counted apart, as weights: the weight cast to
+the compute dtype inside the layer's forward, which F.linear/F.conv keep for the input gradient
+(for an fp8 base they cost the weights again in the compute dtype). Compute is fp32 on the CPU.
 """
 from __future__ import annotations
 
@@ -29,12 +35,15 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .speed import MALLOC_ENV, _maxrss_mib, reset_peak_rss
 
@@ -42,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = __package__.rsplit(".", 1)[0]
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bases.json"
 DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "bf16": torch.bfloat16}
-CASES = ("floor", "ours")
+CASES = ("floor", "ours", "ours_checkpointing")
 MIB = 2 ** 20
 
 _BOOTSTRAP = """
@@ -116,14 +125,37 @@ def cast_layers(net: nn.Module, dtype: torch.dtype, offload: bool = False) -> No
 
 # --- one case -------------------------------------------------------------------------------------
 
-def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[str, object]:
-    """In this process: the peak RSS increase (MiB) over `steps` steps, above the loaded base model.
+class LiveBytes(TorchDispatchMode):
+    """Sums the bytes of the live tensor storages that ops create while it is active, and their peak.
+    A storage counts once, from the op that made it until it is freed (a finalizer on the storage)."""
 
-    The high-water mark is reset once the base model is built and cast (its weights resident), so the
-    increase holds everything training adds: for ours the adapters, their gradients and Adam's
-    state, and in both cases the activations and first-use allocations (alike in both).
-    """
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+
+def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[str, object]:
+    """In this process: the extra peak memory (MiB) of `steps` steps above the loaded base model, as
+    torch's live tensor bytes and as RSS (both counted from once the base is built and cast)."""
     from ..lora import LoraConfig, inject
+    from ..training.checkpointing import training_forward
     from ..training.tiny_model import TinyConfig, build_tiny
 
     model = build_tiny("eps", TinyConfig(width=width, context_dim=2 * width))
@@ -133,11 +165,6 @@ def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[s
     context = torch.randn(2, 8, 2 * width, generator=gen)
     sigma = torch.tensor([0.5, 1.5])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.net.parameters())
-    gc.collect()
-    reset = reset_peak_rss()
-    base = _maxrss_mib()
-    network = inject(model.net, LoraConfig(rank=8), device="cpu") if case == "ours" else None
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if network is not None else None
     weight_shapes = {tuple(p.shape) for p in model.net.parameters() if p.dim() >= 2}
     saved: dict[int, tuple[int, bool]] = {}  # storage → (bytes, a weight's shape: the layer's cast weight)
 
@@ -145,21 +172,34 @@ def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[s
         saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape) in weight_shapes)
         return t
 
-    for i in range(steps):
-        noisy = (x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)).requires_grad_(network is None)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else nullcontext():
-            loss = F.mse_loss(model.denoise(noisy, sigma, context), x0)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    reset = reset_peak_rss()
+    base = _maxrss_mib()
+    with LiveBytes() as live:
+        network = inject(model.net, LoraConfig(rank=8), device="cpu") if case != "floor" else None
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if network is not None else None
+        blocks = list(model.net.blocks) if case == "ours_checkpointing" else []
+        for i in range(steps):
+            noisy = (x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)).requires_grad_(network is None)
+            # plain autograd (what it saves is counted at the first step), or the engine's checkpointing
+            forward = (training_forward(model.net, blocks, True) if blocks else
+                       torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else nullcontext())
+            with forward:
+                loss = F.mse_loss(model.denoise(noisy, sigma, context), x0)
+                loss.backward()
+            del loss, noisy
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     peak = _maxrss_mib()
     lora_bytes = sum(p.numel() * p.element_size() for p in network.parameters()) if network is not None else 0
     if network is not None:
         network.remove()
-    return {"peak_increase_mib": peak - base, "weight_mib": weight_bytes / MIB, "lora_mib": lora_bytes / MIB,
-            "saved_activations_mib": sum(n for n, w in saved.values() if not w) / MIB,
-            "saved_weight_casts_mib": sum(n for n, w in saved.values() if w) / MIB, "peak_reset": reset}
+    return {"peak_tensor_mib": live.peak / MIB, "peak_rss_increase_mib": peak - base, "weight_mib": weight_bytes / MIB,
+            "lora_mib": lora_bytes / MIB,
+            "saved_activations_mib": sum(n for n, w in saved.values() if not w) / MIB if saved else None,
+            "saved_weight_casts_mib": sum(n for n, w in saved.values() if w) / MIB if saved else None,
+            "peak_reset": reset}
 
 
 def measure(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[str, object]:
@@ -176,26 +216,30 @@ def run(steps: int, width: int, size: int) -> dict[str, object]:
     rows = {f"{d}:{c}": measure(d, c, steps, width, size) for d in DTYPES for c in CASES}
     report = {}
     for d in DTYPES:
-        floor, ours = rows[f"{d}:floor"], rows[f"{d}:ours"]
-        activations = ours["saved_activations_mib"] + ours["saved_weight_casts_mib"]
-        budget = activations + 4 * ours["lora_mib"]
+        floor, ours, checkpointed = (rows[f"{d}:{c}"] for c in CASES)
+        budget = ours["saved_activations_mib"] + 4 * ours["lora_mib"]
         report[d] = {"weights_mib": ours["weight_mib"], "lora_mib": ours["lora_mib"],
-                     "floor_increase_mib": floor["peak_increase_mib"], "ours_increase_mib": ours["peak_increase_mib"],
-                     "extra_over_floor_mib": ours["peak_increase_mib"] - floor["peak_increase_mib"],
                      "saved_activations_mib": ours["saved_activations_mib"],
-                     "saved_weight_casts_mib": ours["saved_weight_casts_mib"], "budget_mib": budget, "meets_target": ours["peak_increase_mib"] <= budget}
+                     "saved_weight_casts_mib": ours["saved_weight_casts_mib"], "budget_mib": budget,
+                     **{f"{c}_peak_mib": rows[f"{d}:{c}"]["peak_tensor_mib"] for c in CASES},
+                     **{f"{c}_rss_mib": rows[f"{d}:{c}"]["peak_rss_increase_mib"] for c in CASES},
+                     "meets_target": {c: rows[f"{d}:{c}"]["peak_tensor_mib"] <= budget for c in CASES[1:]}}
     return {"settings": {"steps": steps, "width": width, "latent": [2, 4, size, size], "rank": 8,
                          "compute": "fp32 cpu"}, "cases": rows, "report": report}
 
 
 def markdown(result: dict[str, object]) -> str:
-    lines = ["| base | weights MiB | LoRA MiB | floor +MiB | ours +MiB | saved activations | saved weight casts | "
-             "budget (saved + 4×LoRA) | target |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| base | weights | LoRA params | saved activations | saved weight casts | budget (activations + 4×LoRA) "
+             "| base fwd+bwd alone | training | training, checkpointing (default) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict, case: str) -> str:
+        verdict = "" if case == "floor" else (" PASS" if r["meets_target"][case] else " MISS")
+        return f"+{r[f'{case}_peak_mib']:.1f} MiB{verdict}"
+
     for d, r in result["report"].items():
-        lines.append(f"| {d} | {r['weights_mib']:.1f} | {r['lora_mib']:.2f} | {r['floor_increase_mib']:.1f} | "
-                     f"{r['ours_increase_mib']:.1f} | {r['saved_activations_mib']:.1f} | "
-                     f"{r['saved_weight_casts_mib']:.1f} | {r['budget_mib']:.1f} | "
-                     f"{'PASS' if r['meets_target'] else 'MISS'} |")
+        lines.append(f"| {d} | {r['weights_mib']:.1f} MiB | {r['lora_mib']:.2f} MiB | {r['saved_activations_mib']:.1f} MiB | "
+                     f"{r['saved_weight_casts_mib']:.1f} MiB | {r['budget_mib']:.1f} MiB | "
+                     + " | ".join(cell(r, c) for c in CASES) + " |")
     return "\n".join(lines)
 
 
