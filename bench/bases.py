@@ -124,7 +124,7 @@ def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[s
     state, and in both cases the activations and first-use allocations (alike in both).
     """
     from ..lora import LoraConfig, inject
-    from ..training.tiny_model import TinyConfig, build_tiny
+    from ..tiny.model import TinyConfig, build_tiny
 
     model = build_tiny("eps", TinyConfig(width=width, context_dim=2 * width))
     cast_layers(model.net, DTYPES[dtype_name])

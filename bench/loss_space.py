@@ -1,7 +1,7 @@
 """Which loss space trains better? Native (eps / v / flow velocity) against x0 (ComfyUI core's).
 
 For each parameterisation of the tiny model, trains the same LoRA (same seed, images, settings) once
-with each loss space, and reports the held-out denoising error (training/tiny_host.py: fixed noise
+with each loss space, and reports the held-out denoising error (tiny/host.py: fixed noise
 levels and noises, never the training draws) before and after, measured in both spaces.
 
     python -m comfyui_lora_trainer.bench.loss_space [--steps N]
@@ -14,13 +14,13 @@ import json
 import torch
 
 from ..lora import merge_lora, resolve_state_dict
+from ..tiny.demo import ASSETS, SIZE
+from ..tiny.host import heldout_loss, tiny_fns
+from ..tiny.model import build_tiny, encode_images
+from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
-from ..training.demo import ASSETS, SIZE
 from ..training.images import load_image_folder
 from ..training.loop import train
-from ..training.text import encode_captions
-from ..training.tiny_host import heldout_loss, tiny_fns
-from ..training.tiny_model import build_tiny, encode_images
 
 
 def compare(kind: str, steps: int) -> dict[str, dict[str, float]]:

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from comfyui_lora_trainer.lora import merge_lora, resolve_state_dict
+from comfyui_lora_trainer.tiny.host import checked_contexts, heldout_loss, tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import LOSSES, OPTIMIZERS, TrainConfig
 from comfyui_lora_trainer.training.data import batch_indices, check_caption_count
 from comfyui_lora_trainer.training.loop import Hooks, TrainingDiverged, train
 from comfyui_lora_trainer.training.optim import lr_at
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import checked_contexts, heldout_loss, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyui_lora_trainer.lora import LoraConfig, inject, merge_lora, resolve_state_dict
+from comfyui_lora_trainer.tiny.host import heldout_loss, tiny_fns
+from comfyui_lora_trainer.tiny.model import TinyDiffusion, timestep_embedding
+from comfyui_lora_trainer.tiny.schedules import make_schedule
 from comfyui_lora_trainer.training.checkpointing import model_blocks, training_forward
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.schedules import make_schedule
-from comfyui_lora_trainer.training.tiny_host import heldout_loss, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import TinyDiffusion, timestep_embedding
 
 DIM, CONTEXT_DIM, PATCH = 32, 16, 2
 

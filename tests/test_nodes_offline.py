@@ -12,7 +12,7 @@ from PIL import Image
 
 import comfyui_lora_trainer as pack
 from comfyui_lora_trainer.lora import load_lora_file
-from comfyui_lora_trainer.training.demo import run_demo
+from comfyui_lora_trainer.tiny.demo import run_demo
 from comfyui_lora_trainer.training.images import load_image_folder, load_images
 from comfyui_lora_trainer.training.plot import plot_losses, smooth
 

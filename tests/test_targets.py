@@ -9,11 +9,11 @@ import torch
 
 from comfyui_lora_trainer.lora import LoraConfig, inject, merge_lora, network_metadata, resolve_state_dict
 from comfyui_lora_trainer.lora.targets import TARGETS
+from comfyui_lora_trainer.tiny.host import heldout_loss, tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import heldout_loss, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 

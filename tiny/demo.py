@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from ..lora import file_metadata, merge_lora, resolve_state_dict, save_lora_file
-from .config import TrainConfig
-from .images import load_image_folder
-from .loop import Hooks, TrainState, train
-from .plot import plot_losses
+from ..training.config import TrainConfig
+from ..training.images import load_image_folder
+from ..training.loop import Hooks, TrainState, train
+from ..training.plot import plot_losses
 from .text import encode_captions
-from .tiny_host import TINY_BASE, heldout_loss, tiny_fns
-from .tiny_model import build_tiny, decode_latents, encode_images, sample
+from .host import TINY_BASE, heldout_loss, tiny_fns
+from .model import build_tiny, decode_latents, encode_images, sample
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_images"
 SIZE = 32  # latent side; the stand-in VAE keeps pixels, so images are resized to it

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from ..lora import BaseModel
-from .data import check_caption_count, flatten_latents
-from .objective import ModelFns, output_coefficient
-from .tiny_model import TinyDiffusion
+from ..training.data import check_caption_count, flatten_latents
+from ..training.objective import ModelFns, output_coefficient
+from .model import TinyDiffusion
 
 # The tiny model for a file's metadata: no other tool has it, so its layers keep their own module paths.
 TINY_BASE = BaseModel(version="comfyui-lora-trainer-tiny", architecture="comfyui-lora-trainer-tiny",
