@@ -12,7 +12,7 @@ them. This bench trains the same LoRA (seed, steps, LR, rank, images) as the dem
 
 Held-out images: the six demo images are split into three folds of two; run r trains on four images
 with seed r and is measured on fold r's two, which it never saw. The held-out loss is the native-
-space denoising MSE (as tiny/host.py's `heldout_loss`, whose images are the training ones)
+space denoising MSE (as training/evaluate.py's `heldout_loss`, whose images are the training ones)
 at `levels` fixed noise levels (evenly spaced percents through the schedule) × `noise_seeds` fixed
 noises per image, drawn from their own generator.
 Paired differences (same run, other variant) are reported besides mean ± sample std over runs.
