@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(run)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .training.demo import run_demo
+        from .tiny.demo import run_demo
 
         run_demo(args.out, args.steps, args.kind, args.seed)
     if args.command == "run":

@@ -155,8 +155,8 @@ def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[s
     """In this process: the extra peak memory (MiB) of `steps` steps above the loaded base model, as
     torch's live tensor bytes and as RSS (both counted from once the base is built and cast)."""
     from ..lora import LoraConfig, inject
+    from ..tiny.model import TinyConfig, build_tiny
     from ..training.checkpointing import training_forward
-    from ..training.tiny_model import TinyConfig, build_tiny
 
     model = build_tiny("eps", TinyConfig(width=width, context_dim=2 * width))
     cast_layers(model.net, DTYPES[dtype_name])

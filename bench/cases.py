@@ -1,7 +1,7 @@
 """The benchmark's configurations and the one training step each of them times.
 
 A `Case` is a model size × a method × gradient checkpointing off/on, on the bundled tiny model
-(training/tiny_model.py) in fp32 at batch 1, rank 8:
+(tiny/model.py) in fp32 at batch 1, rank 8:
 
 - `floor`: forward + backward of the frozen model with respect to its input only (no trainable
   parameters): the compute any LoRA trainer has to pay, because the gradient must flow back
@@ -25,12 +25,12 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from ..lora import LoraConfig, LoraNetwork, inject, to_state_dict
+from ..tiny.host import tiny_fns
+from ..tiny.model import TinyConfig, TinyDiffusion, build_tiny
+from ..tiny.text import encode_text
 from ..training.checkpointing import training_forward
 from ..training.config import TrainConfig
 from ..training.loop import GradientPass, ModelFns, Trainer, lora_config_of
-from ..training.text import encode_text
-from ..training.tiny_host import tiny_fns
-from ..training.tiny_model import TinyConfig, TinyDiffusion, build_tiny
 from .rebuild import weight_rebuild
 
 SIZES: dict[str, tuple[Callable[[], TinyConfig], int]] = {

@@ -4,7 +4,7 @@ With `target="all"` the trainer trains, besides each Linear/Conv layer's LoRA, a
 difference `diff` for every norm and a bias difference `diff_b` for every bias (lora/layers.py).
 diffusers and A1111's LoRA module do not read diff/diff_b on LoRA layers, so a portable file drops
 them. This bench trains the same LoRA (seed, steps, LR, rank, images) as the demo does
-(training/demo.py: 400 steps, batch 2, LR 2e-3 cosine with 10 warm-up steps, rank 8, fp32) with:
+(tiny/demo.py: 400 steps, batch 2, LR 2e-3 cosine with 10 warm-up steps, rank 8, fp32) with:
 
     a  norms + biases (train_norms=True, train_biases=True; today's default)
     b  neither        c  norms only        d  biases only
@@ -12,7 +12,7 @@ them. This bench trains the same LoRA (seed, steps, LR, rank, images) as the dem
 
 Held-out images: the six demo images are split into three folds of two; run r trains on four images
 with seed r and is measured on fold r's two, which it never saw. The held-out loss is the native-
-space denoising MSE (as training/tiny_host.py's `heldout_loss`, whose images are the training ones)
+space denoising MSE (as training/evaluate.py's `heldout_loss`, whose images are the training ones)
 at `levels` fixed noise levels (evenly spaced percents through the schedule) × `noise_seeds` fixed
 noises per image, drawn from their own generator.
 Paired differences (same run, other variant) are reported besides mean ± sample std over runs.
@@ -23,7 +23,7 @@ Share of effect of the differences in a:
                 by the differences alone (base + diffs) over that caused by the whole LoRA; and the
                 change from dropping them (a against e) over the whole LoRA's.
 
-The tiny model is random, never pre-trained (training/tiny_model.py), so "held-out" measures what a
+The tiny model is random, never pre-trained (tiny/model.py), so "held-out" measures what a
 LoRA learns that carries to unseen images of the same style, not a fine-tune of a real SD1.x UNet.
 
     python -m comfyui_lora_trainer.bench.diffs [--quick] [--steps N] [--seeds N] [--jobs N] [--json PATH]
@@ -52,13 +52,13 @@ import torch
 from ..lora import merge_lora, resolve_state_dict, save_lora_file
 from ..lora.algos import ALGORITHMS
 from ..lora.keys import ALPHA, DIFF, DIFF_B
+from ..tiny.demo import ASSETS, SIZE
+from ..tiny.host import tiny_fns
+from ..tiny.model import TinyDiffusion, build_tiny, encode_images
+from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
-from ..training.demo import ASSETS, SIZE
 from ..training.images import load_image_folder
 from ..training.loop import output_coefficient, train
-from ..training.text import encode_captions
-from ..training.tiny_host import tiny_fns
-from ..training.tiny_model import TinyDiffusion, build_tiny, encode_images
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "diffs.json"
 FOLDS = 3
@@ -88,7 +88,7 @@ class Settings:
     jobs: int = 1
 
     def config(self, variant: Variant, seed: int) -> TrainConfig:
-        """The demo's settings (training/demo.py), fp32, no checkpointing (speed only)."""
+        """The demo's settings (tiny/demo.py), fp32, no checkpointing (speed only)."""
         return TrainConfig(steps=self.steps, batch_size=2, learning_rate=2e-3, rank=8, seed=seed,
                            training_dtype="fp32", lora_dtype="fp32", lr_schedule="cosine",
                            warmup_steps=min(10, self.steps - 1), gradient_checkpointing=False,

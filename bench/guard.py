@@ -27,11 +27,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..lora import inject
 from ..lora.patching import swapped_forwards
+from ..tiny.host import tiny_fns
+from ..tiny.model import TinyDiffusion
+from ..tiny.schedules import make_schedule
+from ..tiny.text import encode_text
 from ..training.checkpointing import model_blocks, training_forward
-from ..training.schedules import make_schedule
-from ..training.text import encode_text
-from ..training.tiny_host import tiny_fns
-from ..training.tiny_model import TinyDiffusion
 from .cases import CAPTION, CONTEXT_TOKENS, EngineStep, bench_config, bench_inputs, lora_config
 from .comfyui import load_server_module
 

@@ -6,7 +6,7 @@ The run does the kinds of work Train LoRA does in ComfyUI around its steps, on t
   state every `save_every` steps, `keep_last` pruning the older ones);
 - validation: training/validation.py's Validation on two held-out demo images with their captions;
 - previews: every `preview_every` steps, from the on_step hook, the live LoRA (its adapters sit in
-  the network while train() runs) samples the demo's way (training/demo.py `sample_grid`) under
+  the network while train() runs) samples the demo's way (tiny/demo.py `sample_grid`) under
   training/isolation.py's `isolated` (no_grad, global RNG forked); the PNG goes to the output folder,
   and the labelled grid of every preview so far (training/grid.py) is rebuilt from the PNGs and saved,
   as nodes/comfy_preview.py's Previewer does at the end.
@@ -49,15 +49,15 @@ import torch
 from PIL import Image
 
 from ..nodes.checkpoints import CheckpointWriter
+from ..tiny.demo import ASSETS, sample_grid
+from ..tiny.host import TINY_BASE, tiny_fns
+from ..tiny.model import TinyDiffusion, build_tiny, encode_images
+from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
-from ..training.demo import ASSETS, sample_grid
 from ..training.grid import labelled_grid
 from ..training.images import load_image_folder
 from ..training.isolation import isolated
 from ..training.loop import Hooks, TrainState, train
-from ..training.text import encode_captions
-from ..training.tiny_host import TINY_BASE, tiny_fns
-from ..training.tiny_model import TinyDiffusion, build_tiny, encode_images
 from ..training.validation import Validation
 from .speed import reset_peak_rss
 

@@ -1,7 +1,7 @@
 """Which loss space trains better? Native (eps / v / flow velocity) against x0 (ComfyUI core's).
 
 For each parameterisation of the tiny model, trains the same LoRA (same seed, images, settings) once
-with each loss space, and reports the held-out denoising error (training/tiny_host.py: fixed noise
+with each loss space, and reports the held-out denoising error (training/evaluate.py: fixed noise
 levels and noises, never the training draws) before and after, measured in both spaces.
 
     python -m comfyui_lora_trainer.bench.loss_space [--steps N]
@@ -14,13 +14,14 @@ import json
 import torch
 
 from ..lora import merge_lora, resolve_state_dict
+from ..tiny.demo import ASSETS, SIZE
+from ..tiny.host import tiny_fns
+from ..tiny.model import build_tiny, encode_images
+from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
-from ..training.demo import ASSETS, SIZE
+from ..training.evaluate import heldout_loss
 from ..training.images import load_image_folder
 from ..training.loop import train
-from ..training.text import encode_captions
-from ..training.tiny_host import heldout_loss, tiny_fns
-from ..training.tiny_model import build_tiny, encode_images
 
 
 def compare(kind: str, steps: int) -> dict[str, dict[str, float]]:
@@ -28,13 +29,14 @@ def compare(kind: str, steps: int) -> dict[str, dict[str, float]]:
     latents = encode_images(image_set.images)
     model = build_tiny(kind)
     contexts = encode_captions(image_set.captions, model.net.config.context_dim)
-    rows = {"base": {s: heldout_loss(model, contexts, latents, s) for s in ("native", "x0")}}
+    fns = tiny_fns(model, contexts)
+    rows = {"base": {s: heldout_loss(fns, latents, s) for s in ("native", "x0")}}
     for space in ("native", "x0"):
         config = TrainConfig(steps=steps, batch_size=2, learning_rate=2e-3, loss_space=space,
                              training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
-        result = train(model.net, tiny_fns(model, contexts), latents, config)
+        result = train(model.net, fns, latents, config)
         with merge_lora(model.net, resolve_state_dict(result.lora, model.net)):
-            rows[f"trained in {space}"] = {s: heldout_loss(model, contexts, latents, s) for s in ("native", "x0")}
+            rows[f"trained in {space}"] = {s: heldout_loss(fns, latents, s) for s in ("native", "x0")}
     return rows
 
 

@@ -3,7 +3,7 @@ against the defaults, on the tiny model in its three parameterisations (eps, v, 
 
 For each option (one field changed from the defaults, training/config.py) and each of 3 seeds (LoRA
 init, batch choice, noise), trains a LoRA on the demo images and reports the held-out denoising
-error in the model's native space (training/tiny_host.py: fixed noise levels and noises, never the
+error in the model's native space (training/evaluate.py: fixed noise levels and noises, never the
 training draws), as the mean over seeds ± their standard deviation, and the change of the mean
 against the defaults. Flow-only options are "n/a" on eps and v; Prodigy needs `prodigyopt`.
 
@@ -21,13 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..lora import merge_lora, resolve_state_dict
+from ..tiny.demo import ASSETS
+from ..tiny.host import tiny_fns
+from ..tiny.model import build_tiny, encode_images
+from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
-from ..training.demo import ASSETS
+from ..training.evaluate import heldout_loss
 from ..training.images import load_image_folder
 from ..training.loop import train
-from ..training.text import encode_captions
-from ..training.tiny_host import heldout_loss, tiny_fns
-from ..training.tiny_model import build_tiny, encode_images
 
 KINDS = ("eps", "v", "flow")
 SIZE = 16  # latent side: small enough for the whole table in minutes on a CPU
@@ -77,7 +78,7 @@ def measure(kind: str, overrides: dict[str, object], seed: int, steps: int) -> f
                                  lora_dtype="fp32", gradient_checkpointing=False), **overrides)
     result = train(model.net, tiny_fns(model, contexts, uncond), latents, config)
     with merge_lora(model.net, resolve_state_dict(result.lora, model.net)):
-        return heldout_loss(model, contexts, latents, "native")
+        return heldout_loss(tiny_fns(model, contexts), latents, "native")
 
 
 def run(steps: int, seeds: int, kinds: tuple[str, ...], variants: dict[str, dict]) -> dict:

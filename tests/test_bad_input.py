@@ -21,13 +21,13 @@ from torch import nn
 from comfyui_lora_trainer.lora import files as lora_files
 from comfyui_lora_trainer.lora import load_lora_file, resolve_state_dict, save_lora_file, split_text_encoder
 from comfyui_lora_trainer.nodes.paths import PrefixInput, output_target
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.data import caption_entries, check_latent_channels, describe_captions
 from comfyui_lora_trainer.training.images import fill_captions, list_images, load_image_folder
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny
 
 
 class Toy(nn.Module):

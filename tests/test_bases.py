@@ -20,11 +20,11 @@ from comfyui_lora_trainer.bench.bases import OFFLOADED, cast_layers
 from comfyui_lora_trainer.lora import inject
 from comfyui_lora_trainer.lora.inject import LoraConfig, adapter_device, is_injected
 from comfyui_lora_trainer.lora.layers import base_weight, layer_shape
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
 
 FAST = dict(lora_dtype="fp32", gradient_checkpointing=False)
 

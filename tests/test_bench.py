@@ -13,8 +13,8 @@ from comfyui_lora_trainer.bench.cases import Case, EngineStep, bench_config, ben
 from comfyui_lora_trainer.bench.profile import op_table, python_calls
 from comfyui_lora_trainer.bench.rebuild import weight_rebuild
 from comfyui_lora_trainer.lora import inject, is_injected, to_state_dict
+from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.training.loop import GradientPass, train
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
 
 
 @pytest.fixture(autouse=True)

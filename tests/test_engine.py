@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from comfyui_lora_trainer.lora import merge_lora, resolve_state_dict
+from comfyui_lora_trainer.tiny.host import checked_contexts, tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import LOSSES, OPTIMIZERS, TrainConfig
 from comfyui_lora_trainer.training.data import batch_indices, check_caption_count
+from comfyui_lora_trainer.training.evaluate import heldout_loss
 from comfyui_lora_trainer.training.loop import Hooks, TrainingDiverged, train
 from comfyui_lora_trainer.training.optim import lr_at
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import checked_contexts, heldout_loss, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 
@@ -45,18 +46,29 @@ def test_learning_is_real(kind):
     model, ctx, fns, latents = setup(kind)
     before, x = state(model), torch.randn(1, 4, 16, 16)
     base_out = model.denoise(x, torch.tensor([1.0]), ctx)
-    heldout_before = heldout_loss(model, ctx, latents)
+    heldout_before = heldout_loss(fns, latents)
     config = TrainConfig(steps=80, learning_rate=2e-3, batch_size=4, **FAST)
     result = train(model.net, fns, latents, config, checkpoint_blocks=model.net.blocks)
     assert same_state(model, before)  # the frozen model is never updated
     weights = resolve_state_dict(result.lora, model.net)
     with merge_lora(model.net, weights):
-        heldout_after = heldout_loss(model, ctx, latents)
+        heldout_after = heldout_loss(fns, latents)
     assert heldout_after < 0.5 * heldout_before, (heldout_before, heldout_after)
     with merge_lora(model.net, weights, strength=0.0):
         assert torch.equal(model.denoise(x, torch.tensor([1.0]), ctx), base_out)
     assert same_state(model, before)
 
+
+def test_heldout_loss_is_fixed_and_checks_its_space():
+    """The engine's evaluation: the same weights give the same number bit-for-bit, the global RNG is
+    left alone (its noises come from its own generator), and a misspelled space is refused."""
+    _, _, fns, latents = setup()
+    rng = torch.get_rng_state()
+    first = heldout_loss(fns, latents, "x0")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert heldout_loss(fns, latents, "x0") == first != heldout_loss(fns, latents, "native")
+    with pytest.raises(ValueError, match="heldout_loss space: got 'pixels'; give one of native, x0"):
+        heldout_loss(fns, latents, "pixels")
 
 def test_same_seed_same_lora_different_seed_different():
     model, _, fns, latents = setup()

@@ -19,9 +19,9 @@ from comfyui_lora_trainer.lora import (BaseModel, LoraStateDict, Naming, file_me
 from comfyui_lora_trainer.lora.metadata import PREFIX, rank_and_alpha
 from comfyui_lora_trainer.nodes.families import base_model
 from comfyui_lora_trainer.nodes.lora_file import file_contents
+from comfyui_lora_trainer.tiny.host import TINY_BASE
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.tiny_host import TINY_BASE
 
 _spec = importlib.util.spec_from_file_location("lora_trainer_test_targets", Path(__file__).with_name("test_targets.py"))
 _targets = importlib.util.module_from_spec(_spec)

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfyui_lora_trainer.lora import LoraConfig, inject, merge_lora, resolve_state_dict
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import TinyDiffusion, timestep_embedding
+from comfyui_lora_trainer.tiny.schedules import make_schedule
 from comfyui_lora_trainer.training.checkpointing import model_blocks, training_forward
 from comfyui_lora_trainer.training.config import TrainConfig
+from comfyui_lora_trainer.training.evaluate import heldout_loss
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.schedules import make_schedule
-from comfyui_lora_trainer.training.tiny_host import heldout_loss, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import TinyDiffusion, timestep_embedding
 
 DIM, CONTEXT_DIM, PATCH = 32, 16, 2
 
@@ -202,18 +203,19 @@ def test_train_on_an_inplace_dit_learns(checkpointing):
     _, _, ctx = toy_inputs()
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
     latents = torch.stack([torch.stack([xx * s, yy, -xx, yy * s]) for s in (1.0, -1.0, 0.5, -0.5)])  # 4 ramps
-    before = heldout_loss(diffusion, ctx, latents)
+    fns = tiny_fns(diffusion, ctx)
+    before = heldout_loss(fns, latents)
     config = TrainConfig(steps=100, learning_rate=1e-2, batch_size=4, training_dtype="fp32",
                          lora_dtype="fp32", gradient_checkpointing=checkpointing)
-    result = train(model, tiny_fns(diffusion, ctx), latents, config, checkpoint_blocks=model.blocks)
+    result = train(model, fns, latents, config, checkpoint_blocks=model.blocks)
     assert result.losses[-1] < result.losses[0]
-    reference = train(model, tiny_fns(diffusion, ctx), latents,
+    reference = train(model, fns, latents,
                       TrainConfig(**{**config.__dict__, "gradient_checkpointing": not checkpointing}),
                       checkpoint_blocks=model.blocks)
     for key, value in result.lora.items():
         torch.testing.assert_close(value, reference.lora[key], rtol=1e-5, atol=1e-6, msg=key)
     with merge_lora(model, resolve_state_dict(result.lora, model)):
-        after = heldout_loss(diffusion, ctx, latents)
+        after = heldout_loss(fns, latents)
     assert after < 0.5 * before, (before, after)  # measured 1.51 → 0.65
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from comfyui_lora_trainer.lora import BaseModel, file_metadata, load_lora_file, save_lora_file, steps_of
 from comfyui_lora_trainer.lora.metadata import dataset_metadata, output_name, session_metadata
+from comfyui_lora_trainer.tiny.host import TINY_BASE
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import Hooks, train
-from comfyui_lora_trainer.training.tiny_host import TINY_BASE
 
 _spec = importlib.util.spec_from_file_location("lora_trainer_test_targets", Path(__file__).with_name("test_targets.py"))
 _targets = importlib.util.module_from_spec(_spec)

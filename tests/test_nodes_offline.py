@@ -12,7 +12,7 @@ from PIL import Image
 
 import comfyui_lora_trainer as pack
 from comfyui_lora_trainer.lora import load_lora_file
-from comfyui_lora_trainer.training.demo import run_demo
+from comfyui_lora_trainer.tiny.demo import run_demo
 from comfyui_lora_trainer.training.images import load_image_folder, load_images
 from comfyui_lora_trainer.training.plot import plot_losses, smooth
 
@@ -80,24 +80,40 @@ def test_other_schemas_match_spec():
         assert m[node_id].RETURN_TYPES == ("IMAGE",)
 
 
+def _pack_imports(path: Path, tree: ast.AST) -> set[str]:
+    """The pack's top-level packages (`lora`, `training`, …) that a module's relative imports reach."""
+    package = path.relative_to(ROOT).parts[:-1]  # ("lora", "algos") for lora/algos/lora.py
+    reached = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or not node.level:
+            continue
+        target = package[:len(package) - node.level + 1] + (tuple(node.module.split(".")) if node.module else ())
+        reached.update([target[0]] if target else [a.name for a in node.names])  # `from .. import x`
+    return reached
+
+
 def test_import_boundary():
-    """training/ and lora/ never import ComfyUI; nodes/ only inside functions (or in glue modules
-    that the node classes import lazily); lora/ never imports training/ or nodes/."""
+    """training/, lora/ and tiny/ never import ComfyUI; nodes/ only inside functions (or in glue
+    modules that the node classes import lazily). nodes/ → training/, lora/; training/ → lora/;
+    never back: lora/ imports neither training/ nor nodes/, training/ not nodes/. The tiny host
+    (tiny/) imports the engine and nothing of the pack imports it."""
     comfy = ("comfy", "comfy_extras", "comfy_api", "folder_paths", "node_helpers", "server")
     glue = {"comfy_train.py", "comfy_io.py", "comfy_preview.py"}
-    for path in ROOT.glob("*/*.py"):
-        top = path.parent.name
-        if top not in ("lora", "training", "nodes"):
-            continue
-        tree = ast.parse(path.read_text())
-        module_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        every = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-        for node in every if top != "nodes" else (module_level if path.name not in glue else []):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            assert not any(n.split(".")[0] in comfy for n in names), f"{path} imports {names}"
-        if top == "lora":
-            assert not any(isinstance(n, ast.ImportFrom) and n.level and (n.module or "").split(".")[0]
-                           in ("training", "nodes") for n in every), path
+    never_imports = {"lora": {"training", "nodes", "tiny"}, "training": {"nodes", "tiny"}, "nodes": {"tiny"},
+                     "tiny": set()}
+    for top, never in never_imports.items():
+        paths = sorted((ROOT / top).rglob("*.py"))
+        assert paths, top
+        for path in paths:
+            tree = ast.parse(path.read_text())
+            module_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+            every = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            for node in every if top != "nodes" else (module_level if path.name not in glue else []):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] in comfy for n in names), f"{path} imports {names}"
+            assert not _pack_imports(path, tree) & never, f"{path} imports {_pack_imports(path, tree) & never}"
+    root = ROOT / "__init__.py"  # what ComfyUI loads; __main__.py (the demo's command) may import tiny/
+    assert "tiny" not in _pack_imports(root, ast.parse(root.read_text()))
 
 
 def _save(path: Path, img: Image.Image, **kw) -> Path:

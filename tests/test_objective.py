@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from comfyui_lora_trainer.lora import inject
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny
+from comfyui_lora_trainer.tiny.schedules import make_schedule
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.dropout import rank_dropout
 from comfyui_lora_trainer.training.loop import lora_config_of, train
 from comfyui_lora_trainer.training.objective import (ModelFns, Objective, draw_percent, flux_shift, loss_weights,
                                                      offset_noise, pyramid_noise, shifted_sigma, snr)
 from comfyui_lora_trainer.training.optim import lr_at, make_optimizer, set_lr
-from comfyui_lora_trainer.training.schedules import make_schedule
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 

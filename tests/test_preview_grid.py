@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.grid import BACKGROUND, label_height, labelled_grid, layout
 from comfyui_lora_trainer.training.isolation import isolated
 from comfyui_lora_trainer.training.loop import Hooks, train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny
 
 
 def _noise_image(h: int, w: int, seed: int) -> np.ndarray:

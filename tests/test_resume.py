@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 
 from comfyui_lora_trainer.nodes.checkpoints import STATES_FOLDER, CheckpointWriter
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import Hooks, TrainingDiverged, train
 from comfyui_lora_trainer.training.resume import JSON, TENSORS
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny
 from comfyui_lora_trainer.training.validation import Validation
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)

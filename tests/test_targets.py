@@ -9,11 +9,12 @@ import torch
 
 from comfyui_lora_trainer.lora import LoraConfig, inject, merge_lora, network_metadata, resolve_state_dict
 from comfyui_lora_trainer.lora.targets import TARGETS
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
+from comfyui_lora_trainer.training.evaluate import heldout_loss
 from comfyui_lora_trainer.training.loop import train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import heldout_loss, tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 
@@ -90,13 +91,13 @@ def test_node_has_the_adapter_inputs():
 def test_every_algorithm_trains_the_tiny_model(algorithm):
     """Loss falls on held-out noise, the file names the algorithm as kohya/LyCORIS do, and it resumes."""
     model, ctx, fns, latents = setup()
-    heldout_before = heldout_loss(model, ctx, latents)
+    heldout_before = heldout_loss(fns, latents)
     config = TrainConfig(steps=40, learning_rate=2e-3, batch_size=4, algorithm=algorithm, **FAST)
     result = train(model.net, fns, latents, config)
     weights = resolve_state_dict(result.lora, model.net)
     assert {w.algorithm for w in weights.values()} - {None} == {algorithm}
     with merge_lora(model.net, weights):
-        assert heldout_loss(model, ctx, latents) < heldout_before
+        assert heldout_loss(fns, latents) < heldout_before
     meta = network_metadata(result.lora)
     assert result.metadata["ss_network_module"] == meta["ss_network_module"]
     if algorithm == "lora":

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_lora_trainer.training.schedules import (
-    EpsSchedule, FlowSchedule, VSchedule, make_schedule,
-)
-from comfyui_lora_trainer.training.text import encode_captions, encode_text
-from comfyui_lora_trainer.training.tiny_model import (
+from comfyui_lora_trainer.tiny.model import (
     TinyConfig, TinyDenoiser, build_tiny, decode_latents, encode_images, sample,
 )
+from comfyui_lora_trainer.tiny.schedules import (
+    EpsSchedule, FlowSchedule, VSchedule, make_schedule,
+)
+from comfyui_lora_trainer.tiny.text import encode_captions, encode_text
 
 KINDS = ("eps", "v", "flow")
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_images"

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from comfyui_lora_trainer.lora import inject
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.captions import grouped_denoise, guider_predict, predict_by_key, swapped_item
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import Hooks, Trainer, lora_config_of, train
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 

@@ -17,14 +17,15 @@ import torch
 
 from comfyui_lora_trainer.lora import inject
 from comfyui_lora_trainer.nodes.plot import validation_points
+from comfyui_lora_trainer.tiny.host import tiny_fns
+from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
+from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
+from comfyui_lora_trainer.training.evaluate import level_percents
 from comfyui_lora_trainer.training.loop import lora_config_of, train
 from comfyui_lora_trainer.training.objective import loss_function, output_coefficient
 from comfyui_lora_trainer.training.plot import plot_losses
-from comfyui_lora_trainer.training.text import encode_captions
-from comfyui_lora_trainer.training.tiny_host import tiny_fns
-from comfyui_lora_trainer.training.tiny_model import build_tiny, encode_images
-from comfyui_lora_trainer.training.validation import Validation, level_percents
+from comfyui_lora_trainer.training.validation import Validation
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)
 

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from comfyui_lora_trainer.lora import merge_lora, resolve_state_dict
+from comfyui_lora_trainer.tiny.schedules import make_schedule
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.data import as_model_rank, check_latent_rank, flatten_latents
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.objective import ModelFns, Objective, output_coefficient, pyramid_noise
-from comfyui_lora_trainer.training.schedules import make_schedule
 from comfyui_lora_trainer.training.validation import Validation, validation_images
 
 FAST = dict(training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False)

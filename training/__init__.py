@@ -1,1 +1,2 @@
-"""The training engine (host-agnostic), the bundled tiny diffusion model, the demo."""
+"""The training engine: host-agnostic, it trains whatever model a host hands it as callables
+(nodes/ for ComfyUI models, tiny/ for the bundled tiny model)."""

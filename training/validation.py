@@ -5,7 +5,8 @@ Everything random is drawn once, at construction, from a generator of its own (`
 never from the training stream or the global RNG: the same weights give the same number
 bit-for-bit, and measuring it leaves the trained LoRA unchanged.
 - noise levels: `noise_levels` percents through the model's own schedule, the midpoints of equal
-  bins ((k + ½)/L, k = 0…L−1; 0 = most noise), mapped by the host's `percent_to_sigma`; every
+  bins ((k + ½)/L, k = 0…L−1; 0 = most noise; training/evaluate.py's `level_percents`, as the
+  engine's `heldout_loss` takes them), mapped by the host's `percent_to_sigma`; every
   image is measured at every level. The training options that reshape the draw (timestep
   sampling, min/max timestep, flow shift override) do not apply: the yardstick stays the same
   whatever the run trains with.
@@ -24,6 +25,7 @@ import torch
 
 from .config import TrainConfig
 from .data import group_by_shape
+from .evaluate import level_percents
 from .objective import ModelFns, loss_function, output_coefficient, per_image
 
 VALIDATION_SEED = 271828182  # its own stream: never the training seed's
@@ -38,11 +40,6 @@ class _Chunk(NamedTuple):
     target: torch.Tensor  # x0
     coefficient: torch.Tensor  # c(σ) (B, 1, …) of the latents' rank: native error = x0 error / c
     indices: list[int]  # into the validation latents, for the host's conditioning
-
-
-def level_percents(noise_levels: int) -> torch.Tensor:
-    """(noise_levels,) percents through the schedule: the midpoints of equal bins, (k + ½)/L."""
-    return (torch.arange(noise_levels, dtype=torch.float64) + 0.5).div(noise_levels).float()
 
 
 def validation_images(latents: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,8 +1,7 @@
-"""The tiny model as a host of the engine: its ModelFns, and the held-out denoising measure.
+"""The tiny model as a host of the engine: its ModelFns, its file metadata, its caption check.
 
 This is what ComfyUI's guider is to a ComfyUI model: it picks each image's conditioning and runs
-the network. The held-out measure is the denoising error on the training images at fixed noise
-levels with fixed noises (its own seed, never the training stream), in native or x0 space.
+the network. Scoring it is the engine's (training/evaluate.py `heldout_loss(tiny_fns(...), ...)`).
 """
 from __future__ import annotations
 
@@ -11,17 +10,14 @@ from typing import Sequence
 import torch
 
 from ..lora import BaseModel
-from .data import check_caption_count, flatten_latents
-from .objective import ModelFns, output_coefficient
-from .tiny_model import TinyDiffusion
+from ..training.data import check_caption_count, flatten_latents
+from ..training.objective import ModelFns
+from .model import TinyDiffusion
 
 # The tiny model for a file's metadata: no other tool has it, so its layers keep their own module paths.
 TINY_BASE = BaseModel(version="comfyui-lora-trainer-tiny", architecture="comfyui-lora-trainer-tiny",
                       implementation="comfyui-lora-trainer", resolution="32x32",
                       prediction_type="epsilon", pixel_scale=1)  # its stand-in VAE keeps the image size
-
-HELDOUT_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
-HELDOUT_SEED = 987654321
 
 
 def tiny_fns(model: TinyDiffusion, contexts: torch.Tensor, uncond: torch.Tensor | None = None) -> ModelFns:
@@ -44,20 +40,3 @@ def checked_contexts(contexts: torch.Tensor, latents: torch.Tensor | Sequence[to
     check_caption_count(contexts.shape[0], len(flatten_latents(latents)))
     return contexts
 
-
-@torch.no_grad()
-def heldout_loss(model: TinyDiffusion, contexts: torch.Tensor, latents: torch.Tensor | Sequence[torch.Tensor],
-                 space: str = "native") -> float:
-    """Mean MSE over every image × each of HELDOUT_PERCENTS, with noises from HELDOUT_SEED."""
-    fns = tiny_fns(model, contexts)
-    generator = torch.Generator().manual_seed(HELDOUT_SEED)
-    losses = []
-    for index, x0 in enumerate(flatten_latents(latents)):
-        x0 = x0[None]
-        for percent in HELDOUT_PERCENTS:
-            sigma = fns.percent_to_sigma(torch.tensor([percent]))
-            noise = torch.randn(x0.shape, generator=generator)
-            pred = fns.denoise(fns.noise_scaling(sigma, noise, x0), sigma, [index])
-            scale = output_coefficient(fns, sigma) if space == "native" else 1.0
-            losses.append(torch.mean(((pred - x0) / scale) ** 2).item())
-    return sum(losses) / len(losses)

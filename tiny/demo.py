@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 
 from ..lora import file_metadata, merge_lora, resolve_state_dict, save_lora_file
-from .config import TrainConfig
-from .images import load_image_folder
-from .loop import Hooks, TrainState, train
-from .plot import plot_losses
+from ..training.config import TrainConfig
+from ..training.evaluate import heldout_loss
+from ..training.images import load_image_folder
+from ..training.loop import Hooks, TrainState, train
+from ..training.plot import plot_losses
 from .text import encode_captions
-from .tiny_host import TINY_BASE, heldout_loss, tiny_fns
-from .tiny_model import build_tiny, decode_latents, encode_images, sample
+from .host import TINY_BASE, tiny_fns
+from .model import build_tiny, decode_latents, encode_images, sample
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_images"
 SIZE = 32  # latent side; the stand-in VAE keeps pixels, so images are resized to it
@@ -66,13 +67,14 @@ def run_demo(out_dir: Path, steps: int = 400, kind: str = "eps", seed: int = 0) 
     print(f"Training a rank-{config.rank} LoRA on the tiny {kind} model from {len(image_set.paths)} images "
           f"in {ASSETS} ({steps} steps)")
     before_grid = sample_grid(model, contexts, seed)
-    heldout_before = heldout_loss(model, contexts, latents)
-    result = train(model.net, tiny_fns(model, contexts), latents, config, checkpoint_blocks=model.net.blocks,
+    fns = tiny_fns(model, contexts)
+    heldout_before = heldout_loss(fns, latents)
+    result = train(model.net, fns, latents, config, checkpoint_blocks=model.net.blocks,
                    hooks=Hooks(on_step=progress_bar(steps)), base=TINY_BASE)
     weights = resolve_state_dict(result.lora, model.net)
     with merge_lora(model.net, weights):
         after_grid = sample_grid(model, contexts, seed)
-        heldout_after = heldout_loss(model, contexts, latents)
+        heldout_after = heldout_loss(fns, latents)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = {

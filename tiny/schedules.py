@@ -1,10 +1,10 @@
 """Noise schedules in ComfyUI's three parameterisations: epsilon, v-prediction and rectified flow.
 
-Owns the sigma ↔ timestep tables and the per-parameterisation maths the training engine and the
-bundled tiny model need. Method names and semantics mirror ComfyUI's `comfy/model_sampling.py`
-(`ModelSamplingDiscrete` + `EPS` / `V_PREDICTION`, `ModelSamplingDiscreteFlow` + `CONST`), so the
-engine drives a ComfyUI model and the tiny model through the same calls. Everything is in terms of
-sigma, the noise level, never the integer timestep.
+Owns the bundled tiny model's sigma ↔ timestep tables and per-parameterisation maths. Method names
+and semantics mirror ComfyUI's `comfy/model_sampling.py` (`ModelSamplingDiscrete` + `EPS` /
+`V_PREDICTION`, `ModelSamplingDiscreteFlow` + `CONST`), so the engine drives a ComfyUI model and
+the tiny model through the same calls. Everything is in terms of sigma, the noise level, never the
+integer timestep.
 
 Sources:
 - SD1.x "scaled linear" betas (Rombach et al. 2022, CompVis `ldm` config: linear_start 0.00085,
