@@ -9,7 +9,9 @@ everything a later step depends on: step, losses, LR, the LoRA, the optimizer st
 state, so that a run can be checkpointed and resumed bit-exactly (`load_state`; files:
 training/resume.py). `train()` injects the adapters, loops over `step()`, measures the validation
 loss, and hands states to the hooks: each step, every `save_every` steps, and on a cancel or a
-NaN loss (the last good state), so a stopped run can be resumed.
+NaN loss (the last good state), so a stopped run can be resumed. Under torch.distributed (torchrun)
+the same loop trains data-parallel: each process trains its share of every batch and the gradients
+are summed before the step (training/distributed.py); the host gives the writing hooks to rank 0.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from ..lora.metadata import PREFIX, dataset_metadata, session_metadata
 from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import BatchOrder, flatten_latents, group_by_shape, oversized_batch_note
+from .distributed import Shard, all_reduce_gradients, any_rank, sum_over_ranks
+from .distributed import current as current_shard
 from .dropout import Dropout, any_dropout
 from .objective import ModelFns, Objective, output_coefficient
 from .optim import lr_at, make_optimizer, set_lr
@@ -113,13 +117,15 @@ class GradientPass:
     """The gradient of one optimizer step: `gradient_accumulation` micro-batches, each split into same-shape
     groups, each group's loss (training/objective.py) weighted by its share and backpropagated."""
 
-    def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator):
-        self.images, self.config, self.generator = images, config, generator
+    def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator,
+                 shard: Shard | None = None):
+        self.images, self.config, self.generator, self.shard = images, config, generator, shard
         self.batches = BatchOrder(len(images), config.batch_size, config.batch_order)
         self.objective = Objective(fns, config, images[0].device)
 
     def run(self) -> float:
-        """Backward over the micro-batches; returns their mean loss."""
+        """Backward over the micro-batches; returns their mean loss (with a `shard`: this process's
+        share of it, and its gradients are its share of the batch's: training/distributed.py)."""
         total = 0.0
         accum = self.config.gradient_accumulation
         for _ in range(accum):
@@ -127,7 +133,11 @@ class GradientPass:
             for group in group_by_shape(indices, self.images):
                 # weight each same-shape group by its share so the gradient is the batch mean
                 x0 = torch.stack([self.images[i] for i in group])
-                loss = self.objective.loss(x0, group, self.generator) * (len(group) / len(indices) / accum)
+                rows = self.shard.rows(len(group)) if self.shard is not None else None
+                loss = self.objective.loss(x0, group, self.generator, rows)
+                if loss is None:  # none of this group's rows are this process's
+                    continue
+                loss = loss * (len(group) / len(indices) / accum)
                 loss.backward()
                 total += loss.item()
         return total
@@ -140,12 +150,12 @@ class Trainer:
     """
 
     def __init__(self, network: LoraNetwork, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig,
-                 existing_steps: int = 0):
-        self.network, self.config, self.existing_steps = network, config, existing_steps
+                 existing_steps: int = 0, shard: Shard | None = None):
+        self.network, self.config, self.existing_steps, self.shard = network, config, existing_steps, shard
         self.params = [p for p in network.parameters()]
         self.optimizer = make_optimizer(network.named_parameters(), config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.gradients = GradientPass(fns, images, config, self.generator)
+        self.gradients = GradientPass(fns, images, config, self.generator, shard)
         self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
         self.losses: list[float] = []
         self.validation: list[tuple[int, float]] = []
@@ -170,6 +180,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(before)
             raise
+        if self.shard is not None:  # every process gets the batch's gradient and loss: all step alike
+            all_reduce_gradients(self.params)
+            loss = sum_over_ranks(loss)
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -258,7 +271,8 @@ def train(
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
         if resume is not None:
             existing_steps = resume.existing_steps
-        trainer = Trainer(network, fns, images, config, existing_steps)
+        shard = current_shard()  # data-parallel under torch.distributed, else None
+        trainer = Trainer(network, fns, images, config, existing_steps, shard)
         if resume is not None:
             trainer.load_state(resume)
 
@@ -297,7 +311,8 @@ def train(
         if hooks.on_start is not None:
             hooks.on_start(trainer.state())
         while trainer.step_count < config.steps:
-            if hooks.should_cancel is not None and hooks.should_cancel():
+            cancelled = hooks.should_cancel is not None and hooks.should_cancel()
+            if (any_rank(cancelled) if shard is not None else cancelled):  # one process's cancel stops all
                 return cancel()
             try:
                 trainer.step()

@@ -181,11 +181,15 @@ class Objective:
         self.loss_fn = loss_function(config.loss_function)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training_dtype == "bf16")
 
-    def loss(self, x0: torch.Tensor, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, indices: list[int], generator: torch.Generator,
+             rows: list[int] | None = None) -> torch.Tensor | None:
         """x0 (B, C, H, W), the latents of images `indices` → the mean loss (0-d, fp32, with grad).
 
         Draw order (all from `generator`): noise, its offset and pyramid, levels, input perturbation,
         caption dropout; an option that is off draws nothing, so the defaults draw as before options.
+        `rows` (data-parallel training, training/distributed.py): everything is drawn for all B rows,
+        as without it, but only these rows run through the model; the result is their share of the
+        mean (their sum over B), so the shares of all processes add up to it; None if `rows` is empty.
         """
         cfg, fns = self.config, self.fns
         noise = self.noise(x0.shape, generator).to(x0.device, x0.dtype)
@@ -200,6 +204,13 @@ class Objective:
             target = x0 + self._free_part(sigma, perturbed) - self._free_part(sigma, noisy)
             noisy = perturbed
         dropped = torch.rand(len(indices), generator=generator) < cfg.caption_dropout if cfg.caption_dropout else None
+        batch = len(indices)
+        if rows is not None:
+            if not rows:
+                return None
+            x0, noisy, target, sigma = x0[rows], noisy[rows], target[rows], sigma[rows]
+            indices = [indices[r] for r in rows]
+            dropped = dropped[rows] if dropped is not None else None
         with self.autocast:
             pred = self.predict(noisy, sigma, indices, dropped)
         pred = pred.float()
@@ -209,7 +220,8 @@ class Objective:
         else:
             per = per_image(self.loss_fn(pred, target))
         weights = loss_weights(fns, sigma, cfg)
-        return per.mean() if weights is None else (per * weights).mean()
+        per = per if weights is None else per * weights
+        return per.mean() if rows is None else per.sum() / batch
 
     def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """ε ~ N(0, I) of `shape` (B, C, H, W) or (B, C, T, H, W) on the CPU, with the config's offset

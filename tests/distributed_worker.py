@@ -1,0 +1,69 @@
+"""One process of a data-parallel training on the tiny model, for tests/test_distributed.py.
+
+    python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py OUT CONFIG_JSON
+
+Each process joins the gloo process group torchrun describes, trains the same seeded run through
+the real engine (`train()`, which sees the group), and writes its LoRA to OUT/rank<r>.safetensors.
+Rank 0 alone gets the checkpoint writer's save (output folder OUT/output), as a host gives it; every
+process resumes what the config's `resume` names there. Settings are a TrainConfig's fields.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "comfyui_lora_trainer"
+if NAME not in sys.modules:  # the repository root as the package, whatever its folder is called (as conftest.py)
+    spec = importlib.util.spec_from_file_location(NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[NAME] = module
+    spec.loader.exec_module(module)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from comfyui_lora_trainer.nodes.checkpoints import CheckpointWriter  # noqa: E402
+from comfyui_lora_trainer.tiny.host import tiny_fns  # noqa: E402
+from comfyui_lora_trainer.tiny.model import build_tiny  # noqa: E402
+from comfyui_lora_trainer.tiny.text import encode_captions  # noqa: E402
+from comfyui_lora_trainer.training.config import TrainConfig  # noqa: E402
+from comfyui_lora_trainer.training.loop import Hooks, train  # noqa: E402
+
+IMAGES = 6
+
+
+def setup():
+    """The tiny model, one caption per image (so each process's share must pick the right one), 6 latents."""
+    model = build_tiny("eps")
+    contexts = encode_captions([f"image {i}, lrtstyle" for i in range(IMAGES)], model.net.config.context_dim)
+    latents = torch.randn(IMAGES, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    return model, tiny_fns(model, contexts), latents
+
+
+def run(out: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
+    model, fns, latents = setup()
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    writer = CheckpointWriter(out / "output", config, list(latents.unbind(0)), IMAGES)
+    hooks = Hooks(save=writer.save if main else None)
+    result = train(model.net, fns, latents, config, hooks=hooks, resume=writer.resume())
+    return dict(result.lora)
+
+
+def main(argv: list[str]) -> None:
+    out, settings = Path(argv[0]), json.loads(argv[1])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        lora = run(out, TrainConfig(**settings))
+        save_file({k: v.contiguous() for k, v in lora.items()}, str(out / f"rank{dist.get_rank()}.safetensors"))
+        print(json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size()}))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
