@@ -1,5 +1,6 @@
-"""`python -m comfyui_lora_trainer demo` (train on the bundled tiny model) and `... run WORKFLOW.json`
-(drive a running ComfyUI headless)."""
+"""`python -m comfyui_lora_trainer demo` (train on the bundled tiny model), `... run WORKFLOW.json`
+(drive a running ComfyUI headless) and `... train WORKFLOW.json` (ComfyUI in this process; under
+torchrun, data-parallel)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .headless.cli import add_run_arguments  # standard library only
+from .headless.inprocess import add_train_arguments, split_comfy_args  # standard library only (ComfyUI, torch: when run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     run = commands.add_parser("run", help="run an API-format workflow on a ComfyUI server (headless training)")
     add_run_arguments(run)
+    train = commands.add_parser("train", help="run a workflow in this process with ComfyUI as a library "
+                                              "(torchrun: data-parallel training)")
+    add_train_arguments(train)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    comfy_args: list[str] = []
+    if argv[:1] == ["train"]:  # after `--`: ComfyUI's own options, for its parser
+        argv, comfy_args = split_comfy_args(argv)
     args = parser.parse_args(argv)
+    args.comfy_args = comfy_args
     if args.command == "demo":
         from .tiny.demo import run_demo
 
@@ -28,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from .headless.cli import run_command
 
         return run_command(args)
+    if args.command == "train":
+        from .headless.inprocess import train_command
+
+        return train_command(args)
     return 0
 
 

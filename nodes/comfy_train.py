@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, resolve_state_dict, split_text_encoder, steps_of
 from ..lora.keys import TEXT_ENCODER_PREFIXES
+from ..training import distributed
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
 from ..training.data import (as_model_rank, caption_entries, check_latent_channels, check_latent_rank, describe_captions,
@@ -192,16 +193,18 @@ class TrainSampler(comfy.samplers.Sampler):
         fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args, self.captions)
         extras, config = self.extras, self.config
         resumed = extras.resume.step if extras.resume is not None else 0
-        bar = tqdm(total=config.steps, initial=resumed, desc="Train LoRA")
+        # under torchrun (training/distributed.py) only rank 0 reports, previews and writes checkpoints
+        main = distributed.is_main()
+        bar = tqdm(total=config.steps, initial=resumed, desc="Train LoRA", disable=not main)
         ui_bar = comfy.utils.ProgressBar(config.steps)
-        reporter = ProgressReporter(config.steps)
+        reporter = ProgressReporter(config.steps, None if main else (lambda payload: None))
         validator = None
         if extras.validation is not None:
             val_latents = [base.process_latent_in(x.to(device)[None]) for x in extras.validation_latents]
             val_fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args, extras.validation_captions)
             validator = Validation(val_fns, val_latents, config, extras.validation.every,
                                    extras.validation.noise_levels)
-        if extras.preview is not None:
+        if extras.preview is not None and main:
             self.previewer = Previewer(extras.preview, model_wrap.model_patcher, config.steps, ui_bar)
 
         def guarded(hook):  # ComfyUI's progress hook raises on cancel (clearing its flag): stop at the next check
@@ -245,7 +248,7 @@ class TrainSampler(comfy.samplers.Sampler):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         hooks = Hooks(guarded(on_step), should_cancel, guarded(on_start),
-                      save if extras.checkpoints is not None else None,
+                      save if extras.checkpoints is not None and main else None,
                       (comfy.model_management.InterruptProcessingException,))
         try:
             with _comfy_training_flag():
@@ -256,7 +259,8 @@ class TrainSampler(comfy.samplers.Sampler):
         finally:
             bar.close()
             reporter.flush()
-        _log_speed(step_times, device)
+        if main:
+            _log_speed(step_times, device)
         return torch.zeros_like(latent_image)
 
     def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict, captions: list[list[int]]) -> ModelFns:

@@ -53,6 +53,33 @@ def run(out: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
     return dict(result.lora)
 
 
+def lora_effects(lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a LoRA does to each layer: up @ down (flattened) per module, and every other tensor (weight
+    and bias differences, alphas) as it is. Comparing these, not the factors, leaves out what no loader
+    sees: a lora_down element whose gradient is near Adam's eps while lora_up is still near zero takes
+    a step of any size between 0 and the learning rate, so float summation order can move it far, and
+    its effect stays tiny because the up it meets is."""
+    effects = {}
+    for key, value in lora.items():
+        if key.endswith(".lora_down.weight"):
+            continue
+        if key.endswith(".lora_up.weight"):
+            module = key[:-len(".lora_up.weight")]
+            down = lora[module + ".lora_down.weight"]
+            effects[module] = value.reshape(value.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double()
+        else:
+            effects[key] = value.double()
+    return effects
+
+
+def relative_errors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer, ‖effect_a − effect_b‖ / ‖effect_a‖ (0 where both are zero)."""
+    ea, eb = lora_effects(a), lora_effects(b)
+    assert ea.keys() == eb.keys()
+    return {k: float((ea[k] - eb[k]).norm() / ea[k].norm()) if ea[k].norm() > 0 else float(eb[k].norm())
+            for k in ea}
+
+
 def main(argv: list[str]) -> None:
     out, settings = Path(argv[0]), json.loads(argv[1])
     torch.set_num_threads(1)

@@ -62,11 +62,11 @@ def test_two_gloo_processes_train_the_single_process_lora(tmp_path, case):
     assert ranks[0].keys() == single.keys()
     trained = [k for k in single if k.endswith("lora_up.weight")]
     assert trained and all(single[k].abs().max() > 0 for k in trained)  # the LoRA moved from its zero init
-    # Adam moves each element by about the learning rate (2e-3) per step whatever its gradient's size; where
-    # a gradient is near Adam's eps (the first steps of lora_down, while lora_up is near zero) the summation
-    # order of the gradient changes that step by a few per cent: 1e-4 is 5% of one step of the 4–5 taken
-    for key, value in single.items():
-        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+    # each layer's effect (up @ down, differences) equals the single run's up to float summation order
+    # (measured: at most 3e-5 relative); training on half the batch moves every layer by 0.3 or more
+    # (worker.lora_effects says why the factors themselves are not compared)
+    errors = worker.relative_errors(single, ranks[0])
+    assert max(errors.values()) < 5e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_a_two_process_checkpoint_resumes_under_two_processes(tmp_path):

@@ -370,3 +370,36 @@ def test_websocket_sweep_shows_progress_and_summary(fake, wf_path, capsys):
     assert rows[0].split() == ["1", "learning_rate=1e-4", "success", "0.125", "0.0625", "4/4", LORA]
     assert rows[1].split()[:2] == ["2", "learning_rate=1e-3"]
     assert [p["prompt"]["5"]["inputs"]["learning_rate"] for p in fake.prompts] == [1e-4, 1e-3]
+
+
+# ---- `train`: ComfyUI in this process (headless/inprocess.py); what fails before ComfyUI is needed ----
+
+def _train(argv, monkeypatch, env=None):
+    from comfyui_lora_trainer.__main__ import main
+
+    for name in ("COMFYUI_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    return main(["train", *argv])
+
+
+def test_train_without_comfyui_names_comfyui_dir(tmp_path, monkeypatch, capsys):
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps({"1": {"class_type": "LoRATrainer_TrainLoRA", "inputs": {}}}))
+    assert _train([str(workflow)], monkeypatch) == 2
+    assert "COMFYUI_DIR" in capsys.readouterr().err
+    assert _train([str(workflow), "--comfyui", str(tmp_path)], monkeypatch) == 2  # no execution.py there
+    assert "is not a ComfyUI checkout" in capsys.readouterr().err
+
+
+def test_train_refuses_a_missing_workflow_and_a_data_parallel_run_without_train_lora(tmp_path, monkeypatch, capsys):
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "execution.py").write_text("")
+    assert _train([str(tmp_path / "nope.json"), "--comfyui", str(comfy)], monkeypatch) == 2
+    assert "no such file" in capsys.readouterr().err
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps({"1": {"class_type": "SaveImage", "inputs": {}}}))
+    assert _train([str(workflow), "--comfyui", str(comfy)], monkeypatch, {"RANK": "0", "WORLD_SIZE": "2"}) == 2
+    assert "no Train LoRA (LoRATrainer_TrainLoRA) node" in capsys.readouterr().err

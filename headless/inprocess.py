@@ -1,0 +1,186 @@
+"""`python -m comfyui_lora_trainer train WORKFLOW.json`: run a workflow in this process, with ComfyUI
+as a library (no server), and under `torchrun` data-parallel over N processes:
+
+    torchrun --nproc-per-node 4 -m comfyui_lora_trainer train wf.json --set "Train LoRA.steps=2000"
+    torchrun --nproc-per-node 2 -m comfyui_lora_trainer train wf.json -- --cpu   (gloo, CPU processes)
+
+COMFYUI_DIR (or --comfyui) is a ComfyUI checkout; options after `--` are ComfyUI's own (its parser
+reads them: --cpu, --base-directory, --output-directory, --lowvram, …). Every process loads ComfyUI,
+its built-in and custom nodes (this pack among them) and executes the workflow the way ComfyUI's
+prompt worker does (`execution.PromptExecutor`). Under torchrun the processes join one process group
+(NCCL when CUDA is there and --cpu is not given, else gloo; each takes the GPU of its LOCAL_RANK)
+and Train LoRA trains data-parallel (training/distributed.py). Rank 0 executes the whole workflow:
+it writes the files (Save LoRA, Plot Loss Graph, checkpoints, previews) and prints progress; the
+other ranks execute only the Train LoRA nodes and what feeds them. An error on any process ends
+it with exit status 1, and torchrun stops the others. A training state saved under N processes
+resumes under N processes (Train LoRA's `resume`): every rank reads it from the same output folder.
+
+Exit status: 0 success, 1 the workflow failed or was refused, 2 bad arguments (no ComfyUI, no file).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .report import extract_outputs, format_outputs
+from .workflow import TRAIN_CLASS_TYPES, Workflow, apply_overrides, load_workflow, parse_override
+
+OUR_TRAIN_NODE = TRAIN_CLASS_TYPES[0]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Run an API-format workflow in this process with ComfyUI as a library; under torchrun, "
+                          "Train LoRA trains data-parallel over the processes.")
+    parser.epilog = __doc__.split("\n\n", 2)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("workflow", type=Path, help="API-format workflow JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help='override an input, e.g. "Train LoRA.steps=200" (repeatable)')
+    parser.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_DIR"),
+                        help="the ComfyUI checkout (default: $COMFYUI_DIR)")
+    parser.usage = "%(prog)s WORKFLOW [--set NODE.INPUT=VALUE ...] [--comfyui DIR] [-- COMFYUI OPTIONS ...]"
+
+
+def split_comfy_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our arguments, ComfyUI's): everything after the first `--` is ComfyUI's own options."""
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def _rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) when run directly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _import_comfyui(comfy_dir: Path, comfy_args: list[str], local_rank: int, distributed: bool):
+    """ComfyUI's modules, its options parsed from `comfy_args`, its nodes loaded; the executor's server."""
+    sys.path.insert(0, str(comfy_dir))
+    os.chdir(comfy_dir)  # ComfyUI resolves some paths against its folder
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    sys.argv = [str(comfy_dir / "main.py"), *comfy_args]
+    from comfy.cli_args import args
+
+    import torch
+    if distributed and not args.cpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # before comfy.model_management picks its device
+    import folder_paths
+
+    for name, setter in (("output_directory", "set_output_directory"), ("input_directory", "set_input_directory"),
+                         ("user_directory", "set_user_directory")):
+        value = getattr(args, name, None)
+        if value and hasattr(folder_paths, setter):
+            getattr(folder_paths, setter)(os.path.abspath(value))
+    import execution
+    import nodes
+    import server
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    prompt_server = server.PromptServer(loop)  # custom nodes reach it at import; it never listens here
+    init = nodes.init_extra_nodes(init_custom_nodes=not getattr(args, "disable_all_custom_nodes", False))
+    if inspect.isawaitable(init):
+        loop.run_until_complete(init)
+    _register_ours(nodes)
+    return execution, prompt_server, loop
+
+
+def _register_ours(nodes) -> None:
+    """This pack's nodes, when ComfyUI's custom_nodes folder does not hold it (it runs as a package here)."""
+    if OUR_TRAIN_NODE in nodes.NODE_CLASS_MAPPINGS:
+        return
+    from .. import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    nodes.NODE_CLASS_MAPPINGS.update(NODE_CLASS_MAPPINGS)
+    nodes.NODE_DISPLAY_NAME_MAPPINGS.update(NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def _make_executor(execution, prompt_server):
+    """ComfyUI's PromptExecutor, keeping no outputs between prompts (there is one)."""
+    parameters = inspect.signature(execution.PromptExecutor).parameters
+    if "cache_type" in parameters:
+        cache = getattr(execution.CacheType, "CLASSIC", False)
+        return execution.PromptExecutor(prompt_server, cache_type=cache,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(prompt_server)
+
+
+def _validate(execution, loop, prompt: Workflow, prompt_id: str) -> tuple[bool, Any, list[str], dict]:
+    parameters = inspect.signature(execution.validate_prompt).parameters
+    call = (execution.validate_prompt(prompt_id, prompt, None) if "partial_execution_list" in parameters
+            else execution.validate_prompt(prompt))
+    result = loop.run_until_complete(call) if inspect.isawaitable(call) else call
+    valid, error, outputs, node_errors = result[:4]
+    return valid, error, list(outputs), node_errors
+
+
+def _error_message(messages: list) -> str | None:
+    for event, data in messages:
+        if event == "execution_error":
+            return (f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_type')}: "
+                    f"{data.get('exception_message')}")
+        if event == "execution_interrupted":
+            return "interrupted"
+    return None
+
+
+def train_command(args: argparse.Namespace) -> int:
+    rank, world, local_rank = _rank()
+    main = rank == 0
+
+    def say(text: str, stream=sys.stdout) -> None:
+        if main:
+            print(text, file=stream, flush=True)
+
+    comfy_args = list(getattr(args, "comfy_args", []))
+    if not args.comfyui or not (Path(args.comfyui) / "execution.py").is_file():
+        say(f"error: --comfyui / COMFYUI_DIR: {args.comfyui or 'not set'} is not a ComfyUI checkout; set COMFYUI_DIR "
+            "to the folder that has main.py and execution.py", sys.stderr)
+        return 2
+    try:
+        workflow = apply_overrides(load_workflow(args.workflow.resolve()), [parse_override(s) for s in args.set])
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        say(f"error: {err}", sys.stderr)
+        return 2
+    trainers = [node_id for node_id, node in workflow.items() if node["class_type"] == OUR_TRAIN_NODE]
+    if world > 1 and not trainers:
+        say(f"error: {args.workflow}: no Train LoRA ({OUR_TRAIN_NODE}) node to train data-parallel", sys.stderr)
+        return 2
+
+    import torch
+    import torch.distributed as dist
+
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() and "--cpu" not in comfy_args else "gloo"
+        dist.init_process_group(backend)
+        say(f"Train LoRA: {world} processes, {backend}")
+    try:
+        execution, prompt_server, loop = _import_comfyui(Path(args.comfyui).resolve(), comfy_args, local_rank, world > 1)
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = _validate(execution, loop, workflow, prompt_id)
+        if not valid:
+            say(f"error: ComfyUI refused the workflow: {error}\n{json.dumps(node_errors, indent=2)}", sys.stderr)
+            return 1
+        executor = _make_executor(execution, prompt_server)
+        # rank 0 runs every output; the others only the trainings (and what feeds them): no file twice
+        executor.execute(workflow, prompt_id, {}, outputs if main else trainers)
+        failure = _error_message(executor.status_messages) if not executor.success else None
+        if failure is not None or not executor.success:
+            print(f"error (rank {rank}): {failure or 'the workflow failed'}", file=sys.stderr, flush=True)
+            return 1
+        items = extract_outputs(getattr(executor, "history_result", None) or {})  # {"outputs": {node: ui}}
+        say(format_outputs(items, workflow) if items else "done (no outputs)")
+        return 0
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
