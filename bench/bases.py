@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import subprocess
-import sys
 import weakref
 from contextlib import nullcontext
 from pathlib import Path
@@ -45,25 +44,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from . import run_module
 from .speed import MALLOC_ENV, _maxrss_mib, reset_peak_rss
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = __package__.rsplit(".", 1)[0]
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bases.json"
 DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 CASES = ("floor", "ours", "ours_checkpointing")
 MIB = 2 ** 20
 
-_BOOTSTRAP = """
-import importlib.util, runpy, sys
-name, root = sys.argv[1], sys.argv[2]
-spec = importlib.util.spec_from_file_location(name, root + "/__init__.py", submodule_search_locations=[root])
-module = importlib.util.module_from_spec(spec)
-sys.modules[name] = module
-spec.loader.exec_module(module)
-sys.argv = [name + ".bench.bases"] + sys.argv[3:]
-runpy.run_module(name + ".bench.bases", run_name="__main__", alter_sys=True)
-"""
 
 
 # --- layers that cast in forward, as ComfyUI's do ----------------------------------------------------
@@ -203,8 +191,8 @@ def one(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[s
 
 
 def measure(dtype_name: str, case: str, steps: int, width: int, size: int) -> dict[str, object]:
-    command = [sys.executable, "-c", _BOOTSTRAP, PACKAGE, str(ROOT), "--one", f"{dtype_name}:{case}",
-               "--steps", str(steps), "--width", str(width), "--size", str(size)]
+    command = run_module.command("bench.bases", "--one", f"{dtype_name}:{case}",
+                                 "--steps", str(steps), "--width", str(width), "--size", str(size))
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"memory subprocess for {dtype_name}:{case} failed:\n{done.stderr[-2000:]}")

@@ -15,27 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = __package__.rsplit(".", 1)[0]
+from . import run_module
+
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "distributed.json"
 
-_BOOTSTRAP = """
-import importlib.util, runpy, sys
-name, root = sys.argv[1], sys.argv[2]
-spec = importlib.util.spec_from_file_location(name, root + "/__init__.py", submodule_search_locations=[root])
-module = importlib.util.module_from_spec(spec)
-sys.modules[name] = module
-spec.loader.exec_module(module)
-sys.argv = [name + ".bench.distributed"] + sys.argv[3:]
-runpy.run_module(name + ".bench.distributed", run_name="__main__", alter_sys=True)
-"""
 
 
 def one(steps: int, batch: int) -> dict[str, float]:
@@ -70,25 +62,16 @@ def one(steps: int, batch: int) -> dict[str, float]:
 
 
 def measure(processes: int, steps: int, batch: int) -> dict[str, float]:
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_distributed_{os.getpid()}_{processes}.json"
-    script = [_BOOTSTRAP, PACKAGE, str(ROOT), "--one", str(out), "--steps", str(steps), "--batch", str(batch)]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-                if processes > 1 else [sys.executable])
-    # the package is loaded from its folder (as bench/speed.py does): `python -c` for one process, a
-    # temp file for torchrun, which runs a file
-    if processes > 1:
-        boot = out.with_suffix(".py")
-        boot.write_text(_BOOTSTRAP)
-        command = launcher + [str(boot)] + script[1:]
-    else:
-        command = launcher + ["-c"] + script
+    out = Path(tempfile.mkdtemp()) / "figures.json"
+    command = run_module.command("bench.distributed", "--one", str(out), "--steps", str(steps), "--batch", str(batch))
+    if processes > 1:  # torchrun runs the same file in each process
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(processes)] + command[1:]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{processes} process(es) failed:\n{done.stderr[-3000:]}")
     result = json.loads(out.read_text())
-    out.unlink()
-    if processes > 1:
-        out.with_suffix(".py").unlink()
+    shutil.rmtree(out.parent)
     return result
 
 

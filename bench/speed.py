@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from . import run_module
 from .cases import RANK, SIZES, Case, all_cases, file_kib, prepared
 from .report import markdown, ratios, targets
 
@@ -50,18 +51,6 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "speed.json"
 MEMORY_STEPS = 2  # measured after one warm-up step (memory_worker)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
-# Loads the repository root under PACKAGE from its path (as tests/conftest.py does), so the memory
-# subprocess works whether or not the package is installed and whatever the clone folder is called.
-_BOOTSTRAP = """
-import importlib.util, runpy, sys
-name, root = sys.argv[1], sys.argv[2]
-spec = importlib.util.spec_from_file_location(name, root + "/__init__.py", submodule_search_locations=[root])
-module = importlib.util.module_from_spec(spec)
-sys.modules[name] = module
-spec.loader.exec_module(module)
-sys.argv = [name + ".bench.speed"] + sys.argv[3:]
-runpy.run_module(name + ".bench.speed", run_name="__main__", alter_sys=True)
-"""
 
 
 def time_cases(cases: list[Case], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -130,8 +119,8 @@ def memory_worker(case: Case, steps: int) -> dict[str, object]:
 
 def peak_memory(case: Case, steps: int = MEMORY_STEPS) -> dict[str, object]:
     """`memory_worker` for `case` in a fresh subprocess; raises RuntimeError with its stderr."""
-    command = [sys.executable, "-c", _BOOTSTRAP, PACKAGE, str(ROOT), "--one", case.name, "--steps", str(steps),
-               "--threads", str(torch.get_num_threads())]
+    command = run_module.command("bench.speed", "--one", case.name, "--steps", str(steps),
+                                 "--threads", str(torch.get_num_threads()))
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"memory subprocess for {case.name} failed:\n{done.stderr[-2000:]}")
