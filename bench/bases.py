@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import run_module
-from .speed import MALLOC_ENV, _maxrss_mib, reset_peak_rss
+from .speed import MALLOC_ENV, _maxrss_mib, reset_peak_rss, write_json
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bases.json"
 DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "bf16": torch.bfloat16}
@@ -245,10 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = run(args.steps, args.width, args.size)
     print(markdown(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.json)
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

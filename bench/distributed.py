@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import run_module
+from .speed import write_json
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "distributed.json"
 
@@ -96,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{parallel['seconds_per_step']:.4f} s/step (speed-up {result['speedup']:.2f}x); all-reduce "
           f"{single['allreduce_bytes_per_step'] / 2 ** 20:.2f} MiB per step; final loss {single['final_loss']:.4f} "
           f"vs {parallel['final_loss']:.4f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.json)
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

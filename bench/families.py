@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     figures = run(args.python)
     print(markdown(figures))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".json.tmp")
+    args.json.parent.mkdir(parents=True, exist_ok=True)  # standard library only here (no .speed.write_json):
+    tmp = args.json.with_suffix(".json.tmp")              # it runs as `python -m bench.families` too
     tmp.write_text(json.dumps(figures, indent=2))
     os.replace(tmp, args.json)
 
