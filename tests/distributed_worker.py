@@ -3,9 +3,11 @@
     python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py OUT CONFIG_JSON
 
 Each process joins the gloo process group torchrun describes, trains the same seeded run through
-the real engine (`train()`, which sees the group), and writes its LoRA to OUT/rank<r>.safetensors.
+the real engine (`train()`, which sees the group), and writes its LoRA to OUT/rank<r>.safetensors
+(or, when the loss turns NaN/inf, the error to OUT/rank<r>.diverged).
 Rank 0 alone gets the checkpoint writer's save (output folder OUT/output), as a host gives it; every
-process resumes what the config's `resume` names there. Settings are a TrainConfig's fields.
+process resumes what the config's `resume` names there. Settings are a TrainConfig's fields, plus
+`nan_on_rank` and `nan_at_call`: that process's model returns NaN at that call.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from comfyui_lora_trainer.tiny.host import tiny_fns  # noqa: E402
 from comfyui_lora_trainer.tiny.model import build_tiny  # noqa: E402
 from comfyui_lora_trainer.tiny.text import encode_captions  # noqa: E402
 from comfyui_lora_trainer.training.config import TrainConfig  # noqa: E402
-from comfyui_lora_trainer.training.loop import Hooks, train  # noqa: E402
+from comfyui_lora_trainer.training.loop import Hooks, TrainingDiverged, train  # noqa: E402
 
 IMAGES = 6
 
@@ -44,8 +46,13 @@ def setup():
     return model, tiny_fns(model, contexts), latents
 
 
-def run(out: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
+def run(out: Path, config: TrainConfig, nan_at_call: int = 0) -> dict[str, torch.Tensor]:
+    """This process's training; with `nan_at_call`, its model's output turns NaN at that call (of this process)."""
     model, fns, latents = setup()
+    if nan_at_call:
+        calls = iter(range(1, 10 ** 6))
+        denoise = fns.denoise
+        fns = fns._replace(denoise=lambda *a: denoise(*a) * (float("nan") if next(calls) == nan_at_call else 1.0))
     main = not dist.is_initialized() or dist.get_rank() == 0
     writer = CheckpointWriter(out / "output", config, list(latents.unbind(0)), IMAGES)
     hooks = Hooks(save=writer.save if main else None)
@@ -85,7 +92,12 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        lora = run(out, TrainConfig(**settings))
+        poison = settings.pop("nan_on_rank", None), settings.pop("nan_at_call", 0)
+        try:
+            lora = run(out, TrainConfig(**settings), poison[1] if poison[0] == dist.get_rank() else 0)
+        except TrainingDiverged as err:  # every rank must stop at the same step: the test compares the messages
+            (out / f"rank{dist.get_rank()}.diverged").write_text(str(err))
+            return
         save_file({k: v.contiguous() for k, v in lora.items()}, str(out / f"rank{dist.get_rank()}.safetensors"))
         print(json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size()}))
     finally:

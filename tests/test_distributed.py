@@ -79,3 +79,19 @@ def test_a_two_process_checkpoint_resumes_under_two_processes(tmp_path):
     resumed = torchrun(tmp_path / "halves", {**settings, "resume": "latest"})
     assert_equal(resumed[0], resumed[1])
     assert_equal(resumed[0], straight[0])
+
+
+def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Process 1's model returns NaN at its 3rd call (step 3): the summed loss is NaN on both, so both stop
+    there (none waits forever in an all-reduce the other left), and rank 0 writes the last good state."""
+    out = tmp_path / "nan"
+    out.mkdir()
+    settings = {"steps": 6, "batch_size": 4, **FAST, "nan_on_rank": 1, "nan_at_call": 3}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(out), json.dumps(settings)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    messages = [(out / f"rank{r}.diverged").read_text() for r in range(2)]
+    assert all("the loss became nan at step 3;" in m for m in messages), messages
+    assert "lora_2_steps_00001_.safetensors" in messages[0]  # rank 0's last good checkpoint (step 2)
+    assert list((out / "output").rglob("*.safetensors")) and not (out / "rank0.safetensors").exists()
