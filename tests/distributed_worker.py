@@ -7,7 +7,9 @@ the real engine (`train()`, which sees the group), and writes its LoRA to OUT/ra
 (or, when the loss turns NaN/inf, the error to OUT/rank<r>.diverged).
 Rank 0 alone gets the checkpoint writer's save (output folder OUT/output), as a host gives it; every
 process resumes what the config's `resume` names there. Settings are a TrainConfig's fields, plus
-`nan_on_rank` and `nan_at_call`: that process's model returns NaN at that call.
+`nan_on_rank` and `nan_at_call` (that process's model returns NaN at that call), `cancel_on_rank` and
+`cancel_after` (that process asks to cancel after that many steps; each cancelled process writes its
+step count to OUT/rank<r>.cancelled).
 """
 from __future__ import annotations
 
@@ -46,17 +48,22 @@ def setup():
     return model, tiny_fns(model, contexts), latents
 
 
-def run(out: Path, config: TrainConfig, nan_at_call: int = 0) -> dict[str, torch.Tensor]:
-    """This process's training; with `nan_at_call`, its model's output turns NaN at that call (of this process)."""
+def run(out: Path, config: TrainConfig, nan_at_call: int = 0, cancel_after: int = 0) -> dict[str, torch.Tensor]:
+    """This process's training; with `nan_at_call`, its model's output turns NaN at that call (of this
+    process); with `cancel_after`, this process asks to cancel once that many steps are done."""
     model, fns, latents = setup()
+    steps_done = []
     if nan_at_call:
         calls = iter(range(1, 10 ** 6))
         denoise = fns.denoise
         fns = fns._replace(denoise=lambda *a: denoise(*a) * (float("nan") if next(calls) == nan_at_call else 1.0))
     main = not dist.is_initialized() or dist.get_rank() == 0
     writer = CheckpointWriter(out / "output", config, list(latents.unbind(0)), IMAGES)
-    hooks = Hooks(save=writer.save if main else None)
+    hooks = Hooks(on_step=lambda state: steps_done.append(state.step), save=writer.save if main else None,
+                  should_cancel=(lambda: len(steps_done) >= cancel_after) if cancel_after else None)
     result = train(model.net, fns, latents, config, hooks=hooks, resume=writer.resume())
+    if result.cancelled:
+        (out / f"rank{dist.get_rank() if dist.is_initialized() else 0}.cancelled").write_text(str(len(result.losses)))
     return dict(result.lora)
 
 
@@ -93,8 +100,10 @@ def main(argv: list[str]) -> None:
     dist.init_process_group("gloo")
     try:
         poison = settings.pop("nan_on_rank", None), settings.pop("nan_at_call", 0)
+        cancel = settings.pop("cancel_on_rank", None), settings.pop("cancel_after", 0)
+        mine = lambda pair: pair[1] if pair[0] == dist.get_rank() else 0  # noqa: E731
         try:
-            lora = run(out, TrainConfig(**settings), poison[1] if poison[0] == dist.get_rank() else 0)
+            lora = run(out, TrainConfig(**settings), mine(poison), mine(cancel))
         except TrainingDiverged as err:  # every rank must stop at the same step: the test compares the messages
             (out / f"rank{dist.get_rank()}.diverged").write_text(str(err))
             return

@@ -95,3 +95,17 @@ def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert all("the loss became nan at step 3;" in m for m in messages), messages
     assert "lora_2_steps_00001_.safetensors" in messages[0]  # rank 0's last good checkpoint (step 2)
     assert list((out / "output").rglob("*.safetensors")) and not (out / "rank0.safetensors").exists()
+
+
+def test_a_cancel_on_one_process_cancels_every_process_at_the_same_step(tmp_path):
+    """Process 1 asks to cancel after 2 steps (ComfyUI's interrupt, in a node): both stop there, and rank 0
+    writes the checkpoint of step 2 to resume from."""
+    out = tmp_path / "cancel"
+    out.mkdir()
+    settings = {"steps": 6, "batch_size": 4, **FAST, "cancel_on_rank": 1, "cancel_after": 2}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(out), json.dumps(settings)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [(out / f"rank{r}.cancelled").read_text() for r in range(2)] == ["2", "2"]
+    assert [p.name for p in (out / "output").rglob("*.state.json")] == ["lora_2_steps_00001_.state.json"]
