@@ -37,13 +37,18 @@ CASES = {
 }
 
 
-def torchrun(out: Path, settings: dict, processes: int = 2) -> list[dict[str, torch.Tensor]]:
+def launch(out: Path, settings: dict, processes: int = 2) -> None:
+    """`torchrun --standalone` of the worker on `processes` gloo processes; every one must exit 0."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                            "--standalone", str(WORKER), str(out), json.dumps(settings)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def torchrun(out: Path, settings: dict, processes: int = 2) -> list[dict[str, torch.Tensor]]:
+    """The LoRA of each process."""
+    launch(out, settings, processes)
     return [load_file(str(out / f"rank{r}.safetensors")) for r in range(processes)]
 
 
@@ -85,12 +90,8 @@ def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """Process 1's model returns NaN at its 3rd call (step 3): the summed loss is NaN on both, so both stop
     there (none waits forever in an all-reduce the other left), and rank 0 writes the last good state."""
     out = tmp_path / "nan"
-    out.mkdir()
     settings = {"steps": 6, "batch_size": 4, **FAST, "nan_on_rank": 1, "nan_at_call": 3}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(WORKER), str(out), json.dumps(settings)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch(out, settings)
     messages = [(out / f"rank{r}.diverged").read_text() for r in range(2)]
     assert all("the loss became nan at step 3;" in m for m in messages), messages
     assert "lora_2_steps_00001_.safetensors" in messages[0]  # rank 0's last good checkpoint (step 2)
@@ -101,11 +102,7 @@ def test_a_cancel_on_one_process_cancels_every_process_at_the_same_step(tmp_path
     """Process 1 asks to cancel after 2 steps (ComfyUI's interrupt, in a node): both stop there, and rank 0
     writes the checkpoint of step 2 to resume from."""
     out = tmp_path / "cancel"
-    out.mkdir()
     settings = {"steps": 6, "batch_size": 4, **FAST, "cancel_on_rank": 1, "cancel_after": 2}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(WORKER), str(out), json.dumps(settings)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch(out, settings)
     assert [(out / f"rank{r}.cancelled").read_text() for r in range(2)] == ["2", "2"]
     assert [p.name for p in (out / "output").rglob("*.state.json")] == ["lora_2_steps_00001_.state.json"]
