@@ -56,3 +56,23 @@ def heldout_loss(fns: ModelFns, latents: torch.Tensor | Sequence[torch.Tensor], 
             scale = output_coefficient(fns, sigma, x0.dim()) if space == "native" else 1.0
             losses.append(torch.mean(((pred - x0) / scale) ** 2).item())
     return sum(losses) / len(losses)
+
+
+def colour_histogram(images: torch.Tensor, bins: int = 8) -> torch.Tensor:
+    """images (B, H, W, 3) in [0, 1] (ComfyUI IMAGE layout) → (bins³,) float64 joint RGB histogram
+    of all their pixels, summing to 1; `bins` equal bins per channel."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: got shape {tuple(images.shape)}; give (B, H, W, 3) RGB in [0, 1]")
+    if bins < 1:
+        raise ValueError(f"bins: got {bins}; give 1 or more bins per channel")
+    index = (images.reshape(-1, 3).double().clamp(0, 1) * bins).long().clamp_max(bins - 1)
+    flat = (index[:, 0] * bins + index[:, 1]) * bins + index[:, 2]
+    counts = torch.bincount(flat, minlength=bins ** 3).double()
+    return counts / counts.sum()
+
+
+def colour_distance(images: torch.Tensor, reference: torch.Tensor, bins: int = 8) -> float:
+    """A style measure that needs no eyes: the L1 distance between the joint RGB histograms
+    (`colour_histogram`) of two image sets, 0 (same colours in the same proportions) to 2 (no
+    colour in common). images, reference: (B, H, W, 3) in [0, 1], any B, H, W."""
+    return float((colour_histogram(images, bins) - colour_histogram(reference, bins)).abs().sum())
