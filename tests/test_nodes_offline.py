@@ -12,7 +12,7 @@ from PIL import Image
 
 import comfyui_lora_trainer as pack
 from comfyui_lora_trainer.lora import load_lora_file
-from comfyui_lora_trainer.tiny.demo import run_demo
+from comfyui_lora_trainer.tiny.demo import GRID_ROWS, run_demo
 from comfyui_lora_trainer.training.images import load_image_folder, load_images
 from comfyui_lora_trainer.training.plot import plot_losses, smooth
 
@@ -176,9 +176,16 @@ def test_plot_draws_single_flat_and_decaying(losses):
 
 
 def test_demo_end_to_end(tmp_path):
-    paths = run_demo(tmp_path, steps=12)
-    sd, meta = load_lora_file(paths["lora"])
-    assert meta["ss_steps"] == "12" and meta["lora_trainer.format"] == "full" and any(k.endswith(".lora_down.weight") for k in sd)
-    for key in paths:
+    result = run_demo(tmp_path, steps=40)
+    sd, meta = load_lora_file(result.paths["lora"])
+    assert meta["ss_steps"] == "40" and meta["lora_trainer.format"] == "full" and any(k.endswith(".lora_down.weight") for k in sd)
+    for key, path in result.paths.items():
         if key != "lora":
-            assert Image.open(paths[key]).size[0] > 100
+            assert Image.open(path).size[0] > 100
+    assert Image.open(result.paths[f"samples ({GRID_ROWS})"]).size == (6 * 32 * 4, 4 * 32 * 4)  # 4 rows of 6
+    base, lora, half = (result.scores[name] for name in ("base", "LoRA", "LoRA at 0.5"))
+    # Even a short run moves the numbers the right way: closer to the six images, their colours
+    # nearer (the full strength nearer than half), and further from the procedural pictures.
+    assert lora.images_loss < base.images_loss
+    assert lora.colour_distance < half.colour_distance < base.colour_distance
+    assert lora.procedural_loss > base.procedural_loss

@@ -56,3 +56,31 @@ def heldout_loss(fns: ModelFns, latents: torch.Tensor | Sequence[torch.Tensor], 
             scale = output_coefficient(fns, sigma, x0.dim()) if space == "native" else 1.0
             losses.append(torch.mean(((pred - x0) / scale) ** 2).item())
     return sum(losses) / len(losses)
+
+
+
+def _cube_directions() -> torch.Tensor:
+    """(13, 3) unit vectors: the RGB cube's 3 axes, 6 face diagonals and 4 body diagonals."""
+    vectors = [v for v in torch.cartesian_prod(*[torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)] * 3)
+               if v.abs().sum() > 0 and v[v != 0][0] > 0]  # one of each ± pair
+    return torch.stack(vectors) / torch.stack(vectors).norm(dim=1, keepdim=True)
+
+
+def colour_distance(images: torch.Tensor, reference: torch.Tensor, quantiles: int = 256) -> float:
+    """A style measure that needs no eyes: how far the colours of `images` are from those of
+    `reference`, as a sliced earth mover's distance between their pixel colour distributions.
+
+    images, reference: (B, H, W, 3) RGB in [0, 1], any B, H, W. Along each of 13 fixed directions
+    through the RGB cube, both sets' pixels are projected and their `quantiles` quantiles compared
+    (the 1-D earth mover's distance); the result is the mean over directions, in RGB units
+    (0: the same colours in the same proportions; 1: black against white). Unlike a histogram
+    distance it does not jump at bin edges, so near-palette colours count as near.
+    """
+    for name, batch in (("images", images), ("reference", reference)):
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"{name}: got shape {tuple(batch.shape)}; give (B, H, W, 3) RGB in [0, 1]")
+    levels = (torch.arange(quantiles, dtype=torch.float64) + 0.5) / quantiles
+    directions = _cube_directions()
+    projected = [(batch.reshape(-1, 3).double() @ directions.T) for batch in (images, reference)]
+    spread = [torch.quantile(p, levels, dim=0) for p in projected]  # (quantiles, 13) each
+    return float((spread[0] - spread[1]).abs().mean())
