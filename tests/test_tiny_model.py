@@ -183,3 +183,16 @@ def test_demo_images_and_captions_ship() -> None:
     assert len(pngs) == 6
     assert all(p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in pngs)
     assert sum(p.stat().st_size for p in ASSETS.iterdir()) <= 200_000
+
+
+def test_guidance_one_is_plain_sampling_and_guidance_pushes_away_from_the_empty_caption() -> None:
+    """CFG: x0 = x0_empty + g·(x0_caption − x0_empty); g = 1 is the plain sampler, bit for bit; g = 0 samples
+    the empty caption (a zero context), whatever the caption."""
+    model = build_tiny("eps")
+    context = encode_text("a red circle", TinyConfig.default().context_dim)
+    plain = sample(model, context, (1, 4, 16, 16), steps=4, seed=1)
+    assert torch.equal(sample(model, context, (1, 4, 16, 16), steps=4, seed=1, guidance=1.0), plain)
+    empty = sample(model, torch.zeros_like(context), (1, 4, 16, 16), steps=4, seed=1)
+    torch.testing.assert_close(sample(model, context, (1, 4, 16, 16), steps=4, seed=1, guidance=0.0), empty)
+    guided = sample(model, context, (1, 4, 16, 16), steps=4, seed=1, guidance=3.0)
+    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)

@@ -36,6 +36,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_images"
 SIZE = 32  # latent side; the stand-in VAE keeps pixels, so images are resized to it
 FRESH_PICTURES = 24  # procedural pictures for the "what the base knew" loss
 GRID_ROWS = "rows: training images, base, LoRA, LoRA at 0.5"
+GUIDANCE = 3.0  # classifier-free guidance of the samples: the base was pretrained with caption dropout for it
 
 
 class Scores(NamedTuple):
@@ -74,7 +75,7 @@ def progress_bar(total: int, stream=sys.stderr):
 
 def sample_images(model: TinyDiffusion, contexts: torch.Tensor, seed: int) -> torch.Tensor:
     """One sample per caption (seed + i for the i-th) → images (n, SIZE, SIZE, 3) in [0, 1]."""
-    latents = torch.cat([sample(model, contexts[i:i + 1], (1, 4, SIZE, SIZE), steps=20, seed=seed + i)
+    latents = torch.cat([sample(model, contexts[i:i + 1], (1, 4, SIZE, SIZE), steps=20, seed=seed + i, guidance=GUIDANCE)
                          for i in range(contexts.shape[0])])
     return decode_latents(latents)
 

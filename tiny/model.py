@@ -271,11 +271,13 @@ def build_tiny(kind: str = "eps", config: TinyConfig | None = None, seed: int = 
 
 @torch.no_grad()
 def sample(model: TinyDiffusion, context: torch.Tensor, shape: tuple[int, int, int, int],
-           steps: int = 20, seed: int = 0) -> torch.Tensor:
+           steps: int = 20, seed: int = 0, guidance: float = 1.0) -> torch.Tensor:
     """Euler sampling (Karras et al. 2022) from seeded noise → latent of `shape` (B, C, H, W).
 
     context (1 or B, L, context_dim). Starts from noise scaled to sigma_max as ComfyUI does for a
     full denoise, steps x += (x − x0)/σ · (σ_next − σ), and undoes the schedule's noise scaling.
+    `guidance` ≠ 1: classifier-free guidance (Ho & Salimans 2022) against the empty caption (a zero
+    context), x0 = x0_empty + guidance · (x0_caption − x0_empty), as ComfyUI's CFG does.
     """
     param = next(model.net.parameters())
     schedule = model.schedule
@@ -285,6 +287,9 @@ def sample(model: TinyDiffusion, context: torch.Tensor, shape: tuple[int, int, i
     x = schedule.noise_scaling(sigmas[0].expand(batch), noise, torch.zeros_like(noise), max_denoise=True)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = model.denoise(x, sigma.expand(batch), context)
+        if guidance != 1.0:
+            empty = model.denoise(x, sigma.expand(batch), torch.zeros_like(context))
+            denoised = empty + guidance * (denoised - empty)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
     return schedule.inverse_noise_scaling(sigmas[-1].expand(batch), x)
 

@@ -58,6 +58,7 @@ class PretrainSettings:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # pictures trained with the empty caption (zeros), for guidance at sampling
     seed: int = 0
     threads: int = 1
     size: int = 32
@@ -142,8 +143,9 @@ def _train(s: PretrainSettings, on_step: Callable[[int, float, float], None] | N
         sigma = schedule.sigmas[torch.randint(0, NUM_TIMESTEPS, (s.batch_size,), generator=noises)]
         noise = torch.randn(x0.shape, generator=noises)
         noisy = schedule.noise_scaling(sigma, noise, x0)
-        out = net(schedule.calculate_input(sigma, noisy), schedule.timestep(sigma),
-                  _contexts(captions, net.config.context_dim, words))
+        context = _contexts(captions, net.config.context_dim, words)
+        context[torch.rand(s.batch_size, generator=noises) < s.caption_dropout] = 0.0  # the empty caption
+        out = net(schedule.calculate_input(sigma, noisy), schedule.timestep(sigma), context)
         per_picture = (out - noise).square().mean(dim=(1, 2, 3))
         loss = (per_picture * (sigma ** 2 + 1.0)).mean()  # the v loss, see the module docstring
         optimizer.zero_grad(set_to_none=True)
