@@ -197,6 +197,24 @@ def run_measured(client: "ComfyClient", graph: dict, steps: int, figure: str | N
     return measured
 
 
+def expected_lora_keys(model_keys: list[str], lora: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """The keys a `full`-format LoRA of this model file must hold: per weight its lora_up/lora_down pair
+    (where the LoRA has one) or a `.diff`, per bias a `.diff_b`; keys in `skip` have no adapter."""
+    expected = []
+    for key in model_keys:
+        if key in skip:
+            continue
+        module, kind = key.rsplit(".", 1)
+        prefix = "lora_unet_" + module.replace(".", "_")
+        if kind == "bias":
+            expected.append(prefix + ".diff_b")
+        elif prefix + ".lora_up.weight" in lora:
+            expected += [prefix + ".lora_up.weight", prefix + ".lora_down.weight"]
+        else:
+            expected.append(prefix + ".diff")
+    return expected
+
+
 def execution_error(entry: dict) -> str | None:
     """The `execution_error` message of a history entry ("NodeType: ExceptionType: text"), or None."""
     for event, data in entry.get("status", {}).get("messages", []):

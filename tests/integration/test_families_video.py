@@ -262,22 +262,11 @@ def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):
     with safe_open(str(comfy_wan.base_dir / "models" / "diffusion_models" / WAN_MODEL), "np") as f:
         model_keys = list(f.keys())
     lora = load_file(str(comfy_wan.output_dir / trained["wan21_t2v"].saved))
-    expected = []
     # Wan's modulation tables (`blocks.N.modulation`, `head.modulation`) are bare parameters of a block,
     # not a layer's weight: adapters wrap layers, so they get none (they stay the base's)
     tables = [k for k in model_keys if k.endswith(".modulation")]
     assert tables == ["blocks.0.modulation", "head.modulation"], tables
-    for key in model_keys:
-        if key in tables:
-            continue
-        module, kind = key.rsplit(".", 1)
-        prefix = "lora_unet_" + module.replace(".", "_")
-        if kind == "bias":
-            expected.append(prefix + ".diff_b")
-        elif prefix + ".lora_up.weight" in lora:
-            expected += [prefix + ".lora_up.weight", prefix + ".lora_down.weight"]
-        else:
-            expected.append(prefix + ".diff")
+    expected = _server().expected_lora_keys(model_keys, lora, skip=tuple(tables))
     missing = [k for k in expected if k not in lora]
     assert not missing, f"no LoRA for {missing}"
     untrained = [k for k in expected if not torch.any(lora[k] != 0)]

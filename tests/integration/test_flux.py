@@ -243,16 +243,7 @@ def test_every_layer_of_the_flux_model_trains(comfy_flux, flux, case):
     with safe_open(str(comfy_flux.base_dir / "models" / "diffusion_models" / FLUX_MODEL), "np") as f:
         model_keys = list(f.keys())
     lora = load_file(str(comfy_flux.output_dir / flux.runs[case].saved))
-    expected = []
-    for key in model_keys:
-        module, kind = key.rsplit(".", 1)
-        prefix = "lora_unet_" + module.replace(".", "_")
-        if kind == "bias":
-            expected.append(prefix + ".diff_b")
-        elif prefix + ".lora_up.weight" in lora:
-            expected += [prefix + ".lora_up.weight", prefix + ".lora_down.weight"]
-        else:
-            expected.append(prefix + ".diff")
+    expected = sys.modules["lora_trainer_it_server"].expected_lora_keys(model_keys, lora)
     missing = [k for k in expected if k not in lora]
     assert not missing, f"{case}: no LoRA for {missing}"
     untrained = [k for k in expected if not torch.any(lora[k] != 0)]
