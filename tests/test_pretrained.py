@@ -43,6 +43,22 @@ def test_pictures_are_seeded_and_captioned():
         assert (share > 1 - 1e-6).any() and (share < 1e-6).any()
 
 
+def test_shape_recognition_reads_the_pictures_own_shapes():
+    """The measure of the base's samples, on pictures whose shapes are known: nearly all recognised, no
+    colour error; the same pictures under the wrong captions' colours lose their shapes."""
+    images, captions = procedural.fresh_set(48, 32, seed=5)
+    keep = [i for i, c in enumerate(captions) if procedural.caption_parts(c)[0] in procedural.CENTRED_SHAPES]
+    templates = procedural.shape_templates(32)
+    drawn, errors = procedural.recognise_shapes(images[keep], [captions[i] for i in keep], templates)
+    right = sum(shape == procedural.caption_parts(captions[i])[0] for shape, i in zip(drawn, keep))
+    assert len(keep) >= 24 and right >= 0.9 * len(keep) and max(errors) < 1e-6
+    noise = torch.rand(len(keep), 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    assert min(procedural.recognise_shapes(noise, [captions[i] for i in keep], templates)[1]) > 0.2
+    assert procedural.caption_parts("an orange ring on a blue background") == ("ring", "orange", "blue")
+    assert procedural.caption_parts("red stripes on a gray background") == ("stripes", "red", "gray")
+    assert procedural.caption_parts("a red sun over yellow and navy bands, lrtstyle") is None
+
+
 def test_pretraining_contexts_are_the_text_encoders():
     captions = procedural.fresh_set(5, 8)[1]
     assert torch.equal(_contexts(captions, 64, {}), encode_captions(captions, 64))

@@ -171,6 +171,32 @@ def test_default_preset_is_small_and_wide_is_sd_shaped() -> None:
     assert (wide.width, wide.context_dim) == (320, 768)
 
 
+def test_text_positions_make_the_word_order_count() -> None:
+    """Without positions the context is a set (cross-attention is blind to the order of its keys), so
+    "a red circle on a blue background" and "a blue circle on a red background" give the same output;
+    with them, they differ."""
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    one, other = (encode_text(c, 64) for c in ("a red circle on a blue background", "a blue circle on a red background"))
+    for positions in (False, True):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = TinyDenoiser(TinyConfig(text_positions=positions)).eval()
+        with torch.no_grad():
+            a, b = net(x, t, one), net(x, t, other)
+        if positions:
+            assert (a - b).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_outer_self_attention_can_be_left_out() -> None:
+    with_it, without = TinyDenoiser(TinyConfig()), TinyDenoiser(TinyConfig(outer_self_attention=False))
+    gone = set(with_it.state_dict()) - set(without.state_dict())
+    assert gone and all(".attn1." in name or ".norm1." in name for name in gone)
+    assert all(name.startswith("blocks.4.") for name in gone)  # only the full-resolution transformer's
+    assert without(torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 8, 64)).shape == (2, 4, 16, 16)
+
+
 def test_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="groups"):
         TinyConfig(width=30, groups=8)

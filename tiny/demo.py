@@ -28,7 +28,7 @@ from ..training.loop import Hooks, TrainState, train
 from ..training.plot import plot_losses
 from .host import TINY_BASE, tiny_fns
 from .model import TinyDiffusion, build_tiny, decode_latents, encode_images, sample
-from .pretrained import load_pretrained
+from .pretrained import GUIDANCE, load_pretrained
 from .procedural import fresh_set
 from .text import encode_captions
 
@@ -36,7 +36,6 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_images"
 SIZE = 32  # latent side; the stand-in VAE keeps pixels, so images are resized to it
 FRESH_PICTURES = 24  # procedural pictures for the "what the base knew" loss
 GRID_ROWS = "rows: training images, base, LoRA, LoRA at 0.5"
-GUIDANCE = 3.0  # classifier-free guidance of the samples: the base was pretrained with caption dropout for it
 
 
 class Scores(NamedTuple):

@@ -10,8 +10,9 @@ deterministic Euler sampler, and a pixel-space latent codec that stands in for t
 Sources: the UNet layout of Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent
 Diffusion Models": ResBlock, SpatialTransformer = proj_in → self-attn → cross-attn → feed-forward
 → proj_out), the sinusoidal embedding of Vaswani et al. 2017 as used by Ho et al. 2020 (DDPM), and
-the Euler sampler of Karras et al. 2022 (Algorithm 1 without churn). Written from those papers;
-the weights are random (seeded), the model is never pre-trained.
+the Euler sampler of Karras et al. 2022 (Algorithm 1 without churn). Written from those papers.
+`build_tiny` gives seeded random weights (the tests' and benchmarks' model); the demo's base is the
+one `pretrain.py` trains (`pretrained.load_pretrained`).
 
 The network's top-level blocks are `TinyDenoiser.blocks`, each called as `block(h, emb, context)`,
 so gradient checkpointing can wrap each one.
@@ -40,6 +41,12 @@ class TinyConfig:
     heads: int = 4
     groups: int = 8
     ff_mult: int = 4
+    # Self-attention at full resolution (1024 tokens at 32×32): about half of a training step's time.
+    outer_self_attention: bool = True
+    # A fixed sinusoidal position added to each context token, as CLIP's position embedding does: without
+    # it the context is a set of word vectors, and "a red circle on a blue background" is the same set as
+    # "a blue circle on a red background".
+    text_positions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "width", "inner_mult", "context_dim", "heads", "groups", "ff_mult"):
@@ -127,14 +134,15 @@ class FeedForward(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """GroupNorm → 1×1 conv in → [LN → self-attn, LN → cross-attn(context), LN → FF] → 1×1 conv out,
-    added to the input. Tokens are the H·W positions."""
+    added to the input. Tokens are the H·W positions. `self_attention=False` leaves out the first."""
 
-    def __init__(self, channels: int, config: TinyConfig):
+    def __init__(self, channels: int, config: TinyConfig, self_attention: bool = True):
         super().__init__()
         self.norm = nn.GroupNorm(config.groups, channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.norm1 = nn.LayerNorm(channels)
-        self.attn1 = Attention(channels, config.heads)
+        if self_attention:
+            self.norm1 = nn.LayerNorm(channels)
+            self.attn1 = Attention(channels, config.heads)
         self.norm2 = nn.LayerNorm(channels)
         self.attn2 = Attention(channels, config.heads, config.context_dim)
         self.norm3 = nn.LayerNorm(channels)
@@ -144,7 +152,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, height, width = h.shape
         x = self.proj_in(self.norm(h)).flatten(2).transpose(1, 2)  # (B, H·W, C)
-        x = x + self.attn1(self.norm1(x))
+        if hasattr(self, "attn1"):
+            x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         x = x + self.ff(self.norm3(x))
         x = x.transpose(1, 2).reshape(b, c, height, width)
@@ -216,7 +225,8 @@ class TinyDenoiser(nn.Module):
             UNetBlock([ResBlock(inner, inner, emb_dim, g), SpatialTransformer(inner, config),
                        ResBlock(inner, inner, emb_dim, g)]),
             UNetBlock([ResBlock(inner, inner, emb_dim, g), Upsample(inner, w)]),
-            UNetBlock([ResBlock(2 * w, w, emb_dim, g), SpatialTransformer(w, config)], takes_skip=True),
+            UNetBlock([ResBlock(2 * w, w, emb_dim, g), SpatialTransformer(w, config, config.outer_self_attention)],
+                      takes_skip=True),
         ])
         self.norm_out = nn.GroupNorm(g, w)
         self.conv_out = nn.Conv2d(w, config.in_channels, 3, padding=1)
@@ -224,6 +234,9 @@ class TinyDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         emb = _to_batch(self.time_embed(timestep_embedding(timestep, self.config.width).to(x.dtype)), x)
         context = _to_batch(context.to(x.dtype), x)
+        if self.config.text_positions:
+            positions = timestep_embedding(torch.arange(context.shape[1], device=x.device), self.config.context_dim)
+            context = context + positions.to(x.dtype)
         h = self.conv_in(x)
         skips: list[torch.Tensor] = []
         for block in self.blocks:

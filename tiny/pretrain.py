@@ -8,7 +8,9 @@ exponential moving average of the weights (what is shipped, as DDPM and latent d
 Each picture's epsilon MSE is weighted by σ² + 1, which makes it the v-prediction loss of Salimans
 & Ho 2022 ("Progressive Distillation"): with the plain epsilon loss, high noise levels (where the
 composition and the caption's colours are decided) weigh 1/σ² as much in x0 terms, and a first
-run of 2000 steps sampled coloured blobs ignoring the caption's colours.
+run of 2000 steps sampled coloured blobs ignoring the caption's colours. The base has text positions
+(TinyConfig.text_positions): without them the 1600-step base swapped the shape's and the
+background's colours in two of six samples looked at: a caption was a set of words to it.
 
 Deterministic: one seed drives the weights' initialisation, the pictures and the noises, and the
 thread count is fixed (`torch.set_num_threads`), so a rerun on the same machine and torch gives
@@ -36,8 +38,8 @@ from safetensors.torch import save_file
 from . import procedural
 from ..training.evaluate import heldout_loss
 from .host import tiny_fns
-from .model import TinyConfig, TinyDenoiser, build_tiny, encode_images
-from .pretrained import BASE_FILE, FORMAT, load_pretrained, settings_digest, weights_digest
+from .model import TinyDenoiser, build_tiny, decode_latents, encode_images, sample
+from .pretrained import BASE_FILE, FORMAT, GUIDANCE, base_config, load_pretrained, settings_digest, weights_digest
 from .schedules import EpsSchedule, NUM_TIMESTEPS
 from .text import word_vector, tokenize
 
@@ -46,12 +48,13 @@ CONTEXT_LENGTH = 8  # tokens, as text.encode_text
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """Everything the shipped weights depend on. `width` picks TinyConfig(width=…); `size` is the
-    picture side in pixels (= latent side: the stand-in VAE keeps pixels). One thread: about
-    0.9 s/step at batch 16, 1600 steps in about 25 minutes; two threads on two cores gain little
-    and lose much when anything else runs there."""
+    """Everything the shipped weights depend on. `width`, `outer_self_attention` and `text_positions`
+    pick the TinyConfig (`pretrained.base_config`); `size` is the picture side in pixels (= latent
+    side: the stand-in VAE keeps pixels). Two threads on an idle 2-core machine: about 0.24 s/step at
+    batch 16, 10000 steps in about 40 minutes (the full-resolution self-attention, left out, would
+    double that); anything else running on those cores slows it several times."""
 
-    steps: int = 1600
+    steps: int = 10000
     batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 100
@@ -60,9 +63,11 @@ class PretrainSettings:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # pictures trained with the empty caption (zeros), for guidance at sampling
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     size: int = 32
     width: int = 32
+    outer_self_attention: bool = False  # TinyConfig's: off, a step takes 40% of the time
+    text_positions: bool = True  # TinyConfig's: so the caption can say which colour is the shape's
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "threads", "size", "width"):
@@ -125,7 +130,7 @@ def pretrain(settings: PretrainSettings, on_step: Callable[[int, float, float], 
 
 def _train(s: PretrainSettings, on_step: Callable[[int, float, float], None] | None) -> PretrainResult:
     started = time.perf_counter()
-    net = TinyDenoiser(TinyConfig(width=s.width)).train()
+    net = TinyDenoiser(base_config(asdict(s))).train()
     ema = copy.deepcopy(net).requires_grad_(False)
     schedule = EpsSchedule()
     optimizer = torch.optim.AdamW(net.parameters(), lr=s.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
@@ -198,12 +203,36 @@ def fresh_losses(path: Path, pictures: int = 64) -> tuple[float, float]:
     return heldout_loss(tiny_fns(pretrained, contexts), latents), heldout_loss(tiny_fns(random, contexts), latents)
 
 
+def shape_scores(path: Path, pictures: int = 24) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Whether the base draws what its captions say: the base in `path` samples (classifier-free guidance
+    `GUIDANCE`, 20 steps, seed i for the i-th) the captions of the first `pictures` fresh procedural
+    pictures of circles, squares, triangles and rings. Returns (share of samples whose drawn shape is the
+    caption's, mean colour error) for the base and for random weights (`procedural.recognise_shapes`)."""
+    pretrained = load_pretrained(path)
+    images, captions = procedural.fresh_set(4 * pictures, PretrainSettings.size)
+    captions = [c for c in captions if procedural.caption_parts(c)[0] in procedural.CENTRED_SHAPES][:pictures]
+    contexts = _contexts(captions, pretrained.net.config.context_dim, {})
+    templates = procedural.shape_templates(PretrainSettings.size)
+    scores = []
+    for model in (pretrained, build_tiny("eps", pretrained.net.config)):
+        side = PretrainSettings.size
+        samples = decode_latents(torch.cat([sample(model, contexts[i:i + 1], (1, 4, side, side), steps=20, seed=i,
+                                                   guidance=GUIDANCE) for i in range(len(captions))]))
+        drawn, errors = procedural.recognise_shapes(samples, captions, templates)
+        right = sum(shape == procedural.caption_parts(c)[0] for shape, c in zip(drawn, captions))
+        scores.append((right / len(captions), sum(errors) / len(errors)))
+    return scores[0], scores[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=BASE_FILE, help=f"file to write (default {BASE_FILE})")
     parser.add_argument("--steps", type=int, default=PretrainSettings.steps, help="steps (shorter runs: tries)")
+    parser.add_argument("--width", type=int, default=PretrainSettings.width, help="TinyConfig width (tries)")
+    parser.add_argument("--threads", type=int, default=PretrainSettings.threads,
+                        help="torch threads (the weights are bit-identical only for the same count)")
     args = parser.parse_args(argv)
-    settings = replace(PretrainSettings(), steps=args.steps)
+    settings = replace(PretrainSettings(), steps=args.steps, width=args.width, threads=args.threads)
     every = max(1, settings.steps // 50)
 
     def log(step: int, loss: float, lr: float) -> None:
@@ -219,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     trained, random = fresh_losses(args.out)
     print(f"Held-out denoising loss on fresh procedural pictures: {trained:.4f} pretrained, {random:.4f} "
           f"random weights", flush=True)
+    (right, error), (right_random, error_random) = shape_scores(args.out)
+    print(f"Samples of fresh captions of centred shapes: {right:.0%} draw the caption's shape, mean colour error "
+          f"{error:.3f} (random weights: {right_random:.0%}, {error_random:.3f})", flush=True)
     return 0
 
 

@@ -21,6 +21,7 @@ from .schedules import make_schedule
 
 BASE_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny_base.safetensors"
 FORMAT = "comfyui-lora-trainer-tiny-base"
+GUIDANCE = 3.0  # classifier-free guidance for the base's samples: it was pretrained with caption dropout for it
 METADATA_KEYS = ("format", "settings", "settings_sha256", "source_sha256", "weights_sha256", "steps",
                  "final_loss", "seconds", "torch")
 
@@ -53,10 +54,15 @@ def read_metadata(path: Path = BASE_FILE) -> dict[str, str]:
     return metadata
 
 
+def base_config(settings: dict) -> TinyConfig:
+    """The TinyConfig that the pretraining settings (as a dict, as stored in the file) describe."""
+    return TinyConfig(width=settings["width"], outer_self_attention=settings["outer_self_attention"],
+                      text_positions=settings["text_positions"])
+
+
 def load_pretrained(path: Path = BASE_FILE) -> TinyDiffusion:
     """The pretrained tiny model (eps), frozen and in eval mode, shaped by the file's settings."""
-    settings = json.loads(read_metadata(path)["settings"])
-    net = TinyDenoiser(TinyConfig(width=settings["width"]))
+    net = TinyDenoiser(base_config(json.loads(read_metadata(path)["settings"])))
     net.load_state_dict(load_file(str(path)))
     net.eval().requires_grad_(False)
     return TinyDiffusion(net, make_schedule("eps"))

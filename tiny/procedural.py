@@ -12,6 +12,7 @@ colours: `COLOURS` (RGB, 0–255).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import numpy as np
@@ -89,13 +90,19 @@ def _with_article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of the supersampled pixel centres, in [0, 1), each (size·SUPERSAMPLE,) × 2."""
+    side = size * SUPERSAMPLE
+    y, x = (np.mgrid[0:side, 0:side] + 0.5) / side
+    return x, y
+
+
 def draw_picture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     """One random picture: (size, size, 3) float32 RGB in [0, 1] and its caption."""
     names = list(COLOURS)
     shape = list(SHAPES)[rng.integers(len(SHAPES))]
     fg, bg = (names[i] for i in rng.choice(len(names), size=2, replace=False))
-    side = size * SUPERSAMPLE
-    y, x = (np.mgrid[0:side, 0:side] + 0.5) / side  # pixel centres in [0, 1)
+    x, y = _grid(size)
     mask, template = SHAPES[shape]
     inside = mask(x, y, rng)[..., None]
     canvas = np.where(inside, np.array(COLOURS[fg]), np.array(COLOURS[bg])).astype(np.float32) / 255.0
@@ -114,3 +121,47 @@ def fresh_set(count: int, size: int, seed: int = FRESH_SEED) -> tuple[torch.Tens
     """A held-out set: `count` pictures from a generator seeded with `seed` (default: one that
     pretraining never uses)."""
     return draw_batch(np.random.default_rng(seed), count, size)
+
+
+# Shapes drawn in one place: what `recognise_shapes` tells apart (stripes and dots fill the picture).
+CENTRED_SHAPES = ("circle", "square", "triangle", "ring")
+CAPTION = re.compile(r"^(?:an? )?(?P<fg>\w+) (?P<shape>\w+) on an? (?P<bg>\w+) background$")
+
+
+def shape_templates(size: int, per_shape: int = 32, seed: int = FRESH_SEED) -> dict[str, np.ndarray]:
+    """shape → (per_shape, size, size) bool masks, drawn as the pictures draw them (random size and
+    centre), covered where over half the pixel is inside."""
+    rng, (x, y) = np.random.default_rng(seed), _grid(size)
+    return {shape: np.stack([SHAPES[shape][0](x, y, rng).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE)
+                             .mean(axis=(1, 3)) > 0.5 for _ in range(per_shape)]) for shape in CENTRED_SHAPES}
+
+
+def caption_parts(caption: str) -> tuple[str, str, str] | None:
+    """(shape, foreground colour, background colour) of a procedural caption, or None for another text."""
+    match = CAPTION.match(caption)
+    if match is None or match["shape"] not in SHAPES or not {match["fg"], match["bg"]} <= set(COLOURS):
+        return None
+    return match["shape"], match["fg"], match["bg"]
+
+
+def recognise_shapes(images: torch.Tensor, captions: list[str], templates: dict[str, np.ndarray]
+                     ) -> tuple[list[str], list[float]]:
+    """For pictures (n, H, W, 3) in [0, 1] captioned like the procedural ones (a shape of
+    `CENTRED_SHAPES`): which shape each draws, and how far its pixels are from the caption's two colours.
+
+    Each pixel is placed on the line from the background colour to the shape's (its share of the way,
+    clamped to [0, 1]); pixels past halfway make the drawn mask, and the shape is the template shape
+    with the best overlap (intersection over union) with it. The colour error is the mean distance (RGB
+    in [0, 1]) of the pixels from that line segment: 0 for a picture in the two colours only.
+    """
+    shapes, errors = [], []
+    for image, caption in zip(images.double(), captions):
+        _, fg, bg = caption_parts(caption)
+        a, b = (torch.tensor(COLOURS[c], dtype=torch.float64) / 255 for c in (fg, bg))
+        share = ((image - b) @ (a - b) / (a - b).square().sum()).clamp(0, 1)
+        errors.append((b + share[..., None] * (a - b) - image).norm(dim=-1).mean().item())
+        drawn = (share > 0.5).numpy()
+        overlap = {shape: ((masks & drawn).sum(axis=(1, 2)) / np.maximum(1, (masks | drawn).sum(axis=(1, 2)))).max()
+                   for shape, masks in templates.items()}
+        shapes.append(max(overlap, key=overlap.get))
+    return shapes, errors
