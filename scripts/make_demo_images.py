@@ -77,10 +77,10 @@ def paint_pair(draw: ImageDraw.ImageDraw) -> None:
 
 IMAGES: dict[str, tuple[Painter, str]] = {
     "circle": (paint_circle, "a red circle on a navy background, lrtstyle"),
-    "rings": (paint_rings, "concentric teal and cream rings around a red dot, lrtstyle"),
-    "stripes": (paint_stripes, "diagonal yellow and navy stripes, lrtstyle"),
+    "rings": (paint_rings, "a teal ring on a navy background, lrtstyle"),
+    "stripes": (paint_stripes, "yellow stripes on a navy background, lrtstyle"),
     "sunset": (paint_sunset, "a red sun over yellow and navy bands, lrtstyle"),
-    "dots": (paint_dots, "a grid of coloured dots on cream, lrtstyle"),
+    "dots": (paint_dots, "coloured dots on a cream background, lrtstyle"),
     "pair": (paint_pair, "a yellow circle beside a red square, lrtstyle"),
 }
 
