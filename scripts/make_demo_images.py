@@ -76,11 +76,11 @@ def paint_pair(draw: ImageDraw.ImageDraw) -> None:
 
 
 IMAGES: dict[str, tuple[Painter, str]] = {
-    "circle": (paint_circle, "a red circle on a navy background, lrtstyle"),
-    "rings": (paint_rings, "a teal ring on a navy background, lrtstyle"),
-    "stripes": (paint_stripes, "yellow stripes on a navy background, lrtstyle"),
-    "sunset": (paint_sunset, "a red sun over yellow and navy bands, lrtstyle"),
-    "dots": (paint_dots, "coloured dots on a cream background, lrtstyle"),
+    "circle": (paint_circle, "a red circle on a blue background, lrtstyle"),
+    "rings": (paint_rings, "a cyan ring on a blue background, lrtstyle"),
+    "stripes": (paint_stripes, "yellow stripes on a blue background, lrtstyle"),
+    "sunset": (paint_sunset, "a red sun over yellow and blue bands, lrtstyle"),
+    "dots": (paint_dots, "red dots on a white background, lrtstyle"),
     "pair": (paint_pair, "a yellow circle beside a red square, lrtstyle"),
 }
 

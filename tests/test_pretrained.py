@@ -14,7 +14,7 @@ from comfyui_lora_trainer.tiny import procedural
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
 from comfyui_lora_trainer.tiny.pretrain import (
-    PretrainSettings, _contexts, file_metadata, learning_rate, pretrain, save_base,
+    PretrainSettings, _contexts, file_metadata, learning_rate, pretrain, save_base, shape_scores,
 )
 from comfyui_lora_trainer.tiny.pretrained import (
     BASE_FILE, METADATA_KEYS, load_pretrained, read_metadata, settings_digest, weights_digest,
@@ -126,9 +126,17 @@ def test_shipped_base_beats_random_weights_on_fresh_pictures():
     assert trained_loss < 0.3 * random_loss, (trained_loss, random_loss)
 
 
+def test_shipped_base_draws_the_captions_shapes_in_their_colours():
+    """Samples of 24 fresh captions of circles, squares, triangles and rings (measured: all 24 drawn as
+    the caption's shape, colour error 0.042; random weights 29 %, 0.756)."""
+    (right, error), (right_random, error_random) = shape_scores(BASE_FILE)
+    assert right >= 0.9 and error < 0.08, (right, error)
+    assert right_random < 0.5 and error_random > 0.5, (right_random, error_random)
+
+
 @pytest.mark.slow
 def test_pretraining_reproduces_the_shipped_weights():
-    """Reruns the full pretraining (about 30 minutes on one core): same settings → same weights."""
+    """Reruns the full pretraining (about 40 minutes on two idle cores): same settings → same weights."""
     result = pretrain(PretrainSettings())
     assert weights_digest(result.state_dict) == read_metadata(BASE_FILE)["weights_sha256"]
 
