@@ -140,9 +140,8 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(config.groups, channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        if self_attention:
-            self.norm1 = nn.LayerNorm(channels)
-            self.attn1 = Attention(channels, config.heads)
+        self.norm1 = nn.LayerNorm(channels) if self_attention else None
+        self.attn1 = Attention(channels, config.heads) if self_attention else None
         self.norm2 = nn.LayerNorm(channels)
         self.attn2 = Attention(channels, config.heads, config.context_dim)
         self.norm3 = nn.LayerNorm(channels)
@@ -152,7 +151,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, height, width = h.shape
         x = self.proj_in(self.norm(h)).flatten(2).transpose(1, 2)  # (B, H·W, C)
-        if hasattr(self, "attn1"):
+        if self.attn1 is not None:
             x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         x = x + self.ff(self.norm3(x))

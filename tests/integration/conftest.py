@@ -20,14 +20,6 @@ sys.modules[_spec.name] = server
 _spec.loader.exec_module(server)
 
 
-def _comfyui() -> tuple[Path, str]:
-    try:
-        comfy_dir = server.comfyui_dir()
-    except server.NoComfyUI as why:
-        pytest.skip(str(why))
-    return comfy_dir, server.comfyui_python(comfy_dir)
-
-
 def _serve(comfy_dir: Path, python: str, base: Path):
     started = time.monotonic()
     client = server.start_server(comfy_dir, python, base)
@@ -41,7 +33,7 @@ def _serve(comfy_dir: Path, python: str, base: Path):
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server on CPU with this pack installed; see the module docstring."""
-    comfy_dir, python = _comfyui()
+    comfy_dir, python = server.comfyui_or_skip()
     base = tmp_path_factory.mktemp("comfyui_base")
     server.make_base_dir(base, server.cached_checkpoint(comfy_dir, python))
     yield from _serve(comfy_dir, python, base)
@@ -51,7 +43,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory):
 def comfy_flux(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server of its own with models/diffusion_models/tiny_flux.safetensors,
     models/vae/tiny_flux_vae.safetensors (make_flux.py) and the test-only ITFluxConditioning node."""
-    comfy_dir, python = _comfyui()
+    comfy_dir, python = server.comfyui_or_skip()
     model, vae = server.cached_flux(comfy_dir, python)
     base = tmp_path_factory.mktemp("comfyui_flux_base")
     server.make_base_dir(base, None, {

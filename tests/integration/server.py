@@ -238,6 +238,18 @@ def comfyui_dir() -> Path:
     return path
 
 
+def comfyui_or_skip() -> tuple[Path, str]:
+    """(ComfyUI checkout, its Python) for a test; the test is skipped when COMFYUI_DIR names none.
+    Benchmarks call comfyui_dir and stop on NoComfyUI instead."""
+    import pytest  # only the tests get here; the benchmarks import this module without pytest
+
+    try:
+        comfy_dir = comfyui_dir()
+    except NoComfyUI as why:
+        pytest.skip(str(why))
+    return comfy_dir, comfyui_python(comfy_dir)
+
+
 def comfyui_python(comfy_dir: Path) -> str:
     if os.environ.get("COMFYUI_PYTHON"):
         return os.environ["COMFYUI_PYTHON"]

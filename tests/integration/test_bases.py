@@ -30,12 +30,7 @@ def results(comfy_python) -> dict:
 
 @pytest.fixture(scope="module")
 def comfy_python():
-    server = sys.modules["lora_trainer_it_server"]
-    try:
-        comfy_dir = server.comfyui_dir()
-    except server.NoComfyUI as why:
-        pytest.skip(str(why))
-    return comfy_dir, server.comfyui_python(comfy_dir)
+    return sys.modules["lora_trainer_it_server"].comfyui_or_skip()
 
 
 @pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8_tensorwise"])

@@ -42,11 +42,7 @@ WORKFLOW = {
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"single": output folder, "ddp": output folder} after the two runs."""
     server = sys.modules["lora_trainer_it_server"]
-    try:
-        comfy_dir = server.comfyui_dir()
-    except server.NoComfyUI as why:
-        pytest.skip(str(why))
-    python = server.comfyui_python(comfy_dir)
+    comfy_dir, python = server.comfyui_or_skip()
     root = tmp_path_factory.mktemp("distributed")
     importable = root / "path"
     importable.mkdir()

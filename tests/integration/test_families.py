@@ -85,11 +85,7 @@ def comfy_families(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server of its own: the tiny SD1.5 checkpoint (for its VAE), make_sd3.py's model,
     make_flux.py's VAE and the test-only nodes of it_family_nodes.py."""
     server = sys.modules["lora_trainer_it_server"]  # loaded by conftest.py
-    try:
-        comfy_dir = server.comfyui_dir()
-    except server.NoComfyUI as why:
-        pytest.skip(str(why))
-    python = server.comfyui_python(comfy_dir)
+    comfy_dir, python = server.comfyui_or_skip()
     _, vae16 = server.cached_flux(comfy_dir, python)
     base = tmp_path_factory.mktemp("comfyui_families_base")
     server.make_base_dir(base, server.cached_checkpoint(comfy_dir, python), {

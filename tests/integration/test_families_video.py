@@ -84,11 +84,7 @@ def comfy_wan(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server of its own with models/diffusion_models/tiny_wan21_t2v.safetensors and the
     test-only nodes of it_video_nodes.py."""
     server = _server()
-    try:
-        comfy_dir = server.comfyui_dir()
-    except server.NoComfyUI as why:
-        pytest.skip(str(why))
-    python = server.comfyui_python(comfy_dir)
+    comfy_dir, python = server.comfyui_or_skip()
     base = tmp_path_factory.mktemp("comfyui_wan_base")
     models = cached_wan(comfy_dir, python)
     server.make_base_dir(base, None, {**{f"models/diffusion_models/{name}": models / name for name in (WAN_MODEL, WAN_I2V)},

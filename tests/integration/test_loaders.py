@@ -34,12 +34,7 @@ def has_diffusers(python: str) -> bool:
 
 def comfyui() -> tuple[Path, str]:
     """(ComfyUI folder, its Python), as the conftest's server module finds them."""
-    server = sys.modules["lora_trainer_it_server"]
-    try:
-        comfy_dir = server.comfyui_dir()
-    except server.NoComfyUI as why:
-        pytest.skip(str(why))
-    return comfy_dir, server.comfyui_python(comfy_dir)
+    return sys.modules["lora_trainer_it_server"].comfyui_or_skip()
 
 
 def check(comfy, lora: Path) -> dict:
