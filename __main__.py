@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.comfy_args = comfy_args
     if args.command == "demo":
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError:
+            print("error: the demo needs torch; run it with the quick start's `bash scripts/demo.sh`, or "
+                  "pip install torch", file=sys.stderr)
+            return 2
         from .tiny.demo import run_demo
 
         run_demo(args.out, args.steps, args.kind, args.seed)

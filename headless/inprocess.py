@@ -15,7 +15,10 @@ other ranks execute only the Train LoRA nodes and what feeds them. An error on a
 it with exit status 1, and torchrun stops the others. A training state saved under N processes
 resumes under N processes (Train LoRA's `resume`): every rank reads it from the same output folder.
 
-Exit status: 0 success, 1 the workflow failed or was refused, 2 bad arguments (no ComfyUI, no file).
+On a machine where torch sees no GPU, ComfyUI runs on the CPU (`--cpu` is added, with a note).
+
+Exit status: 0 success, 1 the workflow failed or was refused, 2 bad arguments (no ComfyUI, no file,
+a Python without torch or without ComfyUI's requirements).
 """
 from __future__ import annotations
 
@@ -124,6 +127,14 @@ def _validate(execution, loop, prompt: Workflow, prompt_id: str) -> tuple[bool, 
     return valid, error, list(outputs), node_errors
 
 
+def _has_accelerator(torch) -> bool:
+    """Whether torch sees a device ComfyUI would use instead of the CPU (CUDA/ROCm, Intel XPU, Apple MPS)."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return (torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+            or bool(mps is not None and mps.is_available()))
+
+
 def _error_message(messages: list) -> str | None:
     for event, data in messages:
         if event == "execution_error":
@@ -157,15 +168,29 @@ def train_command(args: argparse.Namespace) -> int:
         say(f"error: {args.workflow}: no Train LoRA ({OUR_TRAIN_NODE}) node to train data-parallel", sys.stderr)
         return 2
 
-    import torch
-    import torch.distributed as dist
-
+    try:
+        import torch
+        import torch.distributed as dist
+    except ModuleNotFoundError as err:
+        say(f"error: this Python has no {err.name}; run `train` with ComfyUI's Python (the one that starts "
+            "ComfyUI, its requirements installed)", sys.stderr)
+        return 2
+    if "--cpu" not in comfy_args and not _has_accelerator(torch):
+        say("note: no GPU found, so ComfyUI runs on the CPU (as with `-- --cpu`)", sys.stderr)
+        comfy_args.append("--cpu")
     if world > 1:
         backend = "nccl" if torch.cuda.is_available() and "--cpu" not in comfy_args else "gloo"
         dist.init_process_group(backend)
         say(f"Train LoRA: {world} processes, {backend}")
     try:
-        execution, prompt_server, loop = _import_comfyui(Path(args.comfyui).resolve(), comfy_args, local_rank, world > 1)
+        try:
+            execution, prompt_server, loop = _import_comfyui(Path(args.comfyui).resolve(), comfy_args, local_rank,
+                                                             world > 1)
+        except ModuleNotFoundError as err:
+            say(f"error: ComfyUI cannot start in this Python: no module named {err.name!r}; run `train` with "
+                f"ComfyUI's Python, or install its requirements (pip install -r {args.comfyui}/requirements.txt)",
+                sys.stderr)
+            return 2
         prompt_id = str(uuid.uuid4())
         valid, error, outputs, node_errors = _validate(execution, loop, workflow, prompt_id)
         if not valid:

@@ -54,7 +54,8 @@ def load_workflow(path: Path) -> Workflow:
     try:
         data = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"workflow {path}: not valid JSON ({e})") from e
+        raise ValueError(f"workflow {path}: not valid JSON ({e}); give an API-format workflow: in ComfyUI, "
+                         "Workflow > Export (API) saves one") from None
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]  # a saved POST /prompt body
     if isinstance(data, dict) and "nodes" in data and "links" in data:

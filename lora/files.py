@@ -9,16 +9,25 @@ and safetensors' own atomic save (0.8) give 0600.
 
 A failure (read-only or immutable folder, full disk, quota) raises an OSError whose message names
 the target path and the cause in words instead of the temp file's errno line.
+
+A process killed while writing (`kill -9`, a power cut) cannot remove its temp file. Each write
+therefore first removes, in its folder, the temp files of our own pattern (`.<name>.<8 hex>.tmp`)
+last modified before this process started (`PROCESS_STARTED`): another process's write in progress
+keeps touching its file, and this process's own are never that old.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import secrets
 import stat
+import time
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 _WRITABLE = "make the folder writable for the account the server runs as, or choose another filename prefix"
 _SPACE = "free some space, or choose a filename prefix on another disk"
@@ -31,6 +40,21 @@ _CAUSES = {  # errno → (the cause in words, the fix)
     errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter filename prefix"),
 }
 _RUST_OS_ERROR = re.compile(r"os error (\d+)")  # safetensors reports I/O errors as "... (os error 28)"
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # write_atomically's temp file names
+
+
+def _process_start() -> float:
+    """When this process started (wall clock, seconds): from /proc where there is one, else now (this
+    module is imported when the pack loads, before any write)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+PROCESS_STARTED = _process_start()
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what: str = "file") -> Path:
@@ -42,6 +66,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path}: already exists; choose another filename prefix")
+    remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +87,31 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def remove_stale_temps(folder: Path, before: float | None = None) -> list[Path]:
+    """Remove the temp files of `write_atomically`'s pattern in `folder` last modified before `before`
+    (default: when this process started), left by a process killed while writing; returns them.
+    Nothing else is touched, and a file that cannot be removed is left (with a debug line)."""
+    cutoff = PROCESS_STARTED if before is None else before
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet, or not readable: the write itself says why
+        return removed
+    for entry in entries:
+        if not _TEMP.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError as err:
+            log.debug("could not remove the stale temp file %s: %s", entry.path, err)
+    if removed:
+        log.info("removed %d temp file(s) left in %s by an interrupted write: %s", len(removed), folder,
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def write_error_cause(err: BaseException) -> tuple[int, str, str] | None:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import write_atomically
-from .algos import detect
+from .algos import ALGORITHMS, detect
 from .algos.lora import DOWN, UP
 from .keys import ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, KOHYA_UNET_PREFIX, is_text_encoder_key, kohya_name, split_key
 from .naming import MODULE_PATHS, Naming
@@ -138,8 +138,11 @@ def _check_algorithm(algo, path: str, module: nn.Module, f: dict, keys: dict, fa
         raise ValueError(f"LoRA key {keys[present]!r}: layer {path!r} has no matching lora_{missing} tensor")
     stray = sorted(set(f) - set(algo.SUFFIXES) - {DIFF, DIFF_B})
     if stray:
-        raise ValueError(f"LoRA key {keys[stray[0]]!r}: layer {path!r} mixes {algo.NAME} keys with another "
-                         "algorithm's; the file is damaged or merged wrongly")
+        other = next((a.NAME for a in ALGORITHMS.values() if stray[0] in a.SUFFIXES), "another algorithm")
+        first = next(s for s in algo.SUFFIXES if s in f)
+        raise ValueError(f"layer {path!r} mixes two algorithms in one layer: {algo.NAME} ({keys[first]!r}) and "
+                         f"{other} ({keys[stray[0]]!r}); a layer holds one algorithm's keys, so the file is damaged "
+                         "or two LoRAs were merged wrongly; pick another file")
     shape = layer_shape(module) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
     first = next(s for s in algo.SUFFIXES if s in f and s != ALPHA)
     if shape is None:

@@ -209,15 +209,22 @@ def inject(
     at = adapter_device(model, device)
     targets, adapters = {}, {}
     for path, module in eligible_modules(model, config).items():
-        make = _maker(path, module, config, generator, at, weights.get(path))
-        adapter = build_adapter(module, make, config.train_norms, config.train_biases, at, path)
+        loaded = weights.get(path)
+        make = _maker(path, module, config, generator, at, loaded)
+        # a continued file's differences are continued with it, whatever train_norms / train_biases say
+        train_weights = config.train_norms or (loaded is not None and loaded.diff is not None)
+        train_biases = config.train_biases or (loaded is not None and loaded.diff_b is not None)
+        adapter = build_adapter(module, make, train_weights, train_biases, at, path)
         if adapter is None:
             continue
         if adapter.algo is None:
             log.debug("weight difference instead of an adapter for %s (%s)", path, type(module).__name__)
-        if path in weights:
-            _load_diffs(adapter, weights[path])
+        if loaded is not None:
+            _load_diffs(adapter, loaded)
         targets[path], adapters[path] = module, adapter
+    if not adapters:
+        raise ValueError(_nothing_selected(config))
+    _log_continued(weights, adapters, config)
     network = LoraNetwork(model, targets, adapters)
     network._patch()
     return network
@@ -260,6 +267,30 @@ def _maker(path: str, module: nn.Module, config: LoraConfig, generator: torch.Ge
         return chosen.load(shape, loaded.tensors, device, weight)
 
     return make
+
+
+def _nothing_selected(config: LoraConfig) -> str:
+    """The error for a selection that leaves nothing to train, in the node's input names."""
+    chosen = [f"target {config.target!r}"]
+    chosen += [f"{name} {value!r}" for name, value in (("include_layers", config.include),
+                                                        ("exclude_layers", config.exclude)) if value]
+    return (f"include_layers / exclude_layers / target: {', '.join(chosen)} select no layer of this model that can "
+            "be trained; widen include_layers (its regex must match module paths such as 'input_blocks.1.1'), "
+            "narrow or clear exclude_layers, or choose target 'all'")
+
+
+def _log_continued(weights: dict[str, LayerWeights], adapters: dict[str, LayerAdapter], config: LoraConfig) -> None:
+    """Say what a continued file brings beyond the settings: differences trained although train_norms /
+    train_biases are off, and layers left out (not selected), whose tensors the output will not have."""
+    diffs = sum(1 for w in weights.values() for t in (w.diff, w.diff_b) if t is not None)
+    if diffs and not (config.train_norms and config.train_biases):
+        log.info("the LoRA continued holds %d weight/bias differences (diff/diff_b); they are trained on with it "
+                 "(train_norms / train_biases off apply to layers it does not hold)", diffs)
+    left_out = sorted(set(weights) - set(adapters))
+    if left_out:
+        log.warning("the LoRA continued has %d layers that target / include_layers / exclude_layers leave out "
+                    "(first: %s); they are not trained and not in the output LoRA; widen the selection to keep "
+                    "them", len(left_out), left_out[0])
 
 
 def _load_diffs(adapter: LayerAdapter, loaded: LayerWeights) -> None:

@@ -46,6 +46,7 @@ class CheckpointWriter:
         self.fingerprint = fingerprint(images, captions)
         self.folder, self.stem = output_target(self.output, config.checkpoint_prefix, CHECKPOINT_PREFIX)
         self.written: list[str] = []  # this run's checkpoints, relative to the output folder, oldest first
+        self.protected: str | None = None  # the checkpoint `resume` named by path: keep_last never deletes it
 
     def state_stem(self, lora_path: Path) -> Path:
         """Where the training state of the checkpoint `lora_path` goes (without its suffixes)."""
@@ -55,7 +56,9 @@ class CheckpointWriter:
     def save(self, state: TrainState, lora: dict, reason: str) -> str:
         """Write the checkpoint of `state` and its training state; returns the checkpoint's path (relative)."""
         steps = state.total_steps
-        path = next_free(self.folder, lambda n: f"{self.stem}_{steps}_steps_{n:05}_.safetensors")
+        # an older run's state under this name (its LoRA deleted) keeps its counter: never overwritten
+        path = next_free(self.folder, lambda n: f"{self.stem}_{steps}_steps_{n:05}_.safetensors",
+                         lambda lora: any(p.exists() for p in state_paths(self.state_stem(lora))))
         sd, metadata = file_contents(lora, steps, "full")
         metadata.update(output_name(self.stem))  # as Save LoRA: the prefix's name, without step and counter
         save_lora_file(path, sd, metadata)
@@ -74,9 +77,19 @@ class CheckpointWriter:
     def _prune(self) -> None:
         keep = self.config.keep_last
         while keep and len(self.written) > keep:
-            old = self.output / self.written.pop(0)
+            relative = self.written.pop(0)
+            if relative == self.protected:
+                continue
+            old = self.output / relative
             for path in (old, *state_paths(self.state_stem(old))):
                 path.unlink(missing_ok=True)
+
+    def is_ours(self, relative: str) -> bool:
+        """Whether a checkpoint (relative to the output folder) is named by this run's prefix: keep_last
+        acts on those alone, also after resuming a state from another prefix."""
+        path = self.output / relative
+        name = re.compile(re.escape(self.stem) + r"_\d+_steps_\d+_\.safetensors$")
+        return path.parent == self.folder and name.match(path.name) is not None
 
     def resume(self) -> TrainState | None:
         """The state `config.resume` names, checked against this run; None to start fresh."""
@@ -89,7 +102,9 @@ class CheckpointWriter:
                      self.config.checkpoint_prefix)
             return None
         state, record = read_state(json_path, self.config, self.fingerprint)
-        self.written = [p for p in record.get("checkpoints", []) if (self.output / p).exists()]
+        self.written = [p for p in record.get("checkpoints", []) if self.is_ours(p) and (self.output / p).exists()]
+        if wanted != LATEST:
+            self.protected = record.get("lora_file")
         log.info("Train LoRA: resuming from %s at step %d of %d", json_path, state.step, self.config.steps)
         return state
 

@@ -52,6 +52,33 @@ def _latent_rgb(latent_format) -> latent_preview.LatentPreviewer:
                                               latent_format.latent_rgb_factors_reshape)
 
 
+def _check_vae(vae, latent_format, model_name: str) -> None:
+    """The preview's VAE decodes this model's latents: its latent channels are the model's. Else a
+    ValueError naming the preview's `vae` and both sides, before training starts (a 16-channel VAE on
+    an SD1.5 model, or VAELoader's `pixel_space`, which takes 3-channel pixels as its latents)."""
+    theirs = getattr(vae, "latent_channels", None)
+    ours = getattr(latent_format, "latent_channels", None)
+    if not isinstance(theirs, int) or not isinstance(ours, int) or theirs == ours:
+        return
+    kind = " (pixel_space: it treats pixels as latents)" if getattr(vae, "downscale_ratio", None) == 1 else ""
+    raise ValueError(f"vae: LoRA Training Preview's VAE decodes {theirs}-channel latents{kind}, but this model "
+                     f"({model_name}) makes {ours}-channel latents; connect the VAE that belongs to this model (e.g. "
+                     "its checkpoint loader's VAE output), or leave the preview's vae empty to use ComfyUI's "
+                     "latent previewer")
+
+
+def _rgb(image: np.ndarray, vae) -> np.ndarray:
+    """A decoded (H, W, C) uint8 image as RGB; a ValueError naming the preview's `vae` when it is no
+    picture (1 or 3 channels): never a 4-channel image for the progress bar's JPEG."""
+    if image.ndim == 3 and image.shape[-1] == 3:
+        return image
+    if image.ndim == 3 and image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    raise ValueError(f"vae: LoRA Training Preview's VAE ({type(getattr(vae, 'first_stage_model', vae)).__name__}) "
+                     f"decoded an image of shape {tuple(image.shape)}, not an RGB picture; connect the VAE that "
+                     "belongs to the model, or leave the preview's vae empty")
+
+
 @contextmanager
 def _current_patcher_kept(base_model) -> Iterator[None]:
     """Put back the base model's `current_patcher` (training's guider set it; a nested guider's cleanup clears it)."""
@@ -69,6 +96,8 @@ class Previewer:
     def __init__(self, settings: PreviewSettings, model_patcher, total_steps: int, ui_bar) -> None:
         self.settings, self.patcher, self.total, self.ui_bar = settings, model_patcher, total_steps, ui_bar
         latent_format = model_patcher.get_model_object("latent_format")
+        if settings.vae is not None:
+            _check_vae(settings.vae, latent_format, type(model_patcher.model.model_config).__name__)
         # ComfyUI's sampler previews (None unless the user turned them on): shown while a preview samples
         self.live = latent_preview.get_previewer(model_patcher.load_device, latent_format)
         self.decoder = None if settings.vae is not None else (self.live or _latent_rgb(latent_format))
@@ -90,7 +119,7 @@ class Previewer:
         base = self.patcher.model
         with isolated(base), _current_patcher_kept(base):
             pixels = self._decode(self._sample(step))
-        image = Image.fromarray(pixels)
+        image = Image.fromarray(pixels).convert("RGB")  # the progress bar's JPEG takes RGB only
         path = next_free(self.folder, lambda n: f"{self.stem}_{step}_steps_{n:05}_.png")
         write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), "preview")
         self.taken.append((step, path))
@@ -144,7 +173,7 @@ class Previewer:
         if s.vae is not None:
             images = s.vae.decode(samples)  # (B, H, W, 3) or (B, T, H, W, 3), 0..1
             image = images.reshape(-1, *images.shape[-3:])[0].float().cpu().numpy()
-            return np.clip(image * 255.0, 0, 255).astype(np.uint8)  # as SaveImage converts
+            return _rgb(np.clip(image * 255.0, 0, 255).astype(np.uint8), s.vae)  # as SaveImage converts
         latent = self.patcher.get_model_object("latent_format").process_in(samples)  # the sampler's x0 space
         image = self.decoder.decode_latent_to_preview(latent).convert("RGB")
         if image.size != (s.width, s.height):

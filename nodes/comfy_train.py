@@ -39,6 +39,7 @@ from ..training.validation import Validation
 from . import families
 from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
+from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning
 from .comfy_preview import Previewer
 from .options import TrainingOptions
 from .plot import VALIDATION_LOSS, VALIDATION_STEP
@@ -61,15 +62,6 @@ def _clone_tree(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_clone_tree(v) for v in value)
     return value
-
-
-def _flat_conditioning(positive: list) -> tuple[list, list[int]]:
-    """INPUT_IS_LIST conditioning → (one flat list of [tensor, options] entries, entries per CONDITIONING).
-
-    Each CONDITIONING is one caption; one with several entries (ConditioningCombine) is a combined
-    caption whose entries are applied together, as when sampling (training/data.caption_entries).
-    """
-    return [entry for conditioning in positive for entry in conditioning], [len(c) for c in positive]
 
 
 def _release_inference_tensors(module: torch.nn.Module) -> None:
@@ -291,23 +283,28 @@ def _config(inputs: dict, options: TrainingOptions | None) -> TrainConfig:
 
 
 def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None,
-               preview: PreviewSettings | None = None, validation: ValidationSettings | None = None) -> dict:
-    """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI)."""
+               preview: PreviewSettings | None = None, validation: ValidationSettings | None = None,
+               positive_source: str | None = None) -> dict:
+    """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI).
+    `positive_source` is the class of the node feeding `positive` (nodes/conditioning.py)."""
     config = _config(inputs, options)
     with torch.inference_mode(False), torch.enable_grad():
         images = _latents(latents, model.model, "latents")
-        entries, counts = _flat_conditioning(_clone_tree(positive))
+        entries, counts = flat_conditioning(captions_of(_clone_tree(positive), _batch_sizes(latents), positive_source))
         captions = caption_entries(counts, len(images))
         uncond = None
         if options is not None and options.unconditional is not None:  # caption dropout's empty caption
             extra = list(_clone_tree(options.unconditional))
             uncond = tuple(range(len(entries), len(entries) + len(extra)))
             entries = entries + extra
-        log.info(describe_captions(counts, len(images)))
+        read = f" (from {positive_source}: each entry is one image's caption)" if positive_source in PER_IMAGE_ENTRIES else ""
+        log.info(describe_captions(counts, len(images)) + read)
         val_latents, val_captions = [], []
         if validation is not None:  # its captions join the guider's entries after the training ones
             val_latents = _latents(validation.latents, model.model, "validation latents")
-            val_entries, val_counts = _flat_conditioning(_clone_tree(validation.positive))
+            val_entries, val_counts = flat_conditioning(captions_of(_clone_tree(validation.positive),
+                                                                    _batch_sizes(validation.latents), validation.source,
+                                                                    "validation positive"))
             val_captions = [[len(entries) + i for i in c] for c in caption_entries(val_counts, len(val_latents))]
             entries = entries + val_entries
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
@@ -342,6 +339,10 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     return {"ui": ui, "result": outputs}
 
 
+def _batch_sizes(latents: list[dict]) -> list[int]:
+    return [l["samples"].shape[0] for l in latents]
+
+
 def _log_speed(step_times: list[float], device: torch.device) -> None:
     """One log line: the steps' time from the end of the first (its extra first-use cost left out), and
     on CUDA the peak memory torch allocated during the training (weights loaded before included)."""
@@ -361,7 +362,7 @@ def _blank_image() -> torch.Tensor:
 def _latents(latents: list[dict], base_model, what: str) -> list[torch.Tensor]:
     """LATENTs → single latents (clones) of the model's rank and channels; `what` names the input in errors.
     Image latents for a model of 3-D latents (Qwen-Image, Wan) get a frame axis, as core's sampler adds it."""
-    images = flatten_latents([_clone_tree(l["samples"]) for l in latents])
+    images = flatten_latents([_clone_tree(l["samples"]) for l in latents], what)
     dimensions = getattr(getattr(base_model, "latent_format", None), "latent_dimensions", None)
     images = as_model_rank(images, dimensions) if isinstance(dimensions, int) else images
     _check_channels(images, base_model, what)

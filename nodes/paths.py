@@ -36,9 +36,11 @@ def output_target(output_dir: str | os.PathLike, prefix: str, spec: PrefixInput)
     return target.parent, target.name
 
 
-def next_free(folder: Path, make_name: Callable[[int], str]) -> Path:
-    """First `make_name(counter)` (counter from 1) that does not exist yet: never overwrite."""
+def next_free(folder: Path, make_name: Callable[[int], str],
+              also_taken: Callable[[Path], bool] | None = None) -> Path:
+    """First `make_name(counter)` (counter from 1) that does not exist yet, and for which `also_taken`
+    (a file that goes with it, e.g. a checkpoint's training state) is not true: never overwrite."""
     counter = 1
-    while (folder / make_name(counter)).exists():
+    while (folder / make_name(counter)).exists() or (also_taken is not None and also_taken(folder / make_name(counter))):
         counter += 1
     return folder / make_name(counter)

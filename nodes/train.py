@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..training.config import MAIN
 from .common import CATEGORY, NONE_LORA, lora_choices
+from .conditioning import source_class
 from .preview import PREVIEW_TYPE
 from .validation import VALIDATION_TYPE
 from .widgets import widgets
@@ -42,14 +43,18 @@ class TrainLoRA:
                                                       "Preview node."}),
                 "validation": (VALIDATION_TYPE, {"tooltip": "Held-out images whose loss is measured while training, "
                                                             "from a LoRA Validation Set node."})},
+            # the workflow: which node feeds `positive` decides how its list reads (nodes/conditioning.py)
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
-    def execute(self, model, latents, positive, options=None, preview=None, validation=None, **inputs) -> tuple:
+    def execute(self, model, latents, positive, options=None, preview=None, validation=None, prompt=None,
+                unique_id=None, **inputs) -> tuple:
         from .comfy_train import train_lora  # ComfyUI glue, imported only when the node runs
 
+        source = source_class(prompt[0] if prompt else None, unique_id[0] if unique_id else None, "positive")
         return train_lora(model[0], latents, positive, {k: v[0] for k, v in inputs.items()},
                           options[0] if options else None, preview[0] if preview else None,
-                          validation[0] if validation else None)
+                          validation[0] if validation else None, source)
 
 
 def _main_inputs() -> dict[str, tuple]:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from ..training.data import check_caption_count
 from .common import CATEGORY
+from .conditioning import captions_of, source_class
 
 VALIDATION_TYPE = "LORA_VALIDATION"
 
@@ -19,6 +20,7 @@ class ValidationSettings(NamedTuple):
     positive: list  # CONDITIONINGs: one for every image, or one per image
     every: int
     noise_levels: int
+    source: str | None = None  # the class of the node feeding positive (nodes/conditioning.py)
 
 
 class ValidationSet:
@@ -46,9 +48,16 @@ class ValidationSet:
                                          "tooltip": "Noise levels per image, spread evenly over the schedule; more "
                                                     "is steadier and slower."}),
             },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},  # which node feeds positive
         }
 
-    def execute(self, latents, positive, every, noise_levels) -> tuple[ValidationSettings]:
+    def execute(self, latents, positive, every, noise_levels, prompt=None, unique_id=None) -> tuple[ValidationSettings]:
+        source = source_class(prompt[0] if prompt else None, unique_id[0] if unique_id else None, "positive")
         # refused here, before training starts, so the error names this node rather than Train LoRA
-        check_caption_count(len(positive), sum(latent["samples"].shape[0] for latent in latents))
-        return (ValidationSettings(list(latents), list(positive), every[0], noise_levels[0]),)
+        sizes = [latent["samples"].shape[0] for latent in latents]
+        n_images = sum(sizes)
+        if n_images == 0:
+            raise ValueError("latents: LoRA Validation Set got no images (a LATENT of batch 0); connect at least one "
+                             "encoded held-out image, or disconnect the validation set from Train LoRA")
+        check_caption_count(len(captions_of(positive, sizes, source)), n_images)
+        return (ValidationSettings(list(latents), list(positive), every[0], noise_levels[0], source),)

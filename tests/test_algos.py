@@ -225,8 +225,15 @@ def test_mixed_algorithm_keys_are_refused():
     sd = {"lora_unet_layer.hada_w1_a": torch.zeros(8, 2), "lora_unet_layer.hada_w1_b": torch.zeros(2, 12),
           "lora_unet_layer.hada_w2_a": torch.zeros(8, 2), "lora_unet_layer.hada_w2_b": torch.zeros(2, 12),
           "lora_unet_layer.lokr_w1": torch.zeros(2, 3)}
-    with pytest.raises(ValueError, match=r"'lora_unet_layer.lokr_w1': layer 'layer' mixes loha keys"):
+    with pytest.raises(ValueError, match=r"layer 'layer' mixes two algorithms in one layer: loha "
+                                         r"\('lora_unet_layer.hada_w1_a'\) and lokr \('lora_unet_layer.lokr_w1'\)"):
         resolve_state_dict(sd, model)
+    lora_and_loha = {**sd, "lora_unet_layer.lora_down.weight": torch.zeros(2, 12),
+                     "lora_unet_layer.lora_up.weight": torch.zeros(8, 2)}
+    del lora_and_loha["lora_unet_layer.lokr_w1"]
+    with pytest.raises(ValueError, match=r"existing_lora 'x': layer 'layer' mixes two algorithms in one layer: loha "
+                                         r".* and lora \('lora_unet_layer.lora_down.weight'\).*damaged or two LoRAs"):
+        resolve_state_dict(lora_and_loha, model, label="existing_lora 'x'")
     with pytest.raises(ValueError, match=r"'lora_unet_layer.hada_w1_b' does not fit layer 'layer'.*\(2, 11\)"):
         resolve_state_dict({**{k: v for k, v in sd.items() if "lokr" not in k},
                             "lora_unet_layer.hada_w1_b": torch.zeros(2, 11)}, model)

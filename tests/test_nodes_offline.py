@@ -26,7 +26,10 @@ def test_node_ids_unique_and_tooltips_everywhere():
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()
-        for section in spec.values():
+        for kind, section in spec.items():
+            if kind == "hidden":  # "PROMPT", "UNIQUE_ID": ComfyUI fills them, the user never sees them
+                assert set(section.values()) <= {"PROMPT", "UNIQUE_ID"}, node_id
+                continue
             for name, (_, options) in section.items():
                 assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES), node_id

@@ -13,18 +13,18 @@ from typing import Iterator, Sequence
 import torch
 
 
-def flatten_latents(latents: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def flatten_latents(latents: torch.Tensor | Sequence[torch.Tensor], what: str = "latents") -> list[torch.Tensor]:
     """(N, C, H, W) or a list of such batches → N single (C, H, W) latents, in order; video batches
-    (N, C, T, H, W) → N single (C, T, H, W) latents."""
+    (N, C, T, H, W) → N single (C, T, H, W) latents. `what` names the input in errors."""
     batches = [latents] if isinstance(latents, torch.Tensor) else list(latents)
     images = []
     for i, batch in enumerate(batches):
         if batch.dim() < 4:
-            raise ValueError(f"latents[{i}]: got shape {tuple(batch.shape)}; expected (batch, channels, height, width), "
+            raise ValueError(f"{what}[{i}]: got shape {tuple(batch.shape)}; expected (batch, channels, height, width), "
                              "or (batch, channels, frames, height, width) for video; give a VAE-encoded LATENT")
         images.extend(batch.unbind(0))
     if not images:
-        raise ValueError("latents: no images; give at least one encoded image")
+        raise ValueError(f"{what}: no images; give at least one encoded image")
     return images
 
 

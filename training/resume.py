@@ -112,7 +112,48 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     if record.get("version") != VERSION:
         raise ValueError(f"resume: {json_path} has training-state version {record.get('version')}, this version "
                          f"reads {VERSION}; continue it with existing_lora (its LoRA file) instead")
+    problem = _schema_problem(record)
+    if problem is not None:
+        raise ValueError(f"resume: {json_path} is damaged ({problem}); pick another training state, or clear resume "
+                         "to start fresh")
     return record
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _schema_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a state's JSON, in words, or None: every entry the reader uses has its type,
+    and the step agrees with the losses (one per step) and the total (step + a continued LoRA's steps)."""
+    expected = {"step": _is_int, "total_steps": _is_int, "loss": _is_number, "lr": _is_number,
+                "losses": lambda v: isinstance(v, list) and all(map(_is_number, v)),
+                "pending": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+                "validation": lambda v: isinstance(v, list) and all(
+                    isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and _is_number(e[1]) for e in v),
+                "algorithms": lambda v: isinstance(v, dict) and all(a is None or isinstance(a, str) for a in v.values()),
+                "optimizer": lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+                and isinstance(v.get("scalars"), dict) and all(isinstance(e, dict) for e in v["scalars"].values()),
+                "config": lambda v: isinstance(v, dict),
+                "fingerprint": lambda v: isinstance(v, dict) and isinstance(v.get("image_shapes", []), list),
+                "checkpoints": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)}
+    for key, valid in expected.items():
+        if key not in record:
+            if key == "checkpoints":
+                continue
+            return f"it has no {key!r} entry"
+        if not valid(record[key]):
+            return f"its {key!r} entry is {json.dumps(record[key])[:80]}, not what a training state holds"
+    step, total, losses = record["step"], record["total_steps"], record["losses"]
+    if step < 0 or len(losses) != step:
+        return f"its step {step} disagrees with its {len(losses)} losses, one per step"
+    if total < step:
+        return f"its total_steps {total} is fewer than its step {step}"
+    return None
 
 
 def check_fits(record: dict[str, Any], config: TrainConfig, fingerprint: dict[str, Any], where: str) -> list[str]:
@@ -144,6 +185,9 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
     """(TrainState, its JSON record) of a state that fits this run (`check_fits`); changed settings are logged."""
     record = read_record(path)
     tensors_path, json_path = state_paths(stem_of(path))
+    if record["step"] > config.steps:
+        raise ValueError(f"resume: the training state {json_path} is at step {record['step']}, past this run's steps "
+                         f"{config.steps}; set steps to {record['step']} or more to continue it, or pick another")
     changed = check_fits(record, config, fingerprint, str(json_path))
     if changed:
         log.warning("Train LoRA: resuming %s with changed settings (%s); the run is no longer the one it would "

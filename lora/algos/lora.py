@@ -25,6 +25,7 @@ The file's orientation is kept on export.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -88,7 +89,7 @@ class Lora(Algorithm):
         ones = (1,) * len(shape.kernel)
         if mid is not None:
             _check_mid(shape, down, mid, fail)
-        elif down.shape[1:] != shape.weight_shape[1:]:
+        elif down.shape[1:] != shape.weight_shape[1:] and not _flat_conv_down(shape, down):
             raise fail(DOWN, down.shape, f"(rank, {', '.join(map(str, shape.weight_shape[1:]))})")
         if up.shape[0] != shape.out or up.shape[1] != down.shape[0] or any(d != 1 for d in up.shape[2:]):
             raise fail(UP, up.shape, f"({shape.out}, {down.shape[0]}" + ", 1" * len(ones) + ")")
@@ -142,6 +143,12 @@ def _check_mid(shape: LayerShape, down: torch.Tensor, mid: torch.Tensor, fail) -
         raise fail(DOWN, down.shape, f"(rank, {shape.inp}" + ", 1" * len(ones) + ") with lora_mid")
     if tuple(mid.shape) != (rank, rank, *shape.kernel):
         raise fail(MID, mid.shape, (rank, rank, *shape.kernel))
+
+
+def _flat_conv_down(shape: LayerShape, down: torch.Tensor) -> bool:
+    """A conv layer's down flattened to (rank, in·k…), as ComfyUI core's TrainLoraNode saves it; `load`
+    reshapes it to the kernel's form (the same values in the same order)."""
+    return bool(shape.kernel) and down.dim() == 2 and down.shape[1] == math.prod(shape.weight_shape[1:])
 
 
 class Dora(Lora):

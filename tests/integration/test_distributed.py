@@ -58,12 +58,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for image in DEMO_IMAGES.glob("*.png"):
             shutil.copy(image, base / "input" / "ds" / image.name)
         env = {**os.environ, "PYTHONPATH": str(importable), "COMFYUI_DIR": str(comfy_dir), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([*launcher, "-m", "comfyui_lora_trainer", "train", str(workflow), "--", "--cpu",
+        # the torchrun run leaves out `-- --cpu` and hides any GPU: `train` must find the CPU by itself
+        cpu = ["--cpu"] if name == "single" else []
+        if name == "ddp":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        done = subprocess.run([*launcher, "-m", "comfyui_lora_trainer", "train", str(workflow), "--", *cpu,
                                "--base-directory", str(base)], env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
         outputs[name] = base / "output"
         (root / f"{name}.log").write_text(done.stdout + done.stderr)
     return outputs
+
+
+def test_torchrun_without_a_gpu_or_cpu_flag_runs_on_the_cpu(runs):
+    log = (runs["ddp"].parents[1] / "ddp.log").read_text()
+    assert "note: no GPU found, so ComfyUI runs on the CPU (as with `-- --cpu`)" in log, log[-3000:]
+    assert "Train LoRA: 2 processes, gloo" in log and "NVIDIA" not in log, log[-3000:]
 
 
 def test_two_processes_train_the_single_process_lora(runs):
