@@ -18,7 +18,7 @@ at once above the loaded base (the weights, made before), exact on any device an
 allocator's slack. The JSON also has each case's peak RSS increase (`VmHWM`, reset after setup as
 bench/speed.py does), which holds the allocator's, the libraries' and the count's own memory too.
 
-The design target (issue 15): fp8 base + adapters + optimizer state ≤ fp8 weights + activations +
+The design target (docs/families.md#memory-on-fp8-and-bf16-bases): fp8 base + adapters + optimizer state ≤ fp8 weights + activations +
 4 × LoRA parameter bytes (fp32 master, gradient, Adam's two moments). The weights are resident before
 the count starts, so the check is: a case's peak ≤ activations + 4 × LoRA bytes, where "activations"
 are what autograd saves in ours' first step without checkpointing (unique storages, through

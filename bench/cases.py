@@ -38,7 +38,7 @@ SIZES: dict[str, tuple[Callable[[], TinyConfig], int]] = {
     "wide": (TinyConfig.wide, 64),
 }
 METHODS = ("floor", "ours", "rebuild")
-ALGORITHM_METHODS = ("loha", "lokr", "dora")  # our engine with that algorithm instead of LoRA (issue 11)
+ALGORITHM_METHODS = ("loha", "lokr", "dora")  # our engine with that algorithm instead of LoRA (docs/algorithms.md#cost-per-training-step)
 RANK = 8
 CONTEXT_TOKENS = 77  # an SD1.x CLIP context length
 CAPTION = "a photo of a red fox sitting in the snow"

@@ -1,5 +1,5 @@
 """Memory over a long run: RSS and peak RSS every N steps of a 2,000-step run on the tiny model with
-checkpoints, validation and previews on (issue 14, "Memory over a long run").
+checkpoints, validation and previews on (docs/benchmarks.md#memory-over-a-long-run).
 
 The run does the kinds of work Train LoRA does in ComfyUI around its steps, on the bundled tiny model:
 - checkpoints: nodes/checkpoints.py's CheckpointWriter as `Hooks.save` (a LoRA file and its training
@@ -64,7 +64,7 @@ from .speed import reset_peak_rss
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_FRAMES = 25
 RESULTS = Path(__file__).resolve().parent / "results" / "long_run.json"
-TARGET_MIB_PER_100 = 1.0  # issue 14: peak RSS growth per 100 steps after warm-up
+TARGET_MIB_PER_100 = 1.0  # peak RSS growth per 100 steps after warm-up (docs/benchmarks.md#memory-over-a-long-run)
 HELD_OUT = 2  # the last demo images are the validation set
 
 

@@ -5,7 +5,7 @@ Rows come from bench/speed.py: case name (`size/method/plain|ckpt`) → `median_
 `file_kib` (the adapter's file in bf16). Methods loha/lokr/dora (wide model, checkpointing off) are
 reported against LoRA ("ours") at the same rank.
 
-Targets (issue 5), on the wide model in fp32 at rank 8:
+Targets (docs/benchmarks.md#speed-and-memory-of-a-training-step), on the wide model in fp32 at rank 8:
 - ours/floor step time ≤ 1.15 with checkpointing off;
 - ours faster than the weight-rebuild reference, and with a lower peak;
 - checkpointing on: ours' peak at least 30% below off, for at most 40% more step time.

@@ -1,4 +1,4 @@
-"""ComfyUI glue for Train LoRA's previews (issue 14): the preview prompt, sampled with the LoRA as it trains.
+"""ComfyUI glue for Train LoRA's previews (docs/long-runs.md#sample-previews): the preview prompt, sampled with the LoRA as it trains.
 
 `Previewer.take(step)` samples the way core's EmptyLatentImage → KSampler does (`nodes.common_ksampler`):
 an empty latent fitted to the model's latent format by `comfy.sample.fix_empty_latent_channels` (its

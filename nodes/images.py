@@ -1,4 +1,4 @@
-"""Load Image Set, Load Image Set From Folder, Load Captioned Image Set (SPEC.md).
+"""Load Image Set, Load Image Set From Folder, Load Captioned Image Set (docs/nodes.md, docs/data.md#dataset-folders).
 
 The file work (EXIF, modes, resizing, captions, kohya repeat folders) is in training/images.py;
 these classes only find ComfyUI's input folder and shape outputs.

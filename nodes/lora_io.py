@@ -1,4 +1,4 @@
-"""Save LoRA and Load LoRA Model (SPEC.md)."""
+"""Save LoRA and Load LoRA Model (docs/nodes.md#save-lora-loratrainer_savelora, docs/files.md#file-names)."""
 from __future__ import annotations
 
 from ..lora import FORMATS

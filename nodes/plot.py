@@ -1,4 +1,4 @@
-"""Plot Loss Graph (SPEC.md): the loss curve as a UI preview and an IMAGE.
+"""Plot Loss Graph (docs/nodes.md#plot-loss-graph-loratrainer_plotlossgraph): the loss curve as a UI preview and an IMAGE.
 
 The LOSS_MAP is core's `{"loss": [...]}` (one value per optimizer step), plus, when Train LoRA had
 a validation set, `"validation_step"` and `"validation_loss"`: equal-length lists of the steps

@@ -1,4 +1,4 @@
-"""LoRA Training Preview: what Train LoRA samples every N steps while it trains (issue 14).
+"""LoRA Training Preview: what Train LoRA samples every N steps while it trains (docs/long-runs.md#sample-previews).
 
 The node only gathers the settings into a `PreviewSettings` value for Train LoRA's optional
 `preview` input; the sampling itself (ComfyUI's own sampler machinery, so every family works) is

@@ -1,4 +1,4 @@
-"""Train LoRA: the node's schema and a thin execute (SPEC.md, "Train LoRA")."""
+"""Train LoRA: the node's schema and a thin execute (docs/nodes.md#train-lora-loratrainer_trainlora)."""
 from __future__ import annotations
 
 from ..training.config import MAIN
@@ -58,7 +58,7 @@ class TrainLoRA:
 
 
 def _main_inputs() -> dict[str, tuple]:
-    """TrainConfig's Train LoRA fields, with existing_lora after lora_dtype (SPEC.md's order)."""
+    """TrainConfig's Train LoRA fields, with existing_lora after lora_dtype (the order docs/nodes.md lists)."""
     fields = widgets(MAIN)
     names = list(fields)
     at = names.index("lora_dtype") + 1

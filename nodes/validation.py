@@ -1,4 +1,4 @@
-"""LoRA Validation Set: held-out images whose loss Train LoRA measures every N steps (issue 14).
+"""LoRA Validation Set: held-out images whose loss Train LoRA measures every N steps (docs/long-runs.md#validation-loss).
 
 The node gathers the latents and their captions into a `ValidationSettings` value for Train LoRA's
 optional `validation` input; training/validation.py computes the loss (fixed noises and noise

@@ -1,4 +1,4 @@
-"""Bad input as users' files really are (issue 10): each case names the input, the value and the fix.
+"""Bad input as users' files really are (docs/data.md#bad-input): each case names the input, the value and the fix.
 
 The items that need a ComfyUI server (ConditioningCombine, the cancel line, 16-channel latents into
 SD1.5, permissions beside ComfyUI's own images, a kohya LoRA with text-encoder keys) are also

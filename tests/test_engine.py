@@ -103,7 +103,7 @@ def test_gradient_accumulation_counts_every_micro_batch():
     assert longer.losses[-1] < longer.losses[0]
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS[:4])  # SPEC.md's; Adafactor and Prodigy: test_objective.py
+@pytest.mark.parametrize("optimizer", OPTIMIZERS[:4])  # core's four; Adafactor and Prodigy: test_objective.py
 @pytest.mark.parametrize("loss", LOSSES)
 def test_each_optimizer_and_loss_trains(optimizer, loss):
     model, _, fns, latents = setup(n=2, size=8)

@@ -1,4 +1,4 @@
-"""Files every loader reads (issue 12): layer naming, portable/full, kohya/ModelSpec metadata, families.
+"""Files every loader reads (docs/files.md): layer naming, portable/full, kohya/ModelSpec metadata, families.
 
 The real loaders (diffusers, A1111's rules, ComfyUI) run in tests/integration/test_loaders.py on an
 SD1.x checkpoint; here the mechanism runs on the tiny model.

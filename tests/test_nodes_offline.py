@@ -1,4 +1,4 @@
-"""Everything of the node layer that needs no ComfyUI: schemas against SPEC.md, the import boundary,
+"""Everything of the node layer that needs no ComfyUI: the schemas users rely on, the import boundary,
 image-set loading, the loss graph, and the demo end to end."""
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def test_train_lora_schema_matches_spec():
               "rank": (8, 1, 128), "seed": (0, 0, 18446744073709551615)}
     for name, (default, low, high) in expect.items():
         assert (opt[name][1]["default"], opt[name][1]["min"], opt[name][1]["max"]) == (default, low, high), name
-    assert opt["optimizer"][0][:4] == ["AdamW", "Adam", "SGD", "RMSprop"]  # SPEC's four, then the extras
+    assert opt["optimizer"][0][:4] == ["AdamW", "Adam", "SGD", "RMSprop"]  # core's four, then the extras
     combos = {"optimizer": (opt["optimizer"][0], "AdamW"),
               "loss_function": (["MSE", "L1", "Huber", "SmoothL1"], "MSE"),
               "training_dtype": (["bf16", "fp32"], "bf16"), "lora_dtype": (["bf16", "fp32"], "bf16")}
     for name, (choices, default) in combos.items():
         assert opt[name][0] == choices and opt[name][1]["default"] == default, name
     assert opt["existing_lora"][0] == ["[None]"] and opt["existing_lora"][1]["default"] == "[None]"
-    # SPEC's four outputs first (links to them stay valid), then the preview grid (issue 14)
+    # core's four outputs first (links to them stay valid), then the preview grid (docs/long-runs.md#sample-previews)
     assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "IMAGE")
     assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps", "previews") and cls.INPUT_IS_LIST
     assert (opt["preview"][0], opt["validation"][0]) == ("LORA_PREVIEW", "LORA_VALIDATION")

@@ -3,8 +3,9 @@
 The dataclass is the one field table: each field carries its default, range or choices, tooltip and
 the node it appears on (`Setting` in the field's metadata). Train LoRA's and the LoRA Training
 Options node's inputs are generated from it (nodes/widgets.py) under the same names, and
-`__post_init__` checks every field against it, so a range is stated once. Defaults are SPEC.md's
-Train LoRA defaults; the extras default to SPEC behaviour.
+`__post_init__` checks every field against it, so a range is stated once. The main fields' defaults
+are Train LoRA's (docs/nodes.md#train-lora-loratrainer_trainlora); every extra defaults to the plain
+behaviour (docs/options.md#every-field).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import NamedTuple
 from ..lora.algos import ALGORITHMS
 from ..lora.targets import TARGETS
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy")  # SPEC.md's four first
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy")  # core's four first (docs/options.md#optimizers)
 LOSSES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
@@ -82,7 +83,7 @@ def _pattern(name: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # SPEC.md's Train LoRA inputs
+    # Train LoRA's main inputs (docs/nodes.md#train-lora-loratrainer_trainlora)
     batch_size: int = setting(1, "Images per step.", low=1, high=10000)
     steps: int = setting(16, "Optimizer steps.", low=1, high=100000)
     learning_rate: float = setting(0.0005, "Learning rate.", low=1e-7, high=1.0, step=1e-6)
@@ -107,7 +108,7 @@ class TrainConfig:
                                choices=BATCH_ORDERS)
     max_grad_norm: float = setting(0.0, "Clip the gradient norm to this; 0 = no clipping.", low=0.0, high=1000.0,
                                    step=0.1)
-    # The adapter (issue 11)
+    # The adapter (docs/algorithms.md#algorithms)
     algorithm: str = setting("lora", "lora: up·down; loha: Hadamard product of two low-rank products; lokr: Kronecker "
                              "product (lokr_factor); dora: LoRA with a trained magnitude per input channel. All load "
                              "in ComfyUI's LoRA loaders.", choices=ALGORITHM_NAMES)

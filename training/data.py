@@ -3,7 +3,7 @@
 Latents arrive as one batch (N, C, H, W) or a list of batches of different sizes; the engine keeps
 one (C, H, W) tensor per image. Video latents (N, C, T, H, W) (Wan) are the same with one more axis:
 one (C, T, H, W) tensor per video; any rank from 4 up is taken, and only same-shape latents share a batch. Batch choice is `torch.randperm(n)[:batch_size]` from the run's
-seeded generator (SPEC.md), or an epoch order where every image is seen once per pass.
+seeded generator (docs/options.md#what-each-option-does), or an epoch order where every image is seen once per pass.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def group_by_shape(indices: Sequence[int], images: Sequence[torch.Tensor]) -> li
 
 class BatchOrder:
     """Batch choice from the run's seeded generator. random: `randperm(n)[:batch_size]` each step
-    (SPEC.md); epoch: every image once per pass, a pass drawn as a fresh randperm when needed.
+    (docs/options.md#what-each-option-does); epoch: every image once per pass, a pass drawn as a fresh randperm when needed.
     `pending` (the rest of the current pass) is all the state besides the generator."""
 
     def __init__(self, n: int, batch_size: int, order: str, pending: Sequence[int] = ()):

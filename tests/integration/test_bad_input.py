@@ -1,4 +1,4 @@
-"""Users' files in a real ComfyUI (issue 10): what each case now does, end to end over HTTP.
+"""Users' files in a real ComfyUI (docs/data.md#bad-input): what each case now does, end to end over HTTP.
 
 The rules themselves are tested offline in tests/test_bad_input.py; here the parts that need ComfyUI:
 dataset folders with Windows captions, missing captions and macOS/Jupyter leftovers; a

@@ -1,4 +1,4 @@
-"""Checkpoints, cancel and resume in a real ComfyUI (issue 14).
+"""Checkpoints, cancel and resume in a real ComfyUI (docs/long-runs.md#checkpoints-and-resume).
 
 One run of N steps straight through; the same run cancelled with POST /interrupt part-way (it
 writes the checkpoint and training state of its last completed step), then queued again with the

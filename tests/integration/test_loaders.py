@@ -1,4 +1,4 @@
-"""One file for every loader (issue 12), proven by the loaders: a LoRA trained by Train LoRA on the tiny
+"""One file for every loader (docs/files.md#which-loaders-the-tests-run), proven by the loaders: a LoRA trained by Train LoRA on the tiny
 SD1.x checkpoint and saved by Save LoRA loads in ComfyUI, in diffusers and under A1111's key rules.
 
 Skips unless COMFYUI_DIR is set (conftest.py); the diffusers part needs `diffusers` and `peft` in

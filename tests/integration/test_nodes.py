@@ -1,12 +1,12 @@
 """The pack's nodes inside a real ComfyUI server (CPU, the tiny random-weight SD1.5 checkpoint).
 
 Driven through the HTTP API with the example workflows (example_workflows/api/*.json) adapted to
-64×64 images and a few steps. What is checked: the schemas ComfyUI serves (SPEC.md), training
+64×64 images and a few steps. What is checked: the schemas ComfyUI serves (docs/nodes.md), training
 runs and the loss falls, the saved file loads in core's LoraLoaderModelOnly with every key matched,
 Train LoRA's MODEL output and Load LoRA Model sample exactly like that file, the base model is
 bit-identical after training / cancel / error (a base-model sample equals the one taken before this
 module trained, and one from a freshly loaded checkpoint), continuing adds up steps, and every bad
-input of SPEC.md fails with our message in ComfyUI's `execution_error`. Skips unless COMFYUI_DIR
+input (docs/data.md#bad-input) fails with our message in ComfyUI's `execution_error`. Skips unless COMFYUI_DIR
 is set (see conftest.py). The UI-format workflows are checked in test_workflows.py.
 
 Caching note: ComfyUI reuses a node's output when its inputs (and its ancestors') are unchanged, so
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "example_workflows"
 DEMO_IMAGES = ROOT / "assets" / "demo_images"
 
-PACK_NODES = {  # id -> (required inputs, optional inputs, output types), from SPEC.md
+PACK_NODES = {  # id -> (required inputs, optional inputs, output types), as docs/nodes.md lists them
     "LoRATrainer_TrainLoRA": (
         ["model", "latents", "positive"],
         ["batch_size", "steps", "learning_rate", "rank", "optimizer", "loss_function", "seed",
@@ -193,7 +193,7 @@ def test_object_info_lists_every_node_with_spec_inputs(comfy):
             assert node["output"][: len(outputs)] == outputs, node_id
 
     train = info["LoRATrainer_TrainLoRA"]
-    # SPEC's four outputs first, so links to them stay valid; then the previews grid (issue 14)
+    # core's four outputs first, so links to them stay valid; then the previews grid (docs/long-runs.md#sample-previews)
     assert train["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "IMAGE"]
     assert list(train["input"]["optional"])[:10] == PACK_NODES["LoRATrainer_TrainLoRA"][1]
     opt = train["input"]["optional"]

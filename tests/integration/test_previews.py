@@ -1,4 +1,4 @@
-"""Train LoRA's sample previews in a real ComfyUI (CPU, the tiny SD1.5 checkpoint; issue 14).
+"""Train LoRA's sample previews in a real ComfyUI (CPU, the tiny SD1.5 checkpoint; docs/long-runs.md#sample-previews).
 
 The training example (example_workflows/api/train_lora.json, its validation branch dropped) at 64 px,
 6 steps, a preview every 3 steps with 2 sampling steps. Checked: the PNGs in the output folder at

@@ -1,4 +1,4 @@
-"""Train LoRA's validation loss in a real ComfyUI (CPU, the tiny SD1.5 checkpoint; issue 14).
+"""Train LoRA's validation loss in a real ComfyUI (CPU, the tiny SD1.5 checkpoint; docs/long-runs.md#validation-loss).
 
 The training example (example_workflows/api/train_lora.json, its preview branch dropped) at 64 px:
 its LoRA Validation Set node gets a held-out image (dots.png, not among the training images)
