@@ -154,10 +154,10 @@ def test_a_flux_lora_of_the_blocks_loads_in_diffusers_and_matches_comfyui(tmp_pa
 
 
 def test_diffusers_drops_a_flux_loras_embedders_and_final_layer_without_a_word(tmp_path):
-    """A known diffusers 0.42 limit (README): its kohya-Flux converter leaves the 10 layers outside the
+    """A known diffusers 0.42 limit (docs/files.md): its kohya-Flux converter leaves the 10 layers outside the
     blocks (img_in, txt_in, time/vector/guidance_in, final_layer) without the `transformer.` prefix,
     so `load_lora_into_transformer` skips them silently. ComfyUI loads them. If this test fails,
-    diffusers has changed: update the README."""
+    diffusers has changed: update docs/files.md."""
     r = flux_check(tmp_path, "all")
     assert r["comfy"]["not_loaded"] == [] and r["layers"] - r["block_layers"] == 10, r
     d = r["diffusers"]

@@ -1,0 +1,45 @@
+"""What the wheel and the Comfy Registry read from pyproject.toml and setup.py: every package found (the
+algorithms' subpackage included), web/ and the assets shipped, [tool.comfy] filled with an icon the
+repository ships. scripts/wheel.sh (run by CI) builds and installs the wheel and runs the demo from it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import comfyui_lora_trainer as pack
+
+ROOT = Path(pack.__file__).resolve().parent
+tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
+
+
+def test_setuptools_finds_every_package_under_the_installed_name():
+    from setuptools import find_packages
+
+    found = set(find_packages(where=str(ROOT), exclude=("tests", "tests.*", "build", "build.*")))
+    on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in ROOT.rglob("__init__.py")
+               if p.parent != ROOT and not {".venv", "tests", "build"} & set(p.relative_to(ROOT).parts)}
+    assert found == on_disk and "lora.algos" in found
+
+
+def test_package_data_ships_web_and_the_assets():
+    data = _pyproject()["tool"]["setuptools"]["package-data"]["comfyui_lora_trainer"]
+    for shipped in ("web/progress.js", "assets/tiny_base.safetensors", "assets/icon.png",
+                    "example_workflows/train_lora.json", "example_workflows/api/train_lora.json"):
+        assert any(Path(shipped).match(pattern) for pattern in data), shipped
+        assert (ROOT / shipped).is_file(), shipped
+
+
+def test_the_registry_fields_are_filled_and_the_icon_is_shipped():
+    comfy = _pyproject()["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert comfy["Icon"].startswith("https://") and comfy["Icon"].endswith("/main/assets/icon.png")
+    from PIL import Image
+
+    with Image.open(ROOT / "assets" / "icon.png") as icon:
+        assert icon.size[0] == icon.size[1] <= 400
