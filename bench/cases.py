@@ -7,7 +7,7 @@ A `Case` is a model size × a method × gradient checkpointing off/on, on the bu
   parameters): the compute any LoRA trainer has to pay, because the gradient must flow back
   through every frozen layer to reach the adapters before it.
 - `ours`: one `Trainer.step()` (training/loop.py, the step `train()` loops over) with the engine's
-  forward-path adapters (`lora.inject`): LR, the gradient pass (noise, forward, loss, backward),
+  forward-path adapters (`lora.injection`): LR, the gradient pass (noise, forward, loss, backward),
   the finiteness check (clipping only when the config asks), AdamW step, zero_grad.
   tests/test_bench.py checks that N of these give the same losses and LoRA as `train(steps=N)`.
 - `rebuild`: the same step with the LoRA layers run as `W + scale·up·down` rebuilt each forward

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..lora.files import write_atomically
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "families.json"
 MODULES = ("test_families.py", "test_families_video.py", "test_flux.py", "test_bases.py")
@@ -57,10 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     figures = run(args.python)
     print(markdown(figures))
-    args.json.parent.mkdir(parents=True, exist_ok=True)  # standard library only here (no .speed.write_json):
-    tmp = args.json.with_suffix(".json.tmp")              # it runs as `python -m bench.families` too
-    tmp.write_text(json.dumps(figures, indent=2))
-    os.replace(tmp, args.json)
+    text = json.dumps(figures, indent=2)
+    write_atomically(args.json, lambda tmp: Path(tmp).write_text(text), "results", overwrite=True)
 
 
 if __name__ == "__main__":

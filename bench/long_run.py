@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..lora.files import steps_name, write_atomically
 from ..nodes.checkpoints import CheckpointWriter
 from ..tiny.demo import ASSETS, sample_grid
 from ..tiny.host import TINY_BASE, tiny_fns
@@ -123,7 +124,7 @@ class Previews:
     def take(self, step: int) -> None:
         with isolated(self.model.net):
             row = sample_grid(self.model, self.contexts, self.seed)
-        path = self.folder / f"preview_{step}_steps_00001_.png"
+        path = self.folder / steps_name("preview", step, 1, ".png")
         Image.fromarray(row).save(path)
         self.taken.append((step, path))
         images = []
@@ -314,10 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(summary(report))
     target = args.json if args.json is not None else (None if args.quick else RESULTS)
     if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = target.with_suffix(target.suffix + ".tmp")
-        tmp_file.write_text(json.dumps(report, indent=1))
-        os.replace(tmp_file, target)
+        text = json.dumps(report, indent=1)
+        write_atomically(target, lambda tmp: Path(tmp).write_text(text), "results", overwrite=True)
     return report
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..lora.files import write_atomically
 from . import run_module
 from .cases import RANK, SIZES, Case, all_cases, file_kib, prepared
 from .report import markdown, ratios, targets
@@ -159,11 +160,9 @@ def run_benchmark(sizes: tuple[str, ...], repeats: int, warmup: int,
 
 
 def write_json(result: dict[str, object], path: Path) -> None:
-    """Written to a temp file beside `path`, then moved into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    """Written atomically (lora/files.py), replacing the earlier results."""
+    text = json.dumps(result, indent=2)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text), "results", overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,12 @@ relative to the output folder]}}`). Validation refusals are POST /prompt's HTTP 
 """
 from __future__ import annotations
 
-import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..lora.files import write_atomically
 from .client import ComfyHTTP
 from .progress import format_loss
 from .workflow import Workflow, describe
@@ -141,16 +140,8 @@ def _safe_destination(root: Path, subfolder: str, filename: str) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """A downloaded file, written atomically (lora/files.py), replacing an earlier download of the same name."""
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data), "download", overwrite=True)
 
 
 def download(client: ComfyHTTP, items: list[OutputItem], root: Path) -> list[Path]:

@@ -1,16 +1,32 @@
-"""The LoRA core: adapters, injection and removal, state-dict formats, merging into plain models."""
-from .formats import (DTYPES, load_lora_file, parse_steps, resolve_state_dict, save_lora_file, split_text_encoder,
-                      to_state_dict)
-from .metadata import FORMATS, BaseModel, LoraStateDict, file_metadata, network_metadata, portable, steps_of
-from .naming import MODULE_PATHS, Naming
-from .inject import LoraConfig, LoraNetwork, inject, is_injected
-from .algos import ALGORITHMS
-from .layers import LayerWeights
-from .merge import MergedLora, merge_lora
+"""The LoRA core: adapters, injection and removal, state-dict formats, merging into plain models.
 
-__all__ = [
-    "ALGORITHMS", "BaseModel", "DTYPES", "FORMATS", "LayerWeights", "LoraStateDict", "MODULE_PATHS", "Naming",
-    "file_metadata", "portable", "LoraConfig", "LoraNetwork", "MergedLora", "inject", "is_injected",
-    "load_lora_file", "merge_lora", "network_metadata", "parse_steps", "resolve_state_dict", "save_lora_file",
-    "split_text_encoder", "steps_of", "to_state_dict",
-]
+Its names load on first use (PEP 562), so the modules that need only the standard library
+(`lora.files`: atomic writes) import without torch, e.g. for the headless client.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {  # name → the module of this package that defines it
+    "DTYPES": "formats", "load_lora_file": "formats", "parse_steps": "formats", "resolve_state_dict": "formats",
+    "save_lora_file": "formats", "split_text_encoder": "formats", "to_state_dict": "formats",
+    "FORMATS": "metadata", "BaseModel": "metadata", "LoraStateDict": "metadata", "file_metadata": "metadata",
+    "network_metadata": "metadata", "portable": "metadata", "steps_of": "metadata",
+    "MODULE_PATHS": "naming", "Naming": "naming",
+    "LoraConfig": "injection", "LoraNetwork": "injection", "inject": "injection", "is_injected": "injection",
+    "ALGORITHMS": "algos", "LayerWeights": "layers", "MergedLora": "merge", "merge_lora": "merge",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -40,6 +40,7 @@ _CAUSES = {  # errno → (the cause in words, the fix)
     errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter filename prefix"),
 }
 _RUST_OS_ERROR = re.compile(r"os error (\d+)")  # safetensors reports I/O errors as "... (os error 28)"
+_STEPS = re.compile(r"_(\d+)_steps_")
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # write_atomically's temp file names
 
 
@@ -57,14 +58,37 @@ def _process_start() -> float:
 PROCESS_STARTED = _process_start()
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what: str = "file") -> Path:
-    """Create `path` through `write(temp_path)`; never overwrites an existing file.
+def steps_name(stem: str, steps: int | None, counter: int | str, suffix: str = ".safetensors") -> str:
+    """The pack's file names, the one place they are spelled: `<stem>_<steps>_steps_<counter>_<suffix>`
+    (Save LoRA, checkpoints, previews), `<stem>_<counter>_<suffix>` without steps. A number counter is
+    5 digits (ComfyUI's SaveImage counter); `steps_in_name` reads the steps back."""
+    count = f"{counter:05}" if isinstance(counter, int) else counter
+    return f"{stem}_{steps}_steps_{count}_{suffix}" if steps is not None else f"{stem}_{count}_{suffix}"
 
-    Raises FileExistsError if `path` exists, and OSError / PermissionError naming `path` and the
-    cause when the folder cannot be made or written. `what` names the file in messages ("LoRA").
+
+def steps_names(stem: str, suffix: str = ".safetensors") -> re.Pattern:
+    """The names `steps_name(stem, <any steps>, <any counter>, suffix)` gives, as a full-match regex."""
+    return re.compile(re.escape(stem) + r"_\d+_steps_\d+_" + re.escape(suffix) + "$")
+
+
+def steps_in_name(name: str) -> int | None:
+    """N of a name `…_<N>_steps_…` (what `steps_name` writes, also core's SaveLoRA), else None."""
+    match = _STEPS.search(os.path.basename(name))
+    return int(match.group(1)) if match else None
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what: str = "file",
+                     overwrite: bool = False) -> Path:
+    """Create `path` through `write(temp_path)`: the pack's one atomic write (outputs, states, the tiny
+    base, benchmark results, headless downloads). Never overwrites unless `overwrite` (a result file
+    that is meant to be replaced).
+
+    Raises FileExistsError if `path` exists (without `overwrite`), and OSError / PermissionError
+    naming `path` and the cause when the folder cannot be made or written. `what` names the file in
+    messages ("LoRA"). Standard library only: the headless client uses it without torch.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; choose another filename prefix")
     remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import write_atomically
+from .files import steps_in_name, write_atomically
 from .algos import ALGORITHMS, detect
 from .algos.lora import DOWN, UP
 from .keys import ALPHA, DIFF, DIFF_B, DOTTED_PREFIXES, KOHYA_UNET_PREFIX, is_text_encoder_key, kohya_name, split_key
@@ -30,7 +29,6 @@ from .layers import LayerWeights, layer_shape
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-_STEPS = re.compile(r"_(\d+)_steps_")
 
 
 def to_state_dict(weights: Mapping[str, LayerWeights], dtype: torch.dtype,
@@ -186,9 +184,9 @@ def split_text_encoder(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
 
 
 def parse_steps(filename: str) -> int:
-    """`…_<N>_steps_…` → N (the name Save LoRA writes); any other name → 0, with a warning."""
-    match = _STEPS.search(os.path.basename(filename))
-    if match is None:
+    """`…_<N>_steps_…` → N (files.steps_in_name); any other name → 0, with a warning."""
+    steps = steps_in_name(filename)
+    if steps is None:
         log.warning("could not read a step count from %r; counting its earlier steps as 0", filename)
         return 0
-    return int(match.group(1))
+    return steps

@@ -17,8 +17,7 @@ dtype, the way the layer's own cast does, and refuses any other weight with an e
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from torch import nn
 from .algos import Algorithm, LayerShape
 from .algos.lora import DOWN, UP
 from .keys import ALPHA, DIFF, DIFF_B
+from .patching import swapped_items
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -139,20 +139,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-@contextmanager
-def swapped_params(module: nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Run the module's own forward on other tensors for some parameters, restored in `finally`.
-
-    (torch.func.functional_call would call the patched forward again and recurse.)
-    """
-    saved = {name: module._parameters[name] for name in params}
-    try:
-        module._parameters.update(params)
-        yield
-    finally:
-        module._parameters.update(saved)
-
-
 class LayerAdapter(nn.Module):
     """All trainable parts of one layer, and the forward that replaces the layer's own.
 
@@ -172,7 +158,9 @@ class LayerAdapter(nn.Module):
         if self.skip is not None and self.algo is not None and self.skip():
             return base_forward(x)
         if self.algo is None:
-            with swapped_params(module, self.diffs.patched_params(self.name, module, x)):
+            # the module's own forward on weight + diff (torch.func.functional_call would call the
+            # patched forward again and recurse)
+            with swapped_items(module._parameters, self.diffs.patched_params(self.name, module, x)):
                 return base_forward(x)
         diff_b = self.diffs.diff_b if self.diffs is not None else None
         return self.algo.run(base_forward, x, diff_b)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 import torch
 
 from ..lora import save_lora_file
+from ..lora.files import steps_name, steps_names
 from ..lora.metadata import output_name
 from ..training.config import TrainConfig
 from ..training.loop import TrainState
@@ -57,7 +57,7 @@ class CheckpointWriter:
         """Write the checkpoint of `state` and its training state; returns the checkpoint's path (relative)."""
         steps = state.total_steps
         # an older run's state under this name (its LoRA deleted) keeps its counter: never overwritten
-        path = next_free(self.folder, lambda n: f"{self.stem}_{steps}_steps_{n:05}_.safetensors",
+        path = next_free(self.folder, lambda n: steps_name(self.stem, steps, n),
                          lambda lora: any(p.exists() for p in state_paths(self.state_stem(lora))))
         sd, metadata = file_contents(lora, steps, "full")
         metadata.update(output_name(self.stem))  # as Save LoRA: the prefix's name, without step and counter
@@ -88,8 +88,7 @@ class CheckpointWriter:
         """Whether a checkpoint (relative to the output folder) is named by this run's prefix: keep_last
         acts on those alone, also after resuming a state from another prefix."""
         path = self.output / relative
-        name = re.compile(re.escape(self.stem) + r"_\d+_steps_\d+_\.safetensors$")
-        return path.parent == self.folder and name.match(path.name) is not None
+        return path.parent == self.folder and steps_names(self.stem).match(path.name) is not None
 
     def resume(self) -> TrainState | None:
         """The state `config.resume` names, checked against this run; None to start fresh."""
@@ -110,7 +109,7 @@ class CheckpointWriter:
 
     def _latest(self) -> Path | None:
         folder = self.output / STATES_FOLDER / self.folder.relative_to(self.output)
-        name = re.compile(re.escape(self.stem) + r"_\d+_steps_\d+_" + re.escape(JSON) + "$")
+        name = steps_names(self.stem, JSON)
         found = [p for p in folder.glob(f"*{JSON}") if name.match(p.name)] if folder.is_dir() else []
         return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
 

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from ..lora import save_lora_file, split_text_encoder
-from ..lora.files import write_atomically
+from ..lora.files import steps_name, write_atomically
 from ..lora.metadata import output_name
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
 from .lora_file import file_contents
 from .paths import PrefixInput, next_free, output_target
-from .plot import validation_points
+from .loss_map import validation_points
 
 
 SAVE_LORA_PREFIX = PrefixInput("prefix", "ComfyUI_trained_lora", "loras/my_lora")
@@ -37,8 +37,7 @@ def save_lora(lora: dict, prefix: str, steps: int | None, file_format: str = "po
         raise ValueError("lora: got no LoRA weights; connect the lora output of Train LoRA")
     sd, metadata = file_contents(lora, steps, file_format)
     folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
-    middle = f"_{steps}_steps" if steps is not None else ""
-    path = next_free(folder, lambda n: f"{stem}{middle}_{n:05}_.safetensors")
+    path = next_free(folder, lambda n: steps_name(stem, steps, n))
     metadata.update(output_name(stem))  # ss_output_name and modelspec.title
     save_lora_file(path, sd, metadata)
     return path.relative_to(_output_dir()).as_posix()

@@ -19,9 +19,7 @@ training/isolation.py keeps the RNG streams, module modes and grad mode as they 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import comfy.model_management
 import comfy.sample
@@ -31,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..lora.files import write_atomically
+from ..lora.files import steps_name, write_atomically
+from ..lora.patching import restoring
 from ..training.grid import labelled_grid
 from ..training.isolation import isolated
 from .paths import PrefixInput, next_free, output_target
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 
 PREVIEW_PREFIX = PrefixInput("filename_prefix", "preview", "lora_previews/my_run")
 _EMPTY_LATENT = (4, 8)  # core's EmptyLatentImage: 4 channels, 1/8 of the pixels; fitted to the model after
-_ABSENT = object()
 
 
 def _latent_rgb(latent_format) -> latent_preview.LatentPreviewer:
@@ -79,17 +77,6 @@ def _rgb(image: np.ndarray, vae) -> np.ndarray:
                      "belongs to the model, or leave the preview's vae empty")
 
 
-@contextmanager
-def _current_patcher_kept(base_model) -> Iterator[None]:
-    """Put back the base model's `current_patcher` (training's guider set it; a nested guider's cleanup clears it)."""
-    before = getattr(base_model, "current_patcher", _ABSENT)
-    try:
-        yield
-    finally:
-        if before is not _ABSENT:
-            base_model.current_patcher = before
-
-
 class Previewer:
     """Train LoRA's previews: `due(step)` and `take(step)` while training, `grid()` and `ui()` at the end."""
 
@@ -117,10 +104,11 @@ class Previewer:
         """Sample, decode, show and save the preview after `step` steps. A cancel raises ComfyUI's
         InterruptProcessingException (from the sampler's callback or the progress hook)."""
         base = self.patcher.model
-        with isolated(base), _current_patcher_kept(base):
+        # training's guider set the base model's current_patcher; a nested guider's cleanup clears it
+        with isolated(base), restoring(base.__dict__, ["current_patcher"]):
             pixels = self._decode(self._sample(step))
         image = Image.fromarray(pixels).convert("RGB")  # the progress bar's JPEG takes RGB only
-        path = next_free(self.folder, lambda n: f"{self.stem}_{step}_steps_{n:05}_.png")
+        path = next_free(self.folder, lambda n: steps_name(self.stem, step, n, ".png"))
         write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), "preview")
         self.taken.append((step, path))
         self.ui_bar.update_absolute(step, self.total, ("JPEG", image, latent_preview.MAX_PREVIEW_RESOLUTION))

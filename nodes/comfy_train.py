@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import comfy.model_management
 import comfy.model_sampling
@@ -28,28 +26,29 @@ from tqdm.auto import tqdm
 
 from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, resolve_state_dict, split_text_encoder, steps_of
 from ..lora.keys import TEXT_ENCODER_PREFIXES
+from ..lora.patching import swapped_items
 from ..training import distributed
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
 from ..training.data import (as_model_rank, caption_entries, check_latent_channels, check_latent_rank, describe_captions,
                              flatten_latents)
 from ..training.captions import grouped_denoise, guider_predict
-from ..training.loop import Hooks, ModelFns, TrainResult, TrainState, train
+from ..training.loop import ModelFns, TrainResult, TrainState, train
 from ..training.validation import Validation
 from . import families
 from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning
 from .comfy_preview import Previewer
+from .hooks import TrainingHooks
 from .options import TrainingOptions
-from .plot import VALIDATION_LOSS, VALIDATION_STEP
+from .loss_map import VALIDATION_LOSS, VALIDATION_STEP
 from .preview import PreviewSettings
 from .progress import ProgressReporter
 from .validation import ValidationSettings
 
 log = logging.getLogger(__name__)
 
-_ABSENT = object()
 _PERCENT_EDGE = 1e-5  # ComfyUI maps percent 0 to a near-infinite sigma; keep draws inside (0, 1)
 
 
@@ -79,22 +78,6 @@ def _release_inference_tensors(module: torch.nn.Module) -> None:
         for name, b in m._buffers.items():
             if b is not None and b.is_inference():
                 m._buffers[name] = b.clone()
-
-
-@contextmanager
-def _comfy_training_flag() -> Iterator[None]:
-    """Set ComfyUI's `model_management.in_training` while training, as core's trainer does: some
-    models pick autograd-capable kernels by it (Flux's rope: comfy_kitchen's has no backward)."""
-    mm = comfy.model_management
-    before = mm.__dict__.get("in_training", _ABSENT)
-    mm.in_training = True
-    try:
-        yield
-    finally:
-        if before is _ABSENT:
-            del mm.in_training
-        else:
-            mm.in_training = before
 
 
 def _diffusers_paths(base_model) -> dict[str, str]:
@@ -170,90 +153,63 @@ class TrainSampler(comfy.samplers.Sampler):
         self.extras = extras
         self.result: TrainResult | None = None
         self.previewer: Previewer | None = None
-        self.steps_done = 0  # completed steps, also when ComfyUI's progress hook raises on cancel
-        self.interrupted = False  # ComfyUI's progress hook raised (and cleared its flag) inside a hook
+        self.hooks: TrainingHooks | None = None
+
+    @property
+    def steps_done(self) -> int:
+        return self.hooks.steps_done if self.hooks is not None else 0
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         base = model_wrap.inner_model
         net = base.diffusion_model
         device = model_wrap.model_patcher.load_device
-        conds = model_wrap.conds["positive"]
         _release_inference_tensors(net)
         # every latent through process_latent_in; the engine takes batches, so each image is a batch of 1
         latents = [base.process_latent_in(x.to(device)[None]) for x in self.latents]
-        fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args, self.captions)
-        extras, config = self.extras, self.config
-        resumed = extras.resume.step if extras.resume is not None else 0
-        # under torchrun (training/distributed.py) only rank 0 reports, previews and writes checkpoints
-        main = distributed.is_main()
-        bar = tqdm(total=config.steps, initial=resumed, desc="Train LoRA", disable=not main)
-        ui_bar = comfy.utils.ProgressBar(config.steps)
-        reporter = ProgressReporter(config.steps, None if main else (lambda payload: None))
-        validator = None
-        if extras.validation is not None:
-            val_latents = [base.process_latent_in(x.to(device)[None]) for x in extras.validation_latents]
-            val_fns = self._model_fns(model_wrap, base.model_sampling, conds, extra_args, extras.validation_captions)
-            validator = Validation(val_fns, val_latents, config, extras.validation.every,
-                                   extras.validation.noise_levels)
-        if extras.preview is not None and main:
-            self.previewer = Previewer(extras.preview, model_wrap.model_patcher, config.steps, ui_bar)
-
-        def guarded(hook):  # ComfyUI's progress hook raises on cancel (clearing its flag): stop at the next check
-            def run(*args):
-                try:
-                    return hook(*args)
-                except comfy.model_management.InterruptProcessingException:
-                    self.interrupted = True
-            return run
-
-        def preview(state: TrainState) -> None:
-            self.previewer.take(state.step)
-            reporter.event("preview", state)
-
-        def on_start(state: TrainState) -> None:
-            ui_bar.update_absolute(state.step, config.steps)
-            if self.previewer is not None:
-                preview(state)
-
-        def on_step(state: TrainState) -> None:
-            self.steps_done = state.step
-            step_times.append(time.perf_counter())
-            bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}")
-            bar.update(1)
-            reporter.step(state)
-            if validator is not None and state.validation and state.validation[-1][0] == state.step:
-                reporter.event("validation", state)
-            ui_bar.update_absolute(state.step, config.steps)
-            if self.previewer is not None and self.previewer.due(state.step):
-                preview(state)
-
-        def save(state: TrainState, lora, reason: str) -> str:
-            where = extras.checkpoints.save(state, lora, reason)
-            reporter.event("checkpoint", state, path=where, reason=reason)
-            return where
-
-        def should_cancel() -> bool:
-            return self.interrupted or comfy.model_management.processing_interrupted()
-
-        step_times: list[float] = []
+        fns = self._model_fns(model_wrap, base.model_sampling, model_wrap.conds["positive"], extra_args, self.captions)
+        validator = self._validator(model_wrap, extra_args, device)
+        self.hooks = self._hooks(model_wrap, validator is not None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        hooks = Hooks(guarded(on_step), should_cancel, guarded(on_start),
-                      save if extras.checkpoints is not None and main else None,
-                      (comfy.model_management.InterruptProcessingException,))
         try:
-            with _comfy_training_flag():
-                self.result = train(net, fns, latents, config, checkpoint_blocks=model_blocks(net),
+            # ComfyUI's flag while training, as core's trainer sets it: some models pick autograd-capable
+            # kernels by it (Flux's rope: comfy_kitchen's has no backward)
+            with swapped_items(comfy.model_management.__dict__, {"in_training": True}):
+                self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
-                                    hooks=hooks, base=base_model_of(base), resume=extras.resume,
+                                    hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
                                     validator=validator)
         finally:
-            bar.close()
-            reporter.flush()
-        if main:
-            _log_speed(step_times, device)
+            self.hooks.close()
+        if distributed.is_main():
+            _log_speed(self.hooks.seconds_per_step(), device)
         return torch.zeros_like(latent_image)
+
+    def _validator(self, model_wrap, extra_args: dict, device: torch.device) -> Validation | None:
+        """The validation set's loss (its latents through process_latent_in too), or None."""
+        extras, base = self.extras, model_wrap.inner_model
+        if extras.validation is None:
+            return None
+        latents = [base.process_latent_in(x.to(device)[None]) for x in extras.validation_latents]
+        fns = self._model_fns(model_wrap, base.model_sampling, model_wrap.conds["positive"], extra_args,
+                              extras.validation_captions)
+        return Validation(fns, latents, self.config, extras.validation.every, extras.validation.noise_levels)
+
+    def _hooks(self, model_wrap, validating: bool) -> TrainingHooks:
+        """Console bar, ComfyUI's bar, the progress event, previews and checkpoints: under torchrun
+        (training/distributed.py) only rank 0 reports, previews and writes checkpoints."""
+        config, extras, main = self.config, self.extras, distributed.is_main()
+        resumed = extras.resume.step if extras.resume is not None else 0
+        ui_bar = comfy.utils.ProgressBar(config.steps)
+        if extras.preview is not None and main:
+            self.previewer = Previewer(extras.preview, model_wrap.model_patcher, config.steps, ui_bar)
+        return TrainingHooks(
+            config.steps, tqdm(total=config.steps, initial=resumed, desc="Train LoRA", disable=not main), ui_bar,
+            ProgressReporter(config.steps, None if main else (lambda payload: None)), previewer=self.previewer,
+            checkpoints=extras.checkpoints if main else None, validating=validating,
+            interrupt=comfy.model_management.InterruptProcessingException,
+            interrupted_flag=comfy.model_management.processing_interrupted)
 
     def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict, captions: list[list[int]]) -> ModelFns:
         def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
@@ -343,15 +299,14 @@ def _batch_sizes(latents: list[dict]) -> list[int]:
     return [l["samples"].shape[0] for l in latents]
 
 
-def _log_speed(step_times: list[float], device: torch.device) -> None:
-    """One log line: the steps' time from the end of the first (its extra first-use cost left out), and
-    on CUDA the peak memory torch allocated during the training (weights loaded before included)."""
-    if len(step_times) < 2:
+def _log_speed(per_step: tuple[float, int] | None, device: torch.device) -> None:
+    """One log line: the time per step after the first, and on CUDA the peak memory torch allocated during
+    the training (weights loaded before included)."""
+    if per_step is None:
         return
-    per_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
     peak = (f"; peak {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB allocated on {device}"
             if device.type == "cuda" else "")
-    log.info("Train LoRA: %.4f s/step over %d steps after the first%s", per_step, len(step_times) - 1, peak)
+    log.info("Train LoRA: %.4f s/step over %d steps after the first%s", per_step[0], per_step[1], peak)
 
 
 def _blank_image() -> torch.Tensor:

@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 
 from ..training.config import OPTIONS, TrainConfig, settings
 from .common import CATEGORY
-from .train import OPTIONS_TYPE
 from .widgets import widgets
+
+OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"  # this node's output, Train LoRA's `options` input
 
 
 class TrainingOptions(NamedTuple):

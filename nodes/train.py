@@ -4,11 +4,10 @@ from __future__ import annotations
 from ..training.config import MAIN
 from .common import CATEGORY, NONE_LORA, lora_choices
 from .conditioning import source_class
+from .options import OPTIONS_TYPE
 from .preview import PREVIEW_TYPE
 from .validation import VALIDATION_TYPE
 from .widgets import widgets
-
-OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"  # the LoRA Training Options node's output (nodes/options.py)
 
 
 class TrainLoRA:

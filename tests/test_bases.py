@@ -18,7 +18,7 @@ from torch import nn
 
 from comfyui_lora_trainer.bench.bases import OFFLOADED, cast_layers
 from comfyui_lora_trainer.lora import inject
-from comfyui_lora_trainer.lora.inject import LoraConfig, adapter_device, is_injected
+from comfyui_lora_trainer.lora.injection import LoraConfig, adapter_device, is_injected
 from comfyui_lora_trainer.lora.layers import base_weight, layer_shape
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import build_tiny, encode_images

@@ -68,13 +68,13 @@ def x():
 
 def test_fresh_adapter_leaves_output_unchanged(toy, x):
     base = toy(x)
-    with inject(toy, LoraConfig(rank=4)) as net:
+    with inject(toy, LoraConfig(rank=4, train_norms=True, train_biases=True)) as net:
         assert torch.equal(toy(x), base)
         assert len(net.adapters) == 9  # every layer with a weight or a bias
 
 
 def test_layer_kinds(toy):
-    with inject(toy, LoraConfig(rank=4)) as net:
+    with inject(toy, LoraConfig(rank=4, train_norms=True, train_biases=True)) as net:
         kinds = {net.paths[k]: (a.algo is not None, a.diffs is not None) for k, a in net.adapters.items()}
         w = net.weights()
     assert kinds["conv_in"] == (True, True) and kinds["proj"] == (True, True)
@@ -248,3 +248,13 @@ def test_parse_steps(caplog):
     assert parse_steps("loras/my_lora_250_steps_00003_.safetensors") == 250
     assert parse_steps("some_other_name.safetensors") == 0
     assert "could not read a step count" in caplog.text
+
+
+def test_the_lora_settings_defaults_are_the_nodes():
+    """LoraConfig is Train LoRA's adapter fields under the lora/ layer's names: the same defaults, so
+    `inject(model, LoraConfig())` trains what the node trains by default (no norm or bias differences)."""
+    from comfyui_lora_trainer.training.config import TrainConfig
+    from comfyui_lora_trainer.training.loop import lora_config_of
+
+    assert lora_config_of(TrainConfig()) == LoraConfig()
+    assert not LoraConfig().train_norms and not LoraConfig().train_biases

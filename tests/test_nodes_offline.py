@@ -119,6 +119,48 @@ def test_import_boundary():
     assert "tiny" not in _pack_imports(root, ast.parse(root.read_text()))
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """The pack's modules (dotted, from the root) → the pack's modules they import, at module level or
+    inside functions (a lazy import closes a circle as surely as a top-level one)."""
+    files = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[0] in (".venv", "tests", "scripts", "build", "output") or parts == ("setup",):
+            continue
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        package = [p for p in package if p]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+                for alias in node.names:
+                    sub = ".".join(target + [alias.name])
+                    deps.add(sub if sub in files else ".".join(target))
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_circle():
+    graph = _module_graph()
+    assert "nodes.comfy_train" in graph and "nodes.loss_map" in graph["nodes.plot"]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            assert state.get(dep) != 1, " -> ".join(path[path.index(dep):] + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
 def _save(path: Path, img: Image.Image, **kw) -> Path:
     img.save(path, **kw)
     return path

@@ -7,7 +7,8 @@ from dataclasses import fields
 import pytest
 
 from comfyui_lora_trainer.nodes.options import TrainingOptions, TrainingOptionsNode, merged
-from comfyui_lora_trainer.nodes.train import OPTIONS_TYPE, TrainLoRA
+from comfyui_lora_trainer.nodes.options import OPTIONS_TYPE
+from comfyui_lora_trainer.nodes.train import TrainLoRA
 from comfyui_lora_trainer.training.config import MAIN, OPTIONS, TrainConfig, settings
 
 NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional", "preview", "validation"}

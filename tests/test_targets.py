@@ -29,8 +29,9 @@ def setup():
 
 
 def trained(model, **fields) -> dict[str, tuple[str | None, set[str]]]:
-    """module path → (algorithm, suffixes) of what a LoraConfig trains on the tiny model."""
-    with inject(model.net, LoraConfig(rank=4, **fields)) as net:
+    """module path → (algorithm, suffixes) of what a LoraConfig trains on the tiny model (norm and bias
+    differences on unless `fields` turn them off)."""
+    with inject(model.net, LoraConfig(**{"rank": 4, "train_norms": True, "train_biases": True, **fields})) as net:
         return {p: (w.algorithm, set(w.tensors)) for p, w in net.weights().items()}
 
 

@@ -8,7 +8,8 @@ from comfyui_lora_trainer.lora import inject
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import build_tiny
 from comfyui_lora_trainer.tiny.text import encode_captions
-from comfyui_lora_trainer.training.captions import grouped_denoise, guider_predict, predict_by_key, swapped_item
+from comfyui_lora_trainer.lora.patching import restoring, swapped_items
+from comfyui_lora_trainer.training.captions import grouped_denoise, guider_predict, predict_by_key
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import Hooks, Trainer, lora_config_of, train
 
@@ -121,7 +122,11 @@ def test_guider_predict_sets_one_caption_per_call_and_restores_the_guider():
     with pytest.raises(RuntimeError, match="boom"):
         failing(torch.zeros(1, 1, 1, 1), torch.ones(1), (2,))
     assert guider.conds["positive"] == ["all"]
-    mapping = {}
-    with swapped_item(mapping, "positive", [1]):
-        assert mapping == {"positive": [1]}
-    assert mapping == {}
+    mapping = {"kept": 1}
+    with swapped_items(mapping, {"positive": [1], "kept": 2}):
+        assert mapping == {"positive": [1], "kept": 2}
+    assert mapping == {"kept": 1}  # an absent key is taken away again, a present one restored
+    with pytest.raises(KeyError), restoring(mapping, ["new", "kept"]):
+        mapping.update(new=3, kept=4)
+        raise KeyError("boom")
+    assert mapping == {"kept": 1}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from comfyui_lora_trainer.lora import inject
-from comfyui_lora_trainer.nodes.plot import validation_points
+from comfyui_lora_trainer.nodes.loss_map import validation_points
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
 from comfyui_lora_trainer.tiny.text import encode_captions

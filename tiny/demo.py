@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..lora import file_metadata, merge_lora, resolve_state_dict, save_lora_file
+from ..lora.files import steps_name
 from ..training.config import TrainConfig
 from ..training.evaluate import colour_distance, heldout_loss
 from ..training.images import load_image_folder
@@ -138,7 +139,7 @@ def run_demo(out_dir: Path, steps: int = 400, kind: str = "eps", seed: int = 0) 
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = {
-        "lora": save_lora_file(out_dir / f"demo_lora_{result.total_steps}_steps_{stamp}_.safetensors", result.lora,
+        "lora": save_lora_file(out_dir / steps_name("demo_lora", result.total_steps, stamp), result.lora,
                                file_metadata(result.lora, result.total_steps, "full", result.metadata, "demo LoRA")),
         "loss graph": out_dir / f"demo_loss_{stamp}.png",
         f"samples ({GRID_ROWS})": out_dir / f"demo_samples_{stamp}.png",

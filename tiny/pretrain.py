@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import procedural
+from ..lora.files import write_atomically
 from ..training.evaluate import heldout_loss
 from .host import tiny_fns
 from .model import TinyDenoiser, build_tiny, decode_latents, encode_images, sample
@@ -180,16 +180,8 @@ def file_metadata(settings: PretrainSettings, result: PretrainResult) -> dict[st
 
 
 def save_base(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write atomically: a temp file in the same folder, then `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state_dict, str(temp), metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    """Written atomically (lora/files.py), replacing an earlier base at `path`."""
+    return write_atomically(path, lambda tmp: save_file(state_dict, tmp, metadata=metadata), "tiny base", overwrite=True)
 
 
 def fresh_losses(path: Path, pictures: int = 64) -> tuple[float, float]:

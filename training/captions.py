@@ -8,10 +8,11 @@ Caption dropout (training/objective.py) routes dropped rows to the empty caption
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Hashable, Iterator, MutableMapping, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
+
+from ..lora.patching import swapped_items
 
 Predict = Callable[[torch.Tensor, torch.Tensor, Hashable], torch.Tensor]  # (noisy rows, sigma rows, caption) → x0
 
@@ -47,27 +48,12 @@ def grouped_denoise(predict: Predict, captions: Sequence[Hashable]) -> Callable[
     return denoise
 
 
-@contextmanager
-def swapped_item(mapping: MutableMapping, key: Hashable, value: Any) -> Iterator[None]:
-    """`mapping[key] = value` for the `with` block; the old value (or its absence) restored in `finally`."""
-    missing = key not in mapping
-    old = mapping.get(key)
-    mapping[key] = value
-    try:
-        yield
-    finally:
-        if missing:
-            del mapping[key]
-        else:
-            mapping[key] = old
-
-
 def guider_predict(model_wrap: Any, entries: Sequence[Any], extra_args: dict) -> Predict:
     """Predict through a ComfyUI guider (`model_wrap(x, sigma, **extra_args)` with a `conds` dict):
     the caption key is a tuple of indices into `entries`, the conditioning entries applied together."""
 
     def predict(noisy: torch.Tensor, sigma: torch.Tensor, caption: Hashable) -> torch.Tensor:
-        with swapped_item(model_wrap.conds, "positive", [entries[e] for e in caption]):
+        with swapped_items(model_wrap.conds, {"positive": [entries[e] for e in caption]}):
             return model_wrap(noisy, sigma, **extra_args)
 
     return predict

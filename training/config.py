@@ -13,7 +13,7 @@ import re
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import NamedTuple
 
-from ..lora.algos import ALGORITHMS
+from ..lora.algos import ALGORITHMS, effective_alpha
 from ..lora.targets import TARGETS
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy")  # core's four first (docs/options.md#optimizers)
@@ -232,7 +232,7 @@ class TrainConfig:
 
     def network_args(self) -> dict[str, str]:
         """The network args kohya/LyCORIS write for these settings: conv_dim, conv_alpha, LoKr's factor."""
-        conv = {"conv_dim": str(self.conv_rank), "conv_alpha": _number(self.conv_alpha or self.conv_rank)} \
+        conv = {"conv_dim": str(self.conv_rank), "conv_alpha": _number(effective_alpha(self.conv_alpha, self.conv_rank))} \
             if self.conv_rank else {}
         dropout = {k: str(getattr(self, k)) for k in ("rank_dropout", "module_dropout") if getattr(self, k)}
         return {**conv, **({"factor": str(self.lokr_factor)} if self.algorithm == "lokr" else {}), **dropout}
@@ -250,7 +250,7 @@ class TrainConfig:
             epochs["ss_epoch"] = str(-(-steps // per_epoch))
         return {
             **epochs,
-            "ss_network_dim": str(self.rank), "ss_network_alpha": _number(self.network_alpha or self.rank),
+            "ss_network_dim": str(self.rank), "ss_network_alpha": _number(effective_alpha(self.network_alpha, self.rank)),
             "ss_learning_rate": str(self.learning_rate), "ss_unet_lr": str(self.learning_rate),
             "ss_optimizer": "prodigyopt.Prodigy" if self.optimizer == "Prodigy" else f"torch.optim.{self.optimizer}", "ss_lr_scheduler": self.lr_schedule,
             "ss_lr_warmup_steps": str(self.warmup_steps), "ss_max_train_steps": str(self.steps),

@@ -9,9 +9,12 @@ stream or the global RNG: the same weights give the same number. The error is th
 model's native prediction space (epsilon, v or flow velocity: the x0 error divided by c(σ)) or in
 x0 space, one image at a time.
 
-The nodes' validation loss (training/validation.py) is the same kind of measure at the same
-`level_percents`, in a run's own terms: the run's loss function and autocast, batches of the run's
-size, its own seed; its numbers are not this function's.
+Why the pack has two held-out measures: the nodes' validation loss (training/validation.py) is the
+same kind of measure at the same `level_percents`, but in a run's own terms (the run's loss
+function and autocast, batches of the run's size), so that it sits on the training loss curve;
+this one is fixed (MSE, fp32, one image at a time, its own seed), so that it compares models across
+runs and settings (the demo, the pretraining, the engine's tests). Both compute the loss through
+`objective.space_loss`, the one place the native/x0 expression is written.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ import torch
 
 from .config import LOSS_SPACES
 from .data import flatten_latents
-from .objective import ModelFns, output_coefficient
+from .objective import ModelFns, loss_function, output_coefficient, space_loss
 
 HELDOUT_LEVELS = 5  # percents 0.1, 0.3, 0.5, 0.7, 0.9
 HELDOUT_SEED = 987654321
+_MSE = loss_function("MSE")
 
 
 def level_percents(noise_levels: int) -> torch.Tensor:
@@ -54,7 +58,7 @@ def heldout_loss(fns: ModelFns, latents: torch.Tensor | Sequence[torch.Tensor], 
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             pred = fns.denoise(fns.noise_scaling(sigma, noise, x0), sigma, [index])
             scale = output_coefficient(fns, sigma, x0.dim()) if space == "native" else 1.0
-            losses.append(torch.mean(((pred - x0) / scale) ** 2).item())
+            losses.append(float(space_loss(_MSE, pred, x0, scale, space)))
     return sum(losses) / len(losses)
 
 

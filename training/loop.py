@@ -21,7 +21,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -259,79 +259,110 @@ def train(
     `hooks.save` wrote the last good state.
     """
     started = time.time()  # ss_training_started_at
-    hooks = hooks or Hooks()
     images = flatten_latents(latents)
     Objective(fns, config, images[0].device)  # refuses options this model cannot take, before patching it
     note = oversized_batch_note(config.batch_size, len(images), config.batch_order)
     if note:
         log.warning(note)
-    lora_config = lora_config_of(config)
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
-    with inject(net, lora_config, seed=config.seed, weights=existing, device=images[0].device) as network, \
+    with inject(net, lora_config_of(config), seed=config.seed, weights=existing, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
         if resume is not None:
             existing_steps = resume.existing_steps
-        shard = current_shard()  # data-parallel under torch.distributed, else None
-        trainer = Trainer(network, fns, images, config, existing_steps, shard)
+        trainer = Trainer(network, fns, images, config, existing_steps, current_shard())
         if resume is not None:
             trainer.load_state(resume)
+        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0,
+                   _Describe(images, base, started))
+        return run.loop(forward)
 
-        def result(cancelled: bool = False, checkpoint: str | None = None) -> TrainResult:  # as of the last step
-            total = existing_steps + trainer.step_count
-            sd = to_state_dict(network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
-            meta = _metadata(config, total, sd, images, base, network.difference_share(), started)
-            return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta,
-                               list(trainer.validation), checkpoint)
 
-        def save(reason: str) -> str | None:
-            if hooks.save is None or (reason != "every" and trainer.step_count == (resume.step if resume else 0)):
-                return None  # nothing new since the start (or the resumed state) to keep
-            return hooks.save(trainer.state(), result().lora, reason)
+class _Describe(NamedTuple):
+    """What the file's metadata needs beside the run: the images, the base model, the start time."""
 
-        def validate() -> bool:
-            """Measure the validation loss; False if a cancel came inside it (the step itself is complete)."""
-            try:
-                loss = validator.loss()
-            except hooks.cancel_errors:
-                return False
-            trainer.validation.append((trainer.step_count, loss))
-            return True
+    images: list[torch.Tensor]
+    base: BaseModel | None
+    started: float
 
-        def cancel() -> TrainResult:  # the last completed step, written to resume from
-            return result(cancelled=True, checkpoint=save("cancel"))
 
-        def validation_due(step: int) -> bool:
-            return step % validator.every == 0 or step == config.steps
+class _Run:
+    """One call of `train()` over a Trainer: the loop, the validation loss, checkpoints, cancel."""
 
-        # the curve's starting point; after a resume, the resumed step's if a cancel came inside its measuring
-        start = trainer.step_count
-        if validator is not None and validation_due(start) and start not in (s for s, _ in trainer.validation) \
-                and not validate():
-            return cancel()  # nothing new to write: save() keeps only steps taken in this call
+    def __init__(self, trainer: Trainer, hooks: Hooks, validator: Validator | None, resumed_at: int,
+                 describe: _Describe) -> None:
+        self.trainer, self.hooks, self.validator, self.resumed_at = trainer, hooks, validator, resumed_at
+        self.config, self.describe = trainer.config, describe
+        self.start = trainer.step_count
+
+    def loop(self, forward) -> TrainResult:
+        """Validate the start, then step until `config.steps`: cancel checks before each step, the
+        validation loss and checkpoints after it, the hooks told of each."""
+        trainer, hooks, config = self.trainer, self.hooks, self.config
+        if not self.validate_start():
+            return self.cancel()  # nothing new to write: save() keeps only steps taken in this call
         if hooks.on_start is not None:
             hooks.on_start(trainer.state())
         while trainer.step_count < config.steps:
             cancelled = hooks.should_cancel is not None and hooks.should_cancel()
-            if (any_rank(cancelled) if shard is not None else cancelled):  # one process's cancel stops all
-                return cancel()
+            if any_rank(cancelled) if trainer.shard is not None else cancelled:  # one process's cancel stops all
+                return self.cancel()
             try:
                 trainer.step()
             except hooks.cancel_errors:
-                return cancel()
+                return self.cancel()
             except TrainingDiverged as err:
-                where = save("diverged")
+                where = self.save("diverged")
                 kept = f"; the last good LoRA and training state are in {where}" if where else ""
-                raise TrainingDiverged(str(err) + kept, result()) from None
+                raise TrainingDiverged(str(err) + kept, self.result()) from None
             step = trainer.step_count
-            if step == start + 1:
+            if step == self.start + 1:
                 log.info("Train LoRA: %s", forward.describe())
-            if validator is not None and validation_due(step) and not validate():
-                return cancel()
+            if self.validation_due(step) and not self.validate():
+                return self.cancel()
             if config.save_every and (step % config.save_every == 0 or step == config.steps):
-                save("every")
+                self.save("every")
             if hooks.on_step is not None:
                 hooks.on_step(trainer.state())
-        return result()
+        return self.result()
+
+    def result(self, cancelled: bool = False, checkpoint: str | None = None) -> TrainResult:
+        """The LoRA as of the last completed step, with its file metadata."""
+        trainer, config, describe = self.trainer, self.config, self.describe
+        total = trainer.existing_steps + trainer.step_count
+        naming = describe.base.naming if describe.base else MODULE_PATHS
+        sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], naming)
+        meta = _metadata(config, total, sd, describe.images, describe.base, trainer.network.difference_share(),
+                         describe.started)
+        return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta,
+                           list(trainer.validation), checkpoint)
+
+    def save(self, reason: str) -> str | None:
+        """A checkpoint through the hooks; None when there is nothing new since the start (or the resumed state)."""
+        if self.hooks.save is None or (reason != "every" and self.trainer.step_count == self.resumed_at):
+            return None
+        return self.hooks.save(self.trainer.state(), self.result().lora, reason)
+
+    def cancel(self) -> TrainResult:
+        """The last completed step, written to resume from."""
+        return self.result(cancelled=True, checkpoint=self.save("cancel"))
+
+    def validation_due(self, step: int) -> bool:
+        return self.validator is not None and (step % self.validator.every == 0 or step == self.config.steps)
+
+    def validate_start(self) -> bool:
+        """The curve's starting point (after a resume, the resumed step's, if a cancel came inside its
+        measuring); False if a cancel came inside it."""
+        measured = {step for step, _ in self.trainer.validation}
+        return not self.validation_due(self.start) or self.start in measured or self.validate()
+
+    def validate(self) -> bool:
+        """Measure the validation loss; False if a cancel came inside it (the step itself is complete)."""
+        try:
+            loss = self.validator.loss()
+        except self.hooks.cancel_errors:
+            return False
+        self.trainer.validation.append((self.trainer.step_count, loss))
+        return True
 
 
 def _check_layers(saved: dict[str, LayerWeights], ours: dict[str, LayerWeights]) -> None:

@@ -85,6 +85,16 @@ def per_image(loss: torch.Tensor) -> torch.Tensor:
     return loss.flatten(1).mean(1)
 
 
+def space_loss(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor, coefficient: torch.Tensor | float,
+               space: str) -> torch.Tensor:
+    """(B,) the loss per image in the loss space, the one place it is written. pred, target: x0
+    (B, C, …); coefficient: c(σ) broadcastable to them (`output_coefficient`). native: prediction and
+    target over c(σ), the error of the model's own output (eps / v / flow); x0: as they are."""
+    if space == "native":
+        return per_image(loss_fn(pred / coefficient, target / coefficient))
+    return per_image(loss_fn(pred, target))
+
+
 def draw_percent(n: int, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
     """(n,) noise levels as percents through the schedule (0 = most noise), in the min/max timestep range.
 
@@ -213,12 +223,8 @@ class Objective:
             dropped = dropped[rows] if dropped is not None else None
         with self.autocast:
             pred = self.predict(noisy, sigma, indices, dropped)
-        pred = pred.float()
-        if cfg.loss_space == "native":
-            c = output_coefficient(fns, sigma, x0.dim())
-            per = per_image(self.loss_fn(pred / c, target / c))
-        else:
-            per = per_image(self.loss_fn(pred, target))
+        c = output_coefficient(fns, sigma, x0.dim()) if cfg.loss_space == "native" else 1.0
+        per = space_loss(self.loss_fn, pred.float(), target, c, cfg.loss_space)
         weights = loss_weights(fns, sigma, cfg)
         per = per if weights is None else per * weights
         return per.mean() if rows is None else per.sum() / batch

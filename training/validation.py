@@ -26,7 +26,7 @@ import torch
 from .config import TrainConfig
 from .data import group_by_shape
 from .evaluate import level_percents
-from .objective import ModelFns, loss_function, output_coefficient, per_image
+from .objective import ModelFns, loss_function, output_coefficient, space_loss
 
 VALIDATION_SEED = 271828182  # its own stream: never the training seed's
 
@@ -104,11 +104,7 @@ class Validation:
         for chunk in self.chunks:
             with self.autocast:
                 pred = self.fns.denoise(chunk.noisy, chunk.sigma, chunk.indices)
-            pred = pred.float()
-            if self.config.loss_space == "native":
-                per = per_image(self.loss_fn(pred / chunk.coefficient, chunk.target / chunk.coefficient))
-            else:
-                per = per_image(self.loss_fn(pred, chunk.target))
+            per = space_loss(self.loss_fn, pred.float(), chunk.target, chunk.coefficient, self.config.loss_space)
             total += float(per.sum())
         return total / (self.images * self.noise_levels)
 

@@ -5,7 +5,7 @@ contract) and one line in ALGORITHMS. Detection order matters: DoRA's files also
 """
 from __future__ import annotations
 
-from .base import ALPHA, AlgoOptions, Algorithm
+from .base import ALPHA, AlgoOptions, Algorithm, effective_alpha
 from .functional import LayerShape
 from .loha import Loha
 from .lokr import Lokr
@@ -31,4 +31,4 @@ def detect(suffixes: frozenset[str]) -> type[Algorithm] | None:
 
 
 __all__ = ["ALGORITHMS", "ALGORITHM_SUFFIXES", "ALPHA", "AlgoOptions", "Algorithm", "Dora", "LayerShape", "Loha",
-           "Lokr", "Lora", "algorithm", "detect"]
+           "Lokr", "Lora", "algorithm", "detect", "effective_alpha"]

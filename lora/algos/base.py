@@ -107,11 +107,15 @@ class Algorithm(nn.Module):
         return torch.tensor(self.alpha, dtype=torch.float32)
 
 
+def effective_alpha(alpha: float | None, rank: int) -> float:
+    """kohya-ss' rule, stated once for the pack: alpha 0 or None means alpha = rank (scale 1)."""
+    return float(alpha) if alpha else float(rank)
+
+
 def alpha_of(tensors: Mapping[str, torch.Tensor], rank: int) -> float:
-    """A file's alpha; absent, 0 or None means alpha = rank (scale 1), as in kohya-ss."""
+    """A file's alpha (`effective_alpha`: absent or 0 means rank)."""
     alpha = tensors.get(ALPHA)
-    value = float(alpha) if alpha is not None else 0.0
-    return value or float(rank)
+    return effective_alpha(float(alpha) if alpha is not None else None, rank)
 
 
 def fp32_param(t: torch.Tensor, device: torch.device) -> nn.Parameter:

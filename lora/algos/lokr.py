@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .base import ALPHA, Algorithm, BaseForward, channel_bias, fp32_param, random_tensor
+from .base import ALPHA, Algorithm, BaseForward, channel_bias, effective_alpha, fp32_param, random_tensor
 from .functional import LayerShape, factorization, layer_op, lokr_delta, lokr_linear, tucker_rebuild
 
 W1, W1A, W1B, W2, W2A, W2B, T2 = "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"
@@ -128,9 +128,8 @@ def _check_tucker(shape: LayerShape, t: Mapping[str, torch.Tensor], fail) -> Non
 
 
 def _scale(t: Mapping[str, torch.Tensor]) -> float:
-    """alpha / rank of w2's product, else of w1's, else 1 (ComfyUI's rule); alpha 0 means rank."""
+    """alpha / rank of w2's product, else of w1's, else 1 (ComfyUI's rule; `effective_alpha`)."""
     rank = t[W2B].shape[0] if W2 not in t else (t[W1B].shape[0] if W1 not in t else None)
     if rank is None or ALPHA not in t:
         return 1.0
-    alpha = float(t[ALPHA])
-    return (alpha or rank) / rank
+    return effective_alpha(float(t[ALPHA]), rank) / rank

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .algos import ALGORITHMS, AlgoOptions, Algorithm, LayerShape
+from .algos import ALGORITHMS, AlgoOptions, Algorithm, LayerShape, effective_alpha
 from .keys import kohya_name
 from .layers import LayerAdapter, LayerWeights, build_adapter, readable_weight
 from .patching import swapped_forwards
@@ -31,7 +31,9 @@ _MARK = "__lora_trainer_patch__"
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """What to inject. alpha None or 0 means alpha = rank (scale 1), as in kohya-ss.
+    """What to inject: the adapter fields of Train LoRA (training/config.py), under the names the lora/ layer
+    uses, with the node's defaults (`lora_config_of` maps one to the other; a test checks the defaults
+    agree). alpha None or 0 means alpha = rank (`effective_alpha`).
 
     conv_rank / conv_alpha (kohya's conv_dim / conv_alpha) set conv layers apart; None means "as
     Linear layers": conv_rank = rank, and conv_alpha = alpha (or, with a conv_rank given,
@@ -45,8 +47,8 @@ class LoraConfig:
     exclude: str | None = None
     algorithm: str = "lora"
     target: str = "all"  # lora/targets.py
-    train_norms: bool = True  # weight differences for layers no adapter serves (norms, grouped convs)
-    train_biases: bool = True  # bias differences
+    train_norms: bool = False  # weight differences for layers no adapter serves (norms, grouped convs)
+    train_biases: bool = False  # bias differences
     conv_rank: int | None = None
     conv_alpha: float | None = None
     factor: int = -1
@@ -70,16 +72,12 @@ class LoraConfig:
         for name in ("include", "exclude"):
             _check_pattern(name, getattr(self, name))
 
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.alpha) if self.alpha else float(self.rank)
-
     def options(self, shape: LayerShape) -> AlgoOptions:
         """The rank, alpha, init and factor of one layer (conv layers may have their own rank/alpha)."""
-        rank, alpha = self.rank, self.effective_alpha
+        rank, alpha = self.rank, effective_alpha(self.alpha, self.rank)
         if shape.is_conv and (self.conv_rank is not None or self.conv_alpha):
             rank = self.conv_rank or self.rank
-            alpha = float(self.conv_alpha) if self.conv_alpha else (float(rank) if self.conv_rank else alpha)
+            alpha = effective_alpha(self.conv_alpha, rank) if self.conv_rank or self.conv_alpha else alpha
         return AlgoOptions(rank=rank, alpha=alpha, init=self.init, factor=self.factor)
 
     def selects(self, path: str, module: nn.Module | None = None) -> bool:
