@@ -145,67 +145,92 @@ def _error_message(messages: list) -> str | None:
     return None
 
 
-def train_command(args: argparse.Namespace) -> int:
-    rank, world, local_rank = _rank()
-    main = rank == 0
+class _Refused(Exception):
+    """A one-line error for the user and the exit status it ends with."""
 
-    def say(text: str, stream=sys.stdout) -> None:
-        if main:
-            print(text, file=stream, flush=True)
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
-    comfy_args = list(getattr(args, "comfy_args", []))
+
+def _say(text: str, stream=sys.stdout) -> None:
+    """Print on rank 0 only (every rank runs the same command)."""
+    if _rank()[0] == 0:
+        print(text, file=stream, flush=True)
+
+
+def _workflow(args: argparse.Namespace, world: int) -> tuple[Workflow, list[str]]:
+    """The workflow with its overrides and its Train LoRA nodes; _Refused for a bad argument."""
     if not args.comfyui or not (Path(args.comfyui) / "execution.py").is_file():
-        say(f"error: --comfyui / COMFYUI_DIR: {args.comfyui or 'not set'} is not a ComfyUI checkout; set COMFYUI_DIR "
-            "to the folder that has main.py and execution.py", sys.stderr)
-        return 2
+        raise _Refused(f"--comfyui / COMFYUI_DIR: {args.comfyui or 'not set'} is not a ComfyUI checkout; set "
+                       "COMFYUI_DIR to the folder that has main.py and execution.py")
     try:
         workflow = apply_overrides(load_workflow(args.workflow.resolve()), [parse_override(s) for s in args.set])
     except (FileNotFoundError, ValueError, KeyError) as err:
-        say(f"error: {err}", sys.stderr)
-        return 2
+        raise _Refused(str(err)) from None
     trainers = [node_id for node_id, node in workflow.items() if node["class_type"] == OUR_TRAIN_NODE]
     if world > 1 and not trainers:
-        say(f"error: {args.workflow}: no Train LoRA ({OUR_TRAIN_NODE}) node to train data-parallel", sys.stderr)
-        return 2
+        raise _Refused(f"{args.workflow}: no Train LoRA ({OUR_TRAIN_NODE}) node to train data-parallel")
+    return workflow, trainers
 
+
+def _torch(comfy_args: list[str]):
+    """torch, with `--cpu` added to ComfyUI's options where it sees no GPU; _Refused without torch."""
     try:
         import torch
-        import torch.distributed as dist
+        import torch.distributed  # noqa: F401
     except ModuleNotFoundError as err:
-        say(f"error: this Python has no {err.name}; run `train` with ComfyUI's Python (the one that starts "
-            "ComfyUI, its requirements installed)", sys.stderr)
-        return 2
+        raise _Refused(f"this Python has no {err.name}; run `train` with ComfyUI's Python (the one that starts "
+                       "ComfyUI, its requirements installed)") from None
     if "--cpu" not in comfy_args and not _has_accelerator(torch):
-        say("note: no GPU found, so ComfyUI runs on the CPU (as with `-- --cpu`)", sys.stderr)
+        _say("note: no GPU found, so ComfyUI runs on the CPU (as with `-- --cpu`)", sys.stderr)
         comfy_args.append("--cpu")
+    return torch
+
+
+def _execute(args: argparse.Namespace, comfy_args: list[str], workflow: Workflow, trainers: list[str]) -> int:
+    """Run the workflow with ComfyUI in-process: rank 0 every output, the other ranks only the trainings."""
+    rank, world, local_rank = _rank()
+    try:
+        execution, prompt_server, loop = _import_comfyui(Path(args.comfyui).resolve(), comfy_args, local_rank, world > 1)
+    except ModuleNotFoundError as err:
+        raise _Refused(f"ComfyUI cannot start in this Python: no module named {err.name!r}; run `train` with "
+                       f"ComfyUI's Python, or install its requirements (pip install -r {args.comfyui}/requirements.txt)")
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = _validate(execution, loop, workflow, prompt_id)
+    if not valid:
+        raise _Refused(f"ComfyUI refused the workflow: {error}\n{json.dumps(node_errors, indent=2)}", 1)
+    executor = _make_executor(execution, prompt_server)
+    # rank 0 runs every output; the others only the trainings (and what feeds them): no file twice
+    executor.execute(workflow, prompt_id, {}, outputs if rank == 0 else trainers)
+    failure = _error_message(executor.status_messages) if not executor.success else None
+    if failure is not None or not executor.success:
+        print(f"error (rank {rank}): {failure or 'the workflow failed'}", file=sys.stderr, flush=True)
+        return 1
+    items = extract_outputs(getattr(executor, "history_result", None) or {})  # {"outputs": {node: ui}}
+    _say(format_outputs(items, workflow) if items else "done (no outputs)")
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """The `train` command: check the arguments, join the process group under torchrun, run the workflow."""
+    world = _rank()[1]
+    comfy_args = list(getattr(args, "comfy_args", []))
+    try:
+        workflow, trainers = _workflow(args, world)
+        torch = _torch(comfy_args)
+    except _Refused as refused:
+        _say(f"error: {refused}", sys.stderr)
+        return refused.code
     if world > 1:
         backend = "nccl" if torch.cuda.is_available() and "--cpu" not in comfy_args else "gloo"
-        dist.init_process_group(backend)
-        say(f"Train LoRA: {world} processes, {backend}")
+        torch.distributed.init_process_group(backend)
+        _say(f"Train LoRA: {world} processes, {backend}")
     try:
-        try:
-            execution, prompt_server, loop = _import_comfyui(Path(args.comfyui).resolve(), comfy_args, local_rank,
-                                                             world > 1)
-        except ModuleNotFoundError as err:
-            say(f"error: ComfyUI cannot start in this Python: no module named {err.name!r}; run `train` with "
-                f"ComfyUI's Python, or install its requirements (pip install -r {args.comfyui}/requirements.txt)",
-                sys.stderr)
-            return 2
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = _validate(execution, loop, workflow, prompt_id)
-        if not valid:
-            say(f"error: ComfyUI refused the workflow: {error}\n{json.dumps(node_errors, indent=2)}", sys.stderr)
-            return 1
-        executor = _make_executor(execution, prompt_server)
-        # rank 0 runs every output; the others only the trainings (and what feeds them): no file twice
-        executor.execute(workflow, prompt_id, {}, outputs if main else trainers)
-        failure = _error_message(executor.status_messages) if not executor.success else None
-        if failure is not None or not executor.success:
-            print(f"error (rank {rank}): {failure or 'the workflow failed'}", file=sys.stderr, flush=True)
-            return 1
-        items = extract_outputs(getattr(executor, "history_result", None) or {})  # {"outputs": {node: ui}}
-        say(format_outputs(items, workflow) if items else "done (no outputs)")
-        return 0
+        return _execute(args, comfy_args, workflow, trainers)
+    except _Refused as refused:
+        _say(f"error: {refused}", sys.stderr)
+        return refused.code
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -30,8 +30,7 @@ from ..lora.patching import swapped_items
 from ..training import distributed
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
-from ..training.data import (as_model_rank, caption_entries, check_latent_channels, check_latent_rank, describe_captions,
-                             flatten_latents)
+from ..training.data import caption_entries, describe_captions, model_latents
 from ..training.captions import grouped_denoise, guider_predict
 from ..training.loop import ModelFns, TrainResult, TrainState, train
 from ..training.validation import Validation
@@ -238,6 +237,37 @@ def _config(inputs: dict, options: TrainingOptions | None) -> TrainConfig:
     return TrainConfig(**fields, **(options.values if options is not None else {}))
 
 
+class _Captions(NamedTuple):
+    """The guider's conditioning entries and which of them each image trains with."""
+
+    entries: list  # every [tensor, options] entry: the training captions', the empty caption, the validation set's
+    training: list[list[int]]  # per training image
+    uncond: tuple[int, ...] | None  # the empty caption's entries (caption dropout), or None
+    validation: list[list[int]]  # per validation image
+
+
+def _captions(positive: list, latents: list[dict], n_images: int, options: TrainingOptions | None,
+              validation: ValidationSettings | None, n_validation: int, source: str | None) -> _Captions:
+    """Every caption in one list of entries for the guider, each image's entries into it."""
+    entries, counts = flat_conditioning(captions_of(_clone_tree(positive), _batch_sizes(latents), source))
+    training = caption_entries(counts, n_images)
+    read = f" (from {source}: each entry is one image's caption)" if source in PER_IMAGE_ENTRIES else ""
+    log.info(describe_captions(counts, n_images) + read)
+    uncond = None
+    if options is not None and options.unconditional is not None:  # caption dropout's empty caption
+        extra = list(_clone_tree(options.unconditional))
+        uncond = tuple(range(len(entries), len(entries) + len(extra)))
+        entries = entries + extra
+    per_validation: list[list[int]] = []
+    if validation is not None:  # its captions join the guider's entries after the training ones
+        val_entries, val_counts = flat_conditioning(captions_of(_clone_tree(validation.positive),
+                                                                _batch_sizes(validation.latents), validation.source,
+                                                                "validation positive"))
+        per_validation = [[len(entries) + i for i in c] for c in caption_entries(val_counts, n_validation)]
+        entries = entries + val_entries
+    return _Captions(entries, training, uncond, per_validation)
+
+
 def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None,
                preview: PreviewSettings | None = None, validation: ValidationSettings | None = None,
                positive_source: str | None = None) -> dict:
@@ -246,36 +276,25 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     config = _config(inputs, options)
     with torch.inference_mode(False), torch.enable_grad():
         images = _latents(latents, model.model, "latents")
-        entries, counts = flat_conditioning(captions_of(_clone_tree(positive), _batch_sizes(latents), positive_source))
-        captions = caption_entries(counts, len(images))
-        uncond = None
-        if options is not None and options.unconditional is not None:  # caption dropout's empty caption
-            extra = list(_clone_tree(options.unconditional))
-            uncond = tuple(range(len(entries), len(entries) + len(extra)))
-            entries = entries + extra
-        read = f" (from {positive_source}: each entry is one image's caption)" if positive_source in PER_IMAGE_ENTRIES else ""
-        log.info(describe_captions(counts, len(images)) + read)
-        val_latents, val_captions = [], []
-        if validation is not None:  # its captions join the guider's entries after the training ones
-            val_latents = _latents(validation.latents, model.model, "validation latents")
-            val_entries, val_counts = flat_conditioning(captions_of(_clone_tree(validation.positive),
-                                                                    _batch_sizes(validation.latents), validation.source,
-                                                                    "validation positive"))
-            val_captions = [[len(entries) + i for i in c] for c in caption_entries(val_counts, len(val_latents))]
-            entries = entries + val_entries
+        val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
+        captions = _captions(positive, latents, len(images), options, validation, len(val_latents), positive_source)
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
-        writer = CheckpointWriter(folder_paths.get_output_directory(), config, images, len(entries))
-        resume = writer.resume()
-        extras = Extras(preview, validation, val_latents, val_captions, writer, resume)
-        sampler = TrainSampler(images, captions, config, existing, uncond, extras)
+        writer = CheckpointWriter(folder_paths.get_output_directory(), config, images, len(captions.entries))
+        extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume())
+        sampler = TrainSampler(images, captions.training, config, existing, captions.uncond, extras)
         guider = Guider_Basic(model.clone())
-        guider.set_conds(entries)
+        guider.set_conds(captions.entries)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
         try:
             guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
         except comfy.model_management.InterruptProcessingException:  # raised by ComfyUI's progress hook
             _log_cancel(sampler.steps_done, config.steps, None)
             raise
+    return _outputs(model, sampler, existing, config)
+
+
+def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConfig) -> dict:
+    """The five outputs and the previews' UI entry; ComfyUI's cancel exception when the run was cancelled."""
     result = sampler.result
     if result is None or result.cancelled:
         _log_cancel(0 if result is None else len(result.losses), config.steps,
@@ -289,10 +308,9 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     if result.validation:
         loss[VALIDATION_STEP] = [step for step, _ in result.validation]
         loss[VALIDATION_LOSS] = [value for _, value in result.validation]
-    outputs = (model_with_lora, lora, loss, result.total_steps,
-               sampler.previewer.grid() if sampler.previewer is not None else _blank_image())
-    ui = {"images": sampler.previewer.ui()} if sampler.previewer is not None else {}
-    return {"ui": ui, "result": outputs}
+    previewer = sampler.previewer
+    outputs = (model_with_lora, lora, loss, result.total_steps, previewer.grid() if previewer else _blank_image())
+    return {"ui": {"images": previewer.ui()} if previewer else {}, "result": outputs}
 
 
 def _batch_sizes(latents: list[dict]) -> list[int]:
@@ -315,12 +333,12 @@ def _blank_image() -> torch.Tensor:
 
 
 def _latents(latents: list[dict], base_model, what: str) -> list[torch.Tensor]:
-    """LATENTs → single latents (clones) of the model's rank and channels; `what` names the input in errors.
-    Image latents for a model of 3-D latents (Qwen-Image, Wan) get a frame axis, as core's sampler adds it."""
-    images = flatten_latents([_clone_tree(l["samples"]) for l in latents], what)
-    dimensions = getattr(getattr(base_model, "latent_format", None), "latent_dimensions", None)
-    images = as_model_rank(images, dimensions) if isinstance(dimensions, int) else images
-    _check_channels(images, base_model, what)
+    """LATENTs → single latents (clones) that fit the model (training/data.py `model_latents`); `what`
+    names the input in errors. A model that takes an image beside the latent is refused."""
+    latent_format = getattr(base_model, "latent_format", None)
+    images = model_latents([_clone_tree(l["samples"]) for l in latents], getattr(latent_format, "latent_channels", None),
+                           getattr(latent_format, "latent_dimensions", None), type(base_model.model_config).__name__,
+                           what)
     _check_no_concat_input(images[0], base_model)
     return images
 
@@ -346,16 +364,6 @@ def _check_no_concat_input(latent: torch.Tensor, base_model) -> None:
         f"model: this {name} model takes an image or mask beside the noisy latent{took} (image-to-video, "
         "inpainting or fill models), and Train LoRA gives it only latents and captions, so it would train on "
         f"blank images; load the family's text-to-image / text-to-video model (not {name}) for training instead")
-
-
-def _check_channels(images: list[torch.Tensor], base_model, what: str) -> None:
-    latent_format = getattr(base_model, "latent_format", None)
-    channels = getattr(latent_format, "latent_channels", None)
-    if isinstance(channels, int):
-        check_latent_channels(images, channels, type(base_model.model_config).__name__, what)
-    dimensions = getattr(latent_format, "latent_dimensions", None)
-    if isinstance(dimensions, int):  # video latents for an image model: refused, naming the model
-        check_latent_rank(images, dimensions, type(base_model.model_config).__name__, what)
 
 
 def _log_cancel(done: int, steps: int, checkpoint: str | None) -> None:

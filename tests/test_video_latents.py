@@ -206,3 +206,17 @@ def test_validation_on_video_latents_is_the_per_clip_loss():
     c = output_coefficient(fns, chunk.sigma, 5)
     expected = float((((pred - chunk.target) / c) ** 2).flatten(1).mean(1).mean())
     assert validation.loss() == pytest.approx(expected, rel=1e-5)
+
+
+def test_model_latents_fits_latents_to_a_model_in_one_call():
+    from comfyui_lora_trainer.training.data import model_latents
+
+    images = model_latents([torch.zeros(2, 16, 8, 8), torch.zeros(1, 16, 4, 8)], 16, 3, "WAN21_T2V")
+    assert [tuple(x.shape) for x in images] == [(16, 1, 8, 8), (16, 1, 8, 8), (16, 1, 4, 8)]
+    assert [tuple(x.shape) for x in model_latents([torch.zeros(1, 4, 8, 8)], None, None, "?")] == [(4, 8, 8)]
+    with pytest.raises(ValueError, match=r"^validation latents: they have 4 channels, but this model \(Flux\)"):
+        model_latents([torch.zeros(1, 4, 8, 8)], 16, 2, "Flux", "validation latents")
+    with pytest.raises(ValueError, match=r"^latents: they are video latents .* this model \(SDXL\)"):
+        model_latents([torch.zeros(1, 4, 3, 8, 8)], 4, 2, "SDXL")
+    with pytest.raises(ValueError, match=r"^validation latents: no images"):
+        model_latents([torch.zeros(0, 4, 8, 8)], 4, 2, "SDXL", "validation latents")

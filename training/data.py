@@ -28,6 +28,22 @@ def flatten_latents(latents: torch.Tensor | Sequence[torch.Tensor], what: str = 
     return images
 
 
+def model_latents(batches: Sequence[torch.Tensor], channels: int | None, dimensions: int | None, model_name: str,
+                  what: str = "latents") -> list[torch.Tensor]:
+    """Make these latents fit this model, in one call: LATENT batches → single latents (`flatten_latents`),
+    image latents given a frame axis for a model of 3-D latents (`as_model_rank`), then refused, naming
+    `what` and the model, when their channels (`check_latent_channels`) or rank (`check_latent_rank`) are
+    not the model's. `channels` / `dimensions`: the model's latent format's (None: not known, unchecked)."""
+    images = flatten_latents(batches, what)
+    if isinstance(dimensions, int):
+        images = as_model_rank(images, dimensions)
+    if isinstance(channels, int):
+        check_latent_channels(images, channels, model_name, what)
+    if isinstance(dimensions, int):  # video latents for an image model: refused, naming the model
+        check_latent_rank(images, dimensions, model_name, what)
+    return images
+
+
 def check_caption_count(n_captions: int, n_images: int) -> None:
     """One caption for all images, or one per image; anything else names both counts and the fix."""
     if n_captions not in (1, n_images):

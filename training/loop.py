@@ -21,7 +21,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -272,24 +272,16 @@ def train(
         trainer = Trainer(network, fns, images, config, existing_steps, current_shard())
         if resume is not None:
             trainer.load_state(resume)
-        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0,
-                   _Describe(images, base, started))
+        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0, (images, base, started))
         return run.loop(forward)
-
-
-class _Describe(NamedTuple):
-    """What the file's metadata needs beside the run: the images, the base model, the start time."""
-
-    images: list[torch.Tensor]
-    base: BaseModel | None
-    started: float
 
 
 class _Run:
     """One call of `train()` over a Trainer: the loop, the validation loss, checkpoints, cancel."""
 
     def __init__(self, trainer: Trainer, hooks: Hooks, validator: Validator | None, resumed_at: int,
-                 describe: _Describe) -> None:
+                 describe: tuple[list[torch.Tensor], BaseModel | None, float]) -> None:
+        """`describe`: what the file's metadata needs beside the run (the images, the base, the start time)."""
         self.trainer, self.hooks, self.validator, self.resumed_at = trainer, hooks, validator, resumed_at
         self.config, self.describe = trainer.config, describe
         self.start = trainer.step_count
@@ -327,12 +319,10 @@ class _Run:
 
     def result(self, cancelled: bool = False, checkpoint: str | None = None) -> TrainResult:
         """The LoRA as of the last completed step, with its file metadata."""
-        trainer, config, describe = self.trainer, self.config, self.describe
+        (images, base, started), trainer, config = self.describe, self.trainer, self.config
         total = trainer.existing_steps + trainer.step_count
-        naming = describe.base.naming if describe.base else MODULE_PATHS
-        sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], naming)
-        meta = _metadata(config, total, sd, describe.images, describe.base, trainer.network.difference_share(),
-                         describe.started)
+        sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
+        meta = _metadata(config, total, sd, images, base, trainer.network.difference_share(), started)
         return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta,
                            list(trainer.validation), checkpoint)
 
