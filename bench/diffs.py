@@ -1,4 +1,4 @@
-"""Do the norm and bias differences earn their place? Issue 12's measurement on the tiny model.
+"""Do the norm and bias differences earn their place? The measurement behind docs/files.md#why-norm-and-bias-differences-are-off-by-default, on the tiny model.
 
 With `target="all"` the trainer trains, besides each Linear/Conv layer's LoRA, a full weight
 difference `diff` for every norm and a bias difference `diff_b` for every bias (lora/layers.py).
