@@ -13,7 +13,8 @@ the target path and the cause in words instead of the temp file's errno line.
 A process killed while writing (`kill -9`, a power cut) cannot remove its temp file. Each write
 therefore first removes, in its folder, the temp files of our own pattern (`.<name>.<8 hex>.tmp`)
 last modified before this process started (`PROCESS_STARTED`): another process's write in progress
-keeps touching its file, and this process's own are never that old.
+keeps touching its file, and this process's own are never that old. So a folder needs this sweep once
+per process (a temp left later is this process's, or newer than it): it is not repeated per write.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def _process_start() -> float:
 
 
 PROCESS_STARTED = _process_start()
+_SWEPT: set[str] = set()  # folders whose stale temps this process has removed
 
 
 def steps_name(stem: str, steps: int | None, counter: int | str, suffix: str = ".safetensors") -> str:
@@ -90,7 +92,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], what
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; choose another filename prefix")
-    remove_stale_temps(path.parent)
+    if str(path.parent) not in _SWEPT:
+        remove_stale_temps(path.parent)
+        _SWEPT.add(str(path.parent))
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

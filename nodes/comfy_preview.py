@@ -66,12 +66,10 @@ def _check_vae(vae, latent_format, model_name: str) -> None:
 
 
 def _rgb(image: np.ndarray, vae) -> np.ndarray:
-    """A decoded (H, W, C) uint8 image as RGB; a ValueError naming the preview's `vae` when it is no
-    picture (1 or 3 channels): never a 4-channel image for the progress bar's JPEG."""
+    """A decoded (H, W, 3) uint8 image as it is; a ValueError naming the preview's `vae` for any other shape:
+    never a 4-channel image for the progress bar's JPEG (which ComfyUI encodes where nothing catches)."""
     if image.ndim == 3 and image.shape[-1] == 3:
         return image
-    if image.ndim == 3 and image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=-1)
     raise ValueError(f"vae: LoRA Training Preview's VAE ({type(getattr(vae, 'first_stage_model', vae)).__name__}) "
                      f"decoded an image of shape {tuple(image.shape)}, not an RGB picture; connect the VAE that "
                      "belongs to the model, or leave the preview's vae empty")
@@ -107,7 +105,7 @@ class Previewer:
         # training's guider set the base model's current_patcher; a nested guider's cleanup clears it
         with isolated(base), restoring(base.__dict__, ["current_patcher"]):
             pixels = self._decode(self._sample(step))
-        image = Image.fromarray(pixels).convert("RGB")  # the progress bar's JPEG takes RGB only
+        image = Image.fromarray(pixels)  # RGB: _decode checks the VAE's, the latent previewer's is converted
         path = next_free(self.folder, lambda n: steps_name(self.stem, step, n, ".png"))
         write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), "preview")
         self.taken.append((step, path))
