@@ -177,6 +177,12 @@ class TrainConfig:
     caption_dropout: float = setting(0.0, "Probability that an image trains with the empty caption (needs the "
                                      "options node's unconditional input).", node=OPTIONS, low=0.0, high=1.0,
                                      step=0.01)
+    # masked loss (training/objective.py `mask_weights`; masks ride on the LATENT as `noise_mask`)
+    unmasked_weight: float = setting(0.0, "Masked loss: the loss weight outside an image's mask (1 = the mask is "
+                                     "ignored); images without a mask train everywhere.", node=OPTIONS, low=0.0,
+                                     high=1.0, step=0.01)
+    normalize_mask: bool = setting(False, "Masked loss: divide each image's loss by its mean weight, so a small mask "
+                                   "trains as strongly as a large one.", node=OPTIONS)
     # optimizer and LR (training/optim.py)
     weight_decay: float = setting(-1.0, "Decoupled (AdamW) or L2 weight decay; -1 = the optimizer's default "
                                   "(AdamW 0.01, the others 0).", node=OPTIONS, low=-1.0, high=10.0, step=0.001)

@@ -124,6 +124,70 @@ def oversized_batch_note(batch_size: int, n_images: int, order: str) -> str | No
     return f"Train LoRA: batch_size {batch_size} is larger than the {n_images} images; {what}"
 
 
+class Samples:
+    """What the batch order draws from: `alternatives[s]` are the images (indices into the latents) that
+    sample s trains as, one drawn each time the sample is used (the image itself, its flipped copy, its
+    caption variants); a sample listed twice (kohya repeats) is drawn twice as often. `masks[i]` is image
+    i's loss mask (1, …) at its latent's size, or None (trains everywhere); `masks` None: no image has one.
+    With one alternative per sample nothing extra is drawn, so plain data draws as before samples existed."""
+
+    def __init__(self, alternatives: Sequence[Sequence[int]], masks: Sequence[torch.Tensor | None] | None = None):
+        self.alternatives = [list(a) for a in alternatives]
+        self.masks = list(masks) if masks is not None and any(m is not None for m in masks) else None
+        self.varied = any(len(a) > 1 for a in self.alternatives)
+
+    @classmethod
+    def plain(cls, n: int) -> "Samples":
+        return cls([[i] for i in range(n)])
+
+    def __len__(self) -> int:
+        return len(self.alternatives)
+
+    def check(self, images: Sequence[torch.Tensor]) -> None:
+        """Every alternative names an image, and every mask has its image's size; else ValueError."""
+        if not self.alternatives or any(not a for a in self.alternatives):
+            raise ValueError("samples: every sample needs at least one image")
+        bad = next((i for a in self.alternatives for i in a if not 0 <= i < len(images)), None)
+        if bad is not None:
+            raise ValueError(f"samples: image {bad} does not exist ({len(images)} images)")
+        if self.masks is None:
+            return
+        if len(self.masks) != len(images):
+            raise ValueError(f"masks: got {len(self.masks)} masks for {len(images)} images; give one (or None) per image")
+        for i, (mask, image) in enumerate(zip(self.masks, images)):
+            if mask is not None and tuple(mask.shape) != (1, *image.shape[1:]):
+                raise ValueError(f"masks: mask {i} is {tuple(mask.shape)}, its latent {tuple(image.shape)}; "
+                                 "give masks at the latent's size (latent_mask)")
+
+    def pick(self, drawn: Sequence[int], generator: torch.Generator) -> list[int]:
+        """The image each drawn sample trains as this time: one alternative, uniformly, from `generator`."""
+        if not self.varied:
+            return [self.alternatives[s][0] for s in drawn]
+        u = torch.rand(len(drawn), generator=generator).tolist()
+        choices = [self.alternatives[s] for s in drawn]
+        return [a[min(int(x * len(a)), len(a) - 1)] for a, x in zip(choices, u)]
+
+    def masks_of(self, group: Sequence[int], x0: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, …) masks of the images `group` (ones where an image has none), or None without masks."""
+        if self.masks is None:
+            return None
+        ones = torch.ones((1, *x0.shape[2:]))
+        return torch.stack([ones if self.masks[i] is None else self.masks[i].float().cpu() for i in group]).to(x0.device)
+
+
+def latent_mask(mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
+    """A pixel mask (H, W) or (1, H, W), values in [0, 1], → (1, …) at the latent's spatial size
+    (`latent_shape` (C, h, w) or (C, T, h, w)): each latent cell the mean of the pixels it covers (area
+    downsampling), repeated over frames for video."""
+    mask = mask.float().reshape(1, 1, *mask.shape[-2:])
+    size = tuple(latent_shape[-2:])
+    small = torch.nn.functional.interpolate(mask, size=size, mode="area") if mask.shape[-2:] != size else mask
+    small = small.reshape(1, *size).clamp(0, 1)
+    if len(latent_shape) > 3:
+        small = small.unsqueeze(1).expand(1, *latent_shape[1:-2], *size).contiguous()
+    return small
+
+
 def group_by_shape(indices: Sequence[int], images: Sequence[torch.Tensor]) -> list[list[int]]:
     """Split a batch into same-shape groups (order of first appearance) that can be stacked."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)

@@ -31,7 +31,7 @@ from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, L
 from ..lora.metadata import PREFIX, dataset_metadata, session_metadata
 from .checkpointing import training_forward
 from .config import TrainConfig
-from .data import BatchOrder, flatten_latents, group_by_shape, oversized_batch_note
+from .data import BatchOrder, Samples, flatten_latents, group_by_shape, oversized_batch_note
 from .distributed import Shard, all_reduce_gradients, any_rank, sum_over_ranks
 from .distributed import current as current_shard
 from .dropout import Dropout, any_dropout
@@ -115,12 +115,16 @@ class TrainingDiverged(FloatingPointError):
 
 class GradientPass:
     """The gradient of one optimizer step: `gradient_accumulation` micro-batches, each split into same-shape
-    groups, each group's loss (training/objective.py) weighted by its share and backpropagated."""
+    groups, each group's loss (training/objective.py) weighted by its share and backpropagated.
+
+    `samples` (training/data.py `Samples`) says what the batch order draws: sample → its alternatives
+    (a flipped copy, caption variants) and masks; None: every image is a sample of its own, unmasked."""
 
     def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator,
-                 shard: Shard | None = None):
+                 shard: Shard | None = None, samples: Samples | None = None):
         self.images, self.config, self.generator, self.shard = images, config, generator, shard
-        self.batches = BatchOrder(len(images), config.batch_size, config.batch_order)
+        self.samples = samples or Samples.plain(len(images))
+        self.batches = BatchOrder(len(self.samples), config.batch_size, config.batch_order)
         self.objective = Objective(fns, config, images[0].device)
 
     def run(self) -> float:
@@ -129,12 +133,12 @@ class GradientPass:
         total = 0.0
         accum = self.config.gradient_accumulation
         for _ in range(accum):
-            indices = self.batches.next(self.generator)
+            indices = self.samples.pick(self.batches.next(self.generator), self.generator)
             for group in group_by_shape(indices, self.images):
                 # weight each same-shape group by its share so the gradient is the batch mean
-                x0 = torch.stack([self.images[i] for i in group])
+                x0 = torch.stack([self.images[i] for i in group]).float()
                 rows = self.shard.rows(len(group)) if self.shard is not None else None
-                loss = self.objective.loss(x0, group, self.generator, rows)
+                loss = self.objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0))
                 if loss is None:  # none of this group's rows are this process's
                     continue
                 loss = loss * (len(group) / len(indices) / accum)
@@ -150,12 +154,12 @@ class Trainer:
     """
 
     def __init__(self, network: LoraNetwork, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig,
-                 existing_steps: int = 0, shard: Shard | None = None):
+                 existing_steps: int = 0, shard: Shard | None = None, samples: Samples | None = None):
         self.network, self.config, self.existing_steps, self.shard = network, config, existing_steps, shard
         self.params = [p for p in network.parameters()]
         self.optimizer = make_optimizer(network.named_parameters(), config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.gradients = GradientPass(fns, images, config, self.generator, shard)
+        self.gradients = GradientPass(fns, images, config, self.generator, shard, samples)
         self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
         self.losses: list[float] = []
         self.validation: list[tuple[int, float]] = []
@@ -247,6 +251,7 @@ def train(
     base: BaseModel | None = None,
     resume: TrainState | None = None,
     validator: Validator | None = None,
+    samples: Samples | None = None,
 ) -> TrainResult:
     """Train a LoRA on `net` and return it; `net` is left exactly as it was, also on error.
 
@@ -255,13 +260,17 @@ def train(
     `resume` continues a run from its state (training/resume.py checks that it fits first): the
     LoRA, optimizer, RNG and data order are the state's, and steps count on to `config.steps`.
     `validator` measures a held-out loss before the first step and every `validator.every` steps.
+    `samples` (training/data.py) groups the images into what a batch draws (kohya repeats, a flipped copy
+    and caption variants as alternatives) and carries their masks; None: one sample per image, no mask.
     Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32), after
     `hooks.save` wrote the last good state.
     """
     started = time.time()  # ss_training_started_at
     images = flatten_latents(latents)
+    samples = samples or Samples.plain(len(images))
+    samples.check(images)
     Objective(fns, config, images[0].device)  # refuses options this model cannot take, before patching it
-    note = oversized_batch_note(config.batch_size, len(images), config.batch_order)
+    note = oversized_batch_note(config.batch_size, len(samples), config.batch_order)
     if note:
         log.warning(note)
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
@@ -269,10 +278,11 @@ def train(
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
         if resume is not None:
             existing_steps = resume.existing_steps
-        trainer = Trainer(network, fns, images, config, existing_steps, current_shard())
+        trainer = Trainer(network, fns, images, config, existing_steps, current_shard(), samples)
         if resume is not None:
             trainer.load_state(resume)
-        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0, (images, base, started))
+        shown = [images[alternatives[0]] for alternatives in samples.alternatives]  # the file counts samples
+        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0, (shown, base, started))
         return run.loop(forward)
 
 

@@ -86,13 +86,27 @@ def per_image(loss: torch.Tensor) -> torch.Tensor:
 
 
 def space_loss(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor, coefficient: torch.Tensor | float,
-               space: str) -> torch.Tensor:
+               space: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the loss per image in the loss space, the one place it is written. pred, target: x0
     (B, C, …); coefficient: c(σ) broadcastable to them (`output_coefficient`). native: prediction and
-    target over c(σ), the error of the model's own output (eps / v / flow); x0: as they are."""
+    target over c(σ), the error of the model's own output (eps / v / flow); x0: as they are.
+    `weight`: per-element weights broadcastable to them (a masked loss: `mask_weights`), or None."""
     if space == "native":
-        return per_image(loss_fn(pred / coefficient, target / coefficient))
-    return per_image(loss_fn(pred, target))
+        loss = loss_fn(pred / coefficient, target / coefficient)
+    else:
+        loss = loss_fn(pred, target)
+    return per_image(loss if weight is None else loss * weight)
+
+
+def mask_weights(mask: torch.Tensor, unmasked_weight: float, normalize: bool) -> torch.Tensor:
+    """A masked loss's element weights from masks (B, 1, …) in [0, 1] at the latent's size: 1 inside,
+    `unmasked_weight` outside, blended at soft edges. `normalize` divides each image's weights by their
+    mean, so a small mask weighs as much as a large one (a mask of all zeros with weight 0 stays zero)."""
+    weight = unmasked_weight + (1.0 - unmasked_weight) * mask.float()
+    if not normalize:
+        return weight
+    mean = weight.flatten(1).mean(1).clamp(min=1e-6)
+    return weight / mean.reshape(-1, *[1] * (weight.dim() - 1))
 
 
 def draw_percent(n: int, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
@@ -192,7 +206,7 @@ class Objective:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training_dtype == "bf16")
 
     def loss(self, x0: torch.Tensor, indices: list[int], generator: torch.Generator,
-             rows: list[int] | None = None) -> torch.Tensor | None:
+             rows: list[int] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """x0 (B, C, H, W), the latents of images `indices` → the mean loss (0-d, fp32, with grad).
 
         Draw order (all from `generator`): noise, its offset and pyramid, levels, input perturbation,
@@ -200,6 +214,7 @@ class Objective:
         `rows` (data-parallel training, training/distributed.py): everything is drawn for all B rows,
         as without it, but only these rows run through the model; the result is their share of the
         mean (their sum over B), so the shares of all processes add up to it; None if `rows` is empty.
+        `mask` (B, 1, …) at the latents' size weighs the loss per element (`mask_weights`); it draws nothing.
         """
         cfg, fns = self.config, self.fns
         noise = self.noise(x0.shape, generator).to(x0.device, x0.dtype)
@@ -219,12 +234,14 @@ class Objective:
             if not rows:
                 return None
             x0, noisy, target, sigma = x0[rows], noisy[rows], target[rows], sigma[rows]
+            mask = mask[rows] if mask is not None else None
             indices = [indices[r] for r in rows]
             dropped = dropped[rows] if dropped is not None else None
         with self.autocast:
             pred = self.predict(noisy, sigma, indices, dropped)
         c = output_coefficient(fns, sigma, x0.dim()) if cfg.loss_space == "native" else 1.0
-        per = space_loss(self.loss_fn, pred.float(), target, c, cfg.loss_space)
+        weight = None if mask is None else mask_weights(mask.to(x0.device), cfg.unmasked_weight, cfg.normalize_mask)
+        per = space_loss(self.loss_fn, pred.float(), target, c, cfg.loss_space, weight)
         weights = loss_weights(fns, sigma, cfg)
         per = per if weights is None else per * weights
         return per.mean() if rows is None else per.sum() / batch
