@@ -67,7 +67,7 @@ def save_loss_graph(loss: dict, prefix: str) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None], entry
 
 
-def _input_path(name: str) -> Path:
+def input_path(name: str) -> Path:
     root = Path(folder_paths.get_input_directory()).resolve()
     path = (root / name).resolve()
     if root not in path.parents:
@@ -76,7 +76,7 @@ def _input_path(name: str) -> Path:
 
 
 def load_input_images(names: list[str], resize_method: str, width: int, height: int) -> torch.Tensor:
-    paths = [_input_path(n) for n in names]
+    paths = [input_path(n) for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"images: {', '.join(missing)} not found; upload the file or fix the name")
@@ -84,7 +84,7 @@ def load_input_images(names: list[str], resize_method: str, width: int, height: 
 
 
 def load_input_folder(folder: str, resize_method: str, width: int, height: int) -> ImageSet:
-    return load_image_folder(_input_path(folder), resize_method, width, height)
+    return load_image_folder(input_path(folder), resize_method, width, height)
 
 
 def encode_captions(clip, captions: list[str]) -> list:

@@ -30,7 +30,7 @@ from ..lora.patching import swapped_items
 from ..training import distributed
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
-from ..training.data import caption_entries, describe_captions, model_latents
+from ..training.data import Samples, caption_entries, describe_captions, model_latents
 from ..training.captions import grouped_denoise, guider_predict
 from ..training.loop import ModelFns, TrainResult, TrainState, train
 from ..training.validation import Validation
@@ -38,6 +38,7 @@ from . import families
 from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning
+from .samples import Expanded, expand
 from .comfy_preview import Previewer
 from .hooks import TrainingHooks
 from .options import TrainingOptions
@@ -146,8 +147,9 @@ class TrainSampler(comfy.samplers.Sampler):
     """Runs the whole training loop where a sampler would sample; keeps the result."""
 
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
-                 uncond: tuple[int, ...] | None = None, extras: Extras = Extras()):
+                 uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
+        self.samples = samples  # alternatives (flipped copies, caption variants), repeats and masks (nodes/samples.py)
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
         self.extras = extras
         self.result: TrainResult | None = None
@@ -164,8 +166,13 @@ class TrainSampler(comfy.samplers.Sampler):
         net = base.diffusion_model
         device = model_wrap.model_patcher.load_device
         _release_inference_tensors(net)
-        # every latent through process_latent_in; the engine takes batches, so each image is a batch of 1
-        latents = [base.process_latent_in(x.to(device)[None]) for x in self.latents]
+        # every latent through process_latent_in (in fp32, kept in its storage dtype); the engine takes
+        # batches, so each image is a batch of 1; a latent shared by several alternatives is processed once
+        processed: dict[int, torch.Tensor] = {}
+        for x in self.latents:
+            if id(x) not in processed:
+                processed[id(x)] = base.process_latent_in(x.to(device).float()[None]).to(x.dtype)
+        latents = [processed[id(x)] for x in self.latents]
         fns = self._model_fns(model_wrap, base.model_sampling, model_wrap.conds["positive"], extra_args, self.captions)
         validator = self._validator(model_wrap, extra_args, device)
         self.hooks = self._hooks(model_wrap, validator is not None)
@@ -178,7 +185,7 @@ class TrainSampler(comfy.samplers.Sampler):
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
-                                    validator=validator)
+                                    validator=validator, samples=self.samples)
         finally:
             self.hooks.close()
         if distributed.is_main():
@@ -278,10 +285,12 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         images = _latents(latents, model.model, "latents")
         val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
         captions = _captions(positive, latents, len(images), options, validation, len(val_latents), positive_source)
+        data = expand(images, captions.training, captions.entries, latents)
+        _log_samples(len(images), data)
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
-        writer = CheckpointWriter(folder_paths.get_output_directory(), config, images, len(captions.entries))
+        writer = CheckpointWriter(folder_paths.get_output_directory(), config, data.images, len(captions.entries))
         extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume())
-        sampler = TrainSampler(images, captions.training, config, existing, captions.uncond, extras)
+        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples)
         guider = Guider_Basic(model.clone())
         guider.set_conds(captions.entries)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
@@ -311,6 +320,16 @@ def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConf
     previewer = sampler.previewer
     outputs = (model_with_lora, lora, loss, result.total_steps, previewer.grid() if previewer else _blank_image())
     return {"ui": {"images": previewer.ui()} if previewer else {}, "result": outputs}
+
+
+def _log_samples(n_images: int, data: Expanded) -> None:
+    """One line when the data carries more than latents: alternatives, repeats, masks."""
+    samples = data.samples
+    extra = len(data.images) - n_images
+    masked = 0 if samples.masks is None else sum(1 for m in samples.masks[:n_images] if m is not None)
+    if extra or len(samples) != n_images or masked:
+        log.info("Train LoRA: %d samples drawn from (repeats counted), %d images, %d more alternatives (flipped "
+                 "copies, caption variants), %d with a loss mask", len(samples), n_images, extra, masked)
 
 
 def _batch_sizes(latents: list[dict]) -> list[int]:

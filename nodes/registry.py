@@ -6,6 +6,7 @@ search and the canvas tell ours from core's at a glance, and typing "lora traine
 """
 from __future__ import annotations
 
+from .dataset import EncodeTrainingFolder
 from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
 from .lora_io import LoadLoRAModel, SaveLoRA
 from .options import TrainingOptionsNode
@@ -25,6 +26,7 @@ NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_LoadImageSet": (LoadImageSet, "Load Image Set"),
     "LoRATrainer_LoadImageSetFromFolder": (LoadImageSetFromFolder, "Load Image Set From Folder"),
     "LoRATrainer_LoadCaptionedImageSet": (LoadCaptionedImageSet, "Load Captioned Image Set"),
+    "LoRATrainer_EncodeTrainingFolder": (EncodeTrainingFolder, "Encode Training Folder"),
 }
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}

@@ -16,7 +16,10 @@ def test_buckets_are_step_multiples_within_the_sides_at_most_the_target_area():
     for width, height in found:
         assert width % 64 == 0 and height % 64 == 0 and 256 <= min(width, height) and max(width, height) <= 2048
         assert width * height <= 1024 * 1024
-        assert width * (height + 64) > 1024 * 1024 or height + 64 > 2048  # the tallest height that fits
+        tallest = width * (height + 64) > 1024 * 1024 or height + 64 > 2048
+        widest = (width + 64) * height > 1024 * 1024 or width + 64 > 2048  # a tallest one turned on its side
+        assert tallest or widest
+        assert (height, width) in found  # portraits have what landscapes have
     assert found == sorted(found, reverse=True) and len(set(found)) == len(found)
 
 

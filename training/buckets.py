@@ -4,7 +4,9 @@ their shape instead of being squashed or cut into one square (the rule of kohya-
 
 A bucket is a (width, height) in pixels, both multiples of `step` (the model's spatial multiple: the
 VAE's downscale times the model's patch size; 64 suits every family the pack trains), both within
-[min_side, max_side], with an area at most `resolution`²: for each width, the tallest such height.
+[min_side, max_side], with an area at most `resolution`²: for each width, the tallest such height,
+and each such bucket turned on its side (as kohya does), so a 1:2 portrait has the buckets a 2:1
+landscape has.
 An image goes to the bucket whose aspect ratio is nearest its own (distance in log aspect, so 2:1 and
 1:2 are equally far from 1:1), among the buckets it covers without upscaling; it is then resized to
 cover the bucket and centre-cropped. An image too small for any bucket is never upscaled: it keeps its
@@ -34,11 +36,11 @@ def buckets(resolution: int, step: int = DEFAULT_STEP, min_side: int = 256, max_
     for width in range(_ceil_to(min_side, step), max_side + 1, step):
         height = min(area // width // step * step, max_side // step * step)
         if height >= min_side:
-            found.append((width, height))
+            found += [(width, height), (height, width)]  # and turned: portraits get what landscapes get
     if not found:
         raise ValueError(f"resolution: {resolution} gives no bucket with sides in [{min_side}, {max_side}] at step "
                          f"{step}; raise resolution or widen min_side / max_side")
-    return sorted(found, reverse=True)
+    return sorted(set(found), reverse=True)
 
 
 def bucket_for(width: int, height: int, resolution: int, step: int = DEFAULT_STEP, min_side: int = 256,

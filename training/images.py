@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import IO, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -108,8 +108,9 @@ def fill_captions(paths: Sequence[Path], captions: Sequence[str], default: str) 
     return [c or default for c in captions]
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open any supported image as 8-bit RGB with EXIF orientation applied; errors name the file."""
+def open_rgb(path: Path | IO[bytes], name: Path | None = None) -> Image.Image:
+    """Open any supported image (a file, or its bytes named `name`) as 8-bit RGB with EXIF orientation
+    applied; errors name the file."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
@@ -123,7 +124,7 @@ def open_rgb(path: Path) -> Image.Image:
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"image {path}: cannot be read ({err}); remove or re-save the file") from err
+        raise ValueError(f"image {name or path}: cannot be read ({err}); remove or re-save the file") from err
 
 
 def fit(img: Image.Image, size: tuple[int, int], method: str) -> Image.Image:

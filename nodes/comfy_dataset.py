@@ -1,0 +1,90 @@
+"""ComfyUI glue for Encode Training Folder: ComfyUI's folders, its VAE and CLIP, its progress bar.
+
+Imported only when the node runs. The plan and the streaming encode are training/dataset.py's; this
+file gives them an encode callable (one image at a time for a video VAE, which would read a batch as
+frames), the cache under the output folder, and shapes the outputs (nodes/samples.py's keys).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.utils
+import folder_paths
+import torch
+
+from ..training.dataset import by_bucket, describe, encode_buckets, plan_folder
+from ..training.images import fill_captions
+from ..training.latent_cache import CACHE_FOLDER, LatentCache, weights_key
+from ..training.tags import caption_variants
+from .comfy_io import input_path, encode_captions
+from .samples import bucket_latent, variant_conditioning
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def _encoder(vae):
+    """pixels (B, H, W, 3) → latents (B, C, …) with ComfyUI's VAE; a video VAE one image at a time."""
+    if vae is None:
+        raise ValueError("vae: no VAE connected; connect the VAE output of the model's loader")
+    if getattr(vae, "latent_dim", 2) == 3:
+        return lambda pixels: torch.cat([vae.encode(pixels[i:i + 1]) for i in range(pixels.shape[0])])
+    return vae.encode
+
+
+def _cache(vae, enabled: bool) -> LatentCache | None:
+    if not enabled:
+        return None
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        log.warning("Encode Training Folder: this VAE has no weights to key a cache by; encoding without one")
+        return None
+    root = Path(folder_paths.get_output_directory()) / CACHE_FOLDER
+    return LatentCache(root, weights_key(model.state_dict().items()))
+
+
+def _mask_root(options: dict) -> Path | None:
+    name = options.get("mask_folder", "")
+    return input_path(name) if options.get("masks", "none") == "mask folder" and name else None
+
+
+def encode_training_folder(folder: str, vae, clip, resolution: int, options: dict) -> tuple[list, list, list, str]:
+    """(one LATENT per bucket, one CONDITIONING per image, the captions, the buckets' summary)."""
+    entries = plan_folder(input_path(folder), resolution, options.get("bucket_step", 64),
+                          options.get("min_side", 256), options.get("max_side", 2048), options.get("masks", "none"),
+                          _mask_root(options))
+    buckets = by_bucket(entries)
+    summary = describe(buckets)
+    log.info("Encode Training Folder: %s", summary)
+    captions = fill_captions([e.path for b in buckets for e in b.entries],
+                             [e.caption for b in buckets for e in b.entries], options.get("default_caption", ""))
+    positive = _conditionings(clip, captions, options)  # before the VAE: a caption problem costs no encode
+    cache = _cache(vae, options.get("cache", True))
+    bar = comfy.utils.ProgressBar(len(entries))
+    encode_buckets(buckets, _encoder(vae), dtype=_DTYPES[options.get("latent_dtype", "bf16")],
+                   flip=options.get("flip", False), chunk=options.get("chunk", 4), cache=cache, progress=bar.update)
+    latents = [bucket_latent(b.latents, b.flipped, b.masks, b.flipped_masks, [e.repeats for e in b.entries])
+               for b in buckets]
+    encoded = sum(b.encoded for b in buckets)
+    if cache is not None:
+        summary += f"; {encoded} encoded, {len(entries) - encoded} from the cache"
+        log.info("Encode Training Folder: %d images encoded, %d from the cache (%s)", encoded, len(entries) - encoded,
+                 cache.folder)
+    return latents, positive, captions, summary
+
+
+def _conditionings(clip, captions: list[str], options: dict) -> list:
+    """One CONDITIONING per image (its variants tagged); each distinct text encoded once."""
+    encoded: dict[str, list] = {}
+    out = []
+    for index, caption in enumerate(captions):
+        texts = caption_variants(caption, options.get("caption_variants", 1),
+                                 shuffle=options.get("shuffle_tags", False), dropout=options.get("tag_dropout", 0.0),
+                                 keep_tokens=options.get("keep_tokens", 0), seed=options.get("seed", 0), index=index)
+        for text in texts:
+            if text not in encoded:
+                encoded[text] = encode_captions(clip, [text])[0]
+        out.append(variant_conditioning([encoded[t] for t in texts]))
+    return out

@@ -1,0 +1,217 @@
+"""A folder of any sizes and shapes → training-ready latents, bucket by bucket, in bounded memory.
+
+`plan_folder` reads only each image's header (its size after EXIF orientation) and caption, and gives
+every file its aspect-ratio bucket (training/buckets.py), its kohya repeat count and its mask source.
+`encode_buckets` then reads, fits and encodes the images a few at a time (`chunk`), and keeps only
+the latents, in the storage dtype, each bucket's in one tensor allocated once: peak memory is the
+latents plus one chunk of pixels, never the whole set's pixels. A flipped copy (augmentation) is
+encoded beside each image. Masks (white = train) come from the alpha channel or a same-named file
+in a mask folder (kohya's convention), are fitted to the bucket like the image, and kept at the
+latent's size. A `LatentCache` (training/latent_cache.py) skips the encode of an image whose file,
+VAE and bucket it has seen. No ComfyUI import: the encode is a callable, so this tests offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .buckets import bucket_for, fit_to_bucket
+from .data import latent_mask
+from .images import IMAGE_SUFFIXES, list_images, open_rgb, read_caption, repeats_of
+
+MASK_SOURCES = ("none", "alpha channel", "mask folder")
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
+_EXIF_ORIENTATION = 0x0112
+
+log = logging.getLogger(__name__)
+
+Encode = Callable[[torch.Tensor], torch.Tensor]  # pixels (B, H, W, 3) in [0, 1] → latents (B, C, h, w)
+
+
+class Entry(NamedTuple):
+    """One image file of the set: where it goes and what comes with it."""
+
+    path: Path
+    bucket: tuple[int, int]  # (width, height) in pixels
+    caption: str  # "" where it has no caption file
+    repeats: int  # kohya `<N>_<name>` folder count
+    mask: Path | str | None  # a mask file, "alpha", or None
+
+
+@dataclass
+class Bucket:
+    """The latents of one bucket: row i is `entries[i]`'s image (`flipped[i]` its mirror image)."""
+
+    size: tuple[int, int]
+    entries: list[Entry]
+    latents: torch.Tensor | None = None  # (n, C, h, w) in the storage dtype
+    flipped: torch.Tensor | None = None
+    masks: torch.Tensor | None = None  # (n, 1, h, w) float16, 1 = train
+    flipped_masks: torch.Tensor | None = None
+    encoded: int = 0  # images the VAE encoded (the rest came from the cache)
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the file's header (no pixels decoded)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION) in _SWAPPED_ORIENTATIONS:
+                return height, width
+            return width, height
+    except (OSError, ValueError) as err:
+        raise ValueError(f"image {path}: cannot be read ({err}); remove or re-save the file") from err
+
+
+def has_alpha(path: Path) -> bool:
+    with Image.open(path) as img:
+        return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def mask_file(image: Path, root: Path, mask_root: Path) -> Path | None:
+    """The mask of `image`: the file of the same relative path and name (any image suffix) under `mask_root`."""
+    stem = mask_root / image.relative_to(root).with_suffix("")
+    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
+        candidate = stem.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def plan_folder(folder: str | Path, resolution: int, step: int, min_side: int, max_side: int,
+                masks: str = "none", mask_root: str | Path | None = None) -> list[Entry]:
+    """Every image under `folder` with its bucket, caption, repeats and mask; ValueError naming the input."""
+    if masks not in MASK_SOURCES:
+        raise ValueError(f"masks: got {masks!r}; choose one of {', '.join(MASK_SOURCES)}")
+    root = Path(folder)
+    files = list_images(root)
+    if not files:
+        raise ValueError(f"folder: {root} holds no images ({', '.join(IMAGE_SUFFIXES)}; hidden files and __MACOSX "
+                         "are skipped); add some or pick another")
+    if masks == "mask folder" and (mask_root is None or not Path(mask_root).is_dir()):
+        raise ValueError(f"mask_folder: {mask_root} is not a folder; give the input subfolder that holds the masks "
+                         "(same names as the images), or set masks to none")
+    entries = []
+    for path in files:
+        width, height = oriented_size(path)
+        mask: Path | str | None = None
+        if masks == "alpha channel":
+            mask = "alpha" if has_alpha(path) else None
+        elif masks == "mask folder":
+            mask = mask_file(path, root, Path(mask_root))
+        entries.append(Entry(path, bucket_for(width, height, resolution, step, min_side, max_side),
+                             read_caption(path), repeats_of(path, root), mask))
+    unmasked = [e.path.name for e in entries if masks != "none" and e.mask is None]
+    if unmasked:
+        log.warning("Encode Training Folder: %d of %d images have no mask (%s%s); they train everywhere",
+                    len(unmasked), len(entries), ", ".join(unmasked[:5]), " …" if len(unmasked) > 5 else "")
+    return entries
+
+
+def by_bucket(entries: Sequence[Entry]) -> list[Bucket]:
+    """The entries grouped by bucket, largest area first (then widest), each bucket in file order."""
+    groups: dict[tuple[int, int], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.bucket, []).append(entry)
+    return [Bucket(size, group) for size, group in sorted(groups.items(), key=lambda g: (-g[0][0] * g[0][1], -g[0][0]))]
+
+
+def describe(buckets: Sequence[Bucket]) -> str:
+    """One line: the buckets (width×height: images) and the totals."""
+    parts = ", ".join(f"{b.size[0]}×{b.size[1]}: {len(b.entries)}" for b in buckets)
+    total = sum(len(b.entries) for b in buckets)
+    return f"{total} images in {len(buckets)} bucket{'s' if len(buckets) != 1 else ''} ({parts})"
+
+
+class _Loaded(NamedTuple):
+    pixels: np.ndarray  # (h, w, 3) float32 in [0, 1], fitted to the bucket
+    mask: np.ndarray | None  # (h, w) float32 in [0, 1]
+    digest: str  # sha256 of the file's bytes
+
+
+def load_entry(entry: Entry) -> _Loaded:
+    """Read one file once: its content hash, its pixels fitted to its bucket, and its mask fitted alike."""
+    raw = entry.path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    image = open_rgb(io.BytesIO(raw), entry.path)
+    mask = None
+    if entry.mask == "alpha":
+        with Image.open(io.BytesIO(raw)) as img:
+            mask = ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
+    elif isinstance(entry.mask, Path):
+        with Image.open(entry.mask) as img:
+            mask = ImageOps.exif_transpose(img).convert("L")
+        if mask.size != image.size:
+            mask = mask.resize(image.size, Image.BILINEAR)
+    pixels = np.asarray(fit_to_bucket(image, entry.bucket), dtype=np.float32) / 255.0
+    fitted = np.asarray(fit_to_bucket(mask, entry.bucket), dtype=np.float32) / 255.0 if mask is not None else None
+    return _Loaded(pixels, fitted, digest)
+
+
+def encode_buckets(buckets: Sequence[Bucket], encode: Encode, *, dtype: torch.dtype = torch.float32,
+                   flip: bool = False, chunk: int = 4, cache=None,
+                   progress: Callable[[int], None] | None = None) -> list[Bucket]:
+    """Fill each bucket's latents (and flipped copies, masks) a chunk at a time; `cache` (a LatentCache)
+    serves and keeps single latents; `progress(n)` is told after each chunk of n images."""
+    for bucket in buckets:
+        for start in range(0, len(bucket.entries), max(1, chunk)):
+            rows = range(start, min(start + max(1, chunk), len(bucket.entries)))
+            loaded = [load_entry(bucket.entries[i]) for i in rows]
+            _store(bucket, rows, loaded, encode, dtype, flip, cache)
+            if progress is not None:
+                progress(len(rows))
+    return list(buckets)
+
+
+def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, dtype: torch.dtype, flip: bool,
+           cache) -> None:
+    """Encode (or take from the cache) one chunk's latents and write them, and their masks, into the bucket."""
+    for flipped in (False, True) if flip else (False,):
+        latents, encoded = _latents(bucket.size, loaded, encode, flipped, cache)
+        if not flipped:
+            bucket.encoded += encoded
+        target = _allocated(bucket, "flipped" if flipped else "latents", latents, dtype)
+        for row, latent in zip(rows, latents):
+            target[row] = latent
+    if any(item.mask is not None for item in loaded):
+        shape = bucket.latents.shape[1:]
+        for flipped in (False, True) if flip else (False,):
+            name = "flipped_masks" if flipped else "masks"
+            if getattr(bucket, name) is None:
+                setattr(bucket, name, torch.ones((len(bucket.entries), 1, *shape[1:]), dtype=torch.float16))
+            for row, item in zip(rows, loaded):
+                if item.mask is not None:
+                    mask = torch.from_numpy(item.mask[:, ::-1].copy() if flipped else item.mask)
+                    getattr(bucket, name)[row] = latent_mask(mask, shape).to(torch.float16)
+
+
+def _latents(size: tuple[int, int], loaded: list[_Loaded], encode: Encode, flipped: bool, cache) -> tuple[list, int]:
+    """The chunk's single latents (C, h, w): from the cache where it has them, the rest in one encode;
+    and how many were encoded."""
+    found = [cache.get(item.digest, size, flipped) if cache is not None else None for item in loaded]
+    missing = [i for i, latent in enumerate(found) if latent is None]
+    if missing:
+        pixels = np.stack([loaded[i].pixels[:, ::-1] if flipped else loaded[i].pixels for i in missing])
+        with torch.no_grad():
+            encoded = encode(torch.from_numpy(np.ascontiguousarray(pixels))).float().cpu()
+        for i, latent in zip(missing, encoded.unbind(0)):
+            found[i] = latent
+            if cache is not None:
+                cache.put(loaded[i].digest, size, flipped, latent)
+    return found, len(missing)
+
+
+def _allocated(bucket: Bucket, name: str, latents: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    tensor = getattr(bucket, name)
+    if tensor is None:
+        tensor = torch.empty((len(bucket.entries), *latents[0].shape), dtype=dtype)
+        setattr(bucket, name, tensor)
+    return tensor
