@@ -46,8 +46,18 @@ def _cache(vae, enabled: bool) -> LatentCache | None:
 
 
 def _mask_root(options: dict) -> Path | None:
-    name = options.get("mask_folder", "")
-    return input_path(name) if options.get("masks", "none") == "mask folder" and name else None
+    """With masks = mask folder, the mask folder's path (plan_folder checks it is a folder); errors name mask_folder."""
+    if options.get("masks", "none") != "mask folder":
+        return None
+    name = options.get("mask_folder", "").strip()
+    if not name:
+        raise ValueError("mask_folder: empty, but masks is 'mask folder'; give the input subfolder that holds the "
+                         "masks (same names as the images), or set masks to none")
+    try:
+        return input_path(name)
+    except ValueError:  # input_path's message names `images`
+        raise ValueError(f"mask_folder: {name!r} is outside the input folder; give a subfolder of the input "
+                         "folder") from None
 
 
 def encode_training_folder(folder: str, vae, clip, resolution: int, options: dict) -> tuple[list, list, list, str]:

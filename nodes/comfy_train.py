@@ -38,7 +38,7 @@ from . import families
 from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning
-from .samples import Expanded, expand
+from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
 from .hooks import TrainingHooks
 from .options import TrainingOptions
@@ -256,10 +256,14 @@ class _Captions(NamedTuple):
 def _captions(positive: list, latents: list[dict], n_images: int, options: TrainingOptions | None,
               validation: ValidationSettings | None, n_validation: int, source: str | None) -> _Captions:
     """Every caption in one list of entries for the guider, each image's entries into it."""
-    entries, counts = flat_conditioning(captions_of(_clone_tree(positive), _batch_sizes(latents), source))
+    conditionings = captions_of(_clone_tree(positive), _batch_sizes(latents), source)
+    entries, counts = flat_conditioning(conditionings)
     training = caption_entries(counts, n_images)
     read = f" (from {source}: each entry is one image's caption)" if source in PER_IMAGE_ENTRIES else ""
-    log.info(describe_captions(counts, n_images) + read)
+    variants = sum(1 for c in conditionings if is_variant_set(c))  # alternatives, not one combined caption
+    shown = [1 if is_variant_set(c) else len(c) for c in conditionings]
+    drawn = f"; {variants} of them with caption variants, one drawn per use" if variants else ""
+    log.info(describe_captions(shown, n_images) + drawn + read)
     uncond = None
     if options is not None and options.unconditional is not None:  # caption dropout's empty caption
         extra = list(_clone_tree(options.unconditional))

@@ -42,6 +42,18 @@ class EncodeTrainingFolder:
             "optional": _options(),
         }
 
+    @classmethod
+    def IS_CHANGED(cls, folder: str = "", masks: str = "none", mask_folder: str = "", **_) -> str:
+        """Run again when the folder's (or the mask folder's) files change, not only the inputs."""
+        from ..training.dataset import folder_fingerprint
+        from .comfy_io import input_path
+
+        try:
+            return folder_fingerprint(input_path(folder), input_path(mask_folder) if masks == "mask folder" and
+                                      mask_folder.strip() else None)
+        except ValueError:  # a folder outside the input folder: execute says so
+            return ""
+
     def execute(self, folder: str, vae, clip, resolution: int = 1024, **options) -> dict:
         from .comfy_dataset import encode_training_folder  # ComfyUI glue, imported only when the node runs
 

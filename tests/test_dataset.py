@@ -184,3 +184,31 @@ def test_a_mixed_folder_trains_the_tiny_model_from_every_bucket(folder):
     result = train(model.net, fns, [x[None] for x in data.images], config, samples=data.samples)
     assert shapes == {(8, 12), (8, 8), (12, 8)}
     assert sum(result.losses[-10:]) < sum(result.losses[:10])
+
+
+def test_the_fingerprint_follows_edits_to_images_and_captions(folder):
+    from comfyui_lora_trainer.training.dataset import folder_fingerprint
+
+    before = folder_fingerprint(folder)
+    assert folder_fingerprint(folder) == before
+    (folder / "square.txt").write_text("an edited caption, longer than before")
+    edited = folder_fingerprint(folder)
+    assert edited != before
+    picture((64, 64), 5).save(folder / "added.png")
+    assert folder_fingerprint(folder) != edited
+
+
+def test_masks_that_match_no_image_are_refused_naming_the_setting(folder, tmp_path):
+    (tmp_path / "wrong_masks").mkdir()
+    with pytest.raises(ValueError, match="masks: .*wrong_masks holds no file named like an image"):
+        plan_folder(folder, masks="mask folder", mask_root=tmp_path / "wrong_masks", **PLAN)
+    with pytest.raises(ValueError, match="masks: no image .* has an alpha channel"):
+        plan_folder(folder, masks="alpha channel", **PLAN)
+
+
+def test_an_image_counts_as_encoded_when_its_mirror_was(folder, tmp_path):
+    cache = tmp_path / "cache"
+    encode_buckets(by_bucket(plan_folder(folder, **PLAN)), Counting(), cache=LatentCache(cache, "v"))
+    vae = Counting()
+    buckets = encode_buckets(by_bucket(plan_folder(folder, **PLAN)), vae, cache=LatentCache(cache, "v"), flip=True)
+    assert vae.images == 4 and sum(b.encoded for b in buckets) == 4  # only the mirrors were new

@@ -110,10 +110,30 @@ def plan_folder(folder: str | Path, resolution: int, step: int, min_side: int, m
         entries.append(Entry(path, bucket_for(width, height, resolution, step, min_side, max_side),
                              read_caption(path), repeats_of(path, root), mask))
     unmasked = [e.path.name for e in entries if masks != "none" and e.mask is None]
+    if masks != "none" and len(unmasked) == len(entries):
+        where = (f"no image in {root} has an alpha channel; save them with transparency, or use a mask folder"
+                 if masks == "alpha channel" else f"{mask_root} holds no file named like an image of {root} (e.g. "
+                 f"{entries[0].path.relative_to(root).with_suffix('.png')}); check mask_folder")
+        raise ValueError(f"masks: {where}, or set masks to none")
     if unmasked:
         log.warning("Encode Training Folder: %d of %d images have no mask (%s%s); they train everywhere",
                     len(unmasked), len(entries), ", ".join(unmasked[:5]), " …" if len(unmasked) > 5 else "")
     return entries
+
+
+def folder_fingerprint(*folders: str | Path | None) -> str:
+    """A hash of the folders' image and caption files (paths, sizes, modification times): what changes
+    when an image or caption is added, removed or edited, read from the file system alone."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        if folder is None or not Path(folder).is_dir():
+            continue
+        for path in list_images(folder):
+            for file in (path, path.with_suffix(".txt")):
+                if file.is_file():
+                    stat = file.stat()
+                    digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
 
 
 def by_bucket(entries: Sequence[Entry]) -> list[Bucket]:
@@ -174,13 +194,14 @@ def encode_buckets(buckets: Sequence[Bucket], encode: Encode, *, dtype: torch.dt
 def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, dtype: torch.dtype, flip: bool,
            cache) -> None:
     """Encode (or take from the cache) one chunk's latents and write them, and their masks, into the bucket."""
+    encoded: set[int] = set()  # images of the chunk with a latent (or its mirror) that went through the VAE
     for flipped in (False, True) if flip else (False,):
-        latents, encoded = _latents(bucket.size, loaded, encode, flipped, cache)
-        if not flipped:
-            bucket.encoded += encoded
+        latents, missing = _latents(bucket.size, loaded, encode, flipped, cache)
+        encoded.update(missing)
         target = _allocated(bucket, "flipped" if flipped else "latents", latents, dtype)
         for row, latent in zip(rows, latents):
             target[row] = latent
+    bucket.encoded += len(encoded)
     if any(item.mask is not None for item in loaded):
         shape = bucket.latents.shape[1:]
         for flipped in (False, True) if flip else (False,):
@@ -193,9 +214,10 @@ def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, d
                     getattr(bucket, name)[row] = latent_mask(mask, shape).to(torch.float16)
 
 
-def _latents(size: tuple[int, int], loaded: list[_Loaded], encode: Encode, flipped: bool, cache) -> tuple[list, int]:
+def _latents(size: tuple[int, int], loaded: list[_Loaded], encode: Encode, flipped: bool,
+             cache) -> tuple[list, list[int]]:
     """The chunk's single latents (C, h, w): from the cache where it has them, the rest in one encode;
-    and how many were encoded."""
+    and which of them were encoded."""
     found = [cache.get(item.digest, size, flipped) if cache is not None else None for item in loaded]
     missing = [i for i, latent in enumerate(found) if latent is None]
     if missing:
@@ -206,7 +228,7 @@ def _latents(size: tuple[int, int], loaded: list[_Loaded], encode: Encode, flipp
             found[i] = latent
             if cache is not None:
                 cache.put(loaded[i].digest, size, flipped, latent)
-    return found, len(missing)
+    return found, missing
 
 
 def _allocated(bucket: Bucket, name: str, latents: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -45,6 +45,8 @@ PACK_NODES = {  # id -> (required inputs, optional inputs, output types), as doc
     "LoRATrainer_LoadImageSet": (["image"], ["resize_method"], ["IMAGE"]),
     "LoRATrainer_LoadImageSetFromFolder": (["folder"], ["resize_method"], ["IMAGE"]),
     "LoRATrainer_LoadCaptionedImageSet": (["folder", "clip"], ["resize_method"], ["IMAGE", "CONDITIONING"]),
+    "LoRATrainer_EncodeTrainingFolder": (["folder", "vae", "clip", "resolution"], ["masks", "flip", "cache"],
+                                         ["LATENT", "CONDITIONING", "STRING"]),
 }
 
 SIZE = 64  # px; a Train LoRA step on the tiny UNet takes ~0.1 s on CPU at this size

@@ -15,6 +15,7 @@ PACK_NODE_IDS = (
     "LoRATrainer_LoadImageSet",
     "LoRATrainer_LoadImageSetFromFolder",
     "LoRATrainer_LoadCaptionedImageSet",
+    "LoRATrainer_EncodeTrainingFolder",
 )
 
 
