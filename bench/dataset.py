@@ -4,12 +4,14 @@ synthetic 1024-px photos of mixed aspect ratios, against the latents' bytes and 
     python -m comfyui_lora_trainer.bench.dataset [--counts 100,1000,3000] [--quick]
 
 Each N is measured in a fresh process (so its peak RSS is its own): planning the folder, then reading,
-fitting and encoding `chunk` 4 images at a time with a toy VAE encoder (`ToyVAE`: SD's VAE shape, 4
-channels at 1/8 size, at a toy width, so the latents have real sizes and the encode a real, if small,
-cost), latents kept in bf16. Peak RSS is the process's high-water mark (VmHWM) above its
+fitting and encoding `chunk` 4 images at a time, latents kept in bf16. The VAE is the tiny model's
+stand-in made to downscale 8× (`stand_in_vae`: real latent sizes, almost no working memory, so the
+peak is the loader's own), and at 1,000 images also a toy VAE encoder (`ToyVAE`: SD's VAE shape at width
+32), whose activations for one chunk come on top: a real VAE's working set is its own, the same for any N. Peak RSS is the process's high-water mark (VmHWM) above its
 RSS before loading. The target: at 1,000 images at most the latents' bytes + 300 MB. For the same
 images, an IMAGE batch (the classic loaders' output, float32 N×1024×1024×3) is the pixels' bytes.
-Then the time to the first training step (tiny model, batch 1) with a cold cache and a warm one.
+Then the time to the first training step (tiny model, batch 1) with a cold cache and a warm one, with
+the toy VAE (whose encode costs real compute, as a real VAE's does, only more).
 Results: bench/results/dataset.json and the table in docs/benchmarks.md#loading-a-dataset.
 """
 from __future__ import annotations
@@ -79,7 +81,18 @@ def _hwm_and_rss() -> tuple[int, int]:
     return field("VmHWM:"), field("VmRSS:")
 
 
-def worker(folder: str, cache: str, train_step: bool, scale: int = 1) -> dict:
+def stand_in_vae(pixels: torch.Tensor) -> torch.Tensor:
+    """The tiny model's VAE stand-in made to downscale 8× (an area mean, then its encode): the latents of
+    a real VAE's size at almost no working memory, so the peak is the loader's own."""
+    from ..tiny.model import encode_images
+
+    return encode_images(torch.nn.functional.avg_pool2d(pixels.permute(0, 3, 1, 2), 8).permute(0, 2, 3, 1))
+
+
+VAES = {"stand-in": stand_in_vae, "toy": None}  # toy: ToyVAE(), built in the worker
+
+
+def worker(folder: str, cache: str, train_step: bool, scale: int = 1, vae: str = "stand-in") -> dict:
     """One measurement in this process: load (and optionally one training step); what it cost."""
     from ..training.dataset import by_bucket, encode_buckets, plan_folder
     from ..training.latent_cache import LatentCache
@@ -87,7 +100,8 @@ def worker(folder: str, cache: str, train_step: bool, scale: int = 1) -> dict:
     torch.set_num_threads(1)
     _, before = _hwm_and_rss()
     start = time.perf_counter()
-    buckets = encode_buckets(by_bucket(plan_folder(folder, **plan(scale))), ToyVAE(), dtype=torch.bfloat16, chunk=4,
+    buckets = encode_buckets(by_bucket(plan_folder(folder, **plan(scale))), VAES[vae] or ToyVAE(), dtype=torch.bfloat16,
+                             chunk=4,
                              cache=LatentCache(cache, "stand-in") if cache else None)
     loaded = time.perf_counter() - start
     peak, _ = _hwm_and_rss()
@@ -118,6 +132,11 @@ def _one_step(buckets) -> float:
     return time.perf_counter() - start
 
 
+def _print(n: int, vae: str, row: dict) -> None:
+    print(f"{n} images, {vae}: peak +{row['peak_above_start_mib']:.0f} MiB, latents {row['latents_mib']:.0f} MiB, "
+          f"pixels {row['pixels_mib']:.0f} MiB, {row['images_per_s']:.1f} images/s", flush=True)
+
+
 def _run(*args: str) -> dict:
     done = subprocess.run(command("bench.dataset", "--worker", *args), check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -127,27 +146,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="100,1000,3000")
     parser.add_argument("--quick", action="store_true", help="20 images at 1/4 size, no results file")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        folder, cache, step, scale = args.worker
-        print(json.dumps(worker(folder, cache, step == "step", int(scale))))
+        folder, cache, step, scale, vae = args.worker
+        print(json.dumps(worker(folder, cache, step == "step", int(scale), vae)))
         return {}
     counts = [20] if args.quick else [int(c) for c in args.counts.split(",")]
     scale = "4" if args.quick else "1"
-    results: dict = {"loading": {}, "first_step": {}}
+    toy_at = counts[min(1, len(counts) - 1)]  # the toy VAE's row: at 1,000 in a full run
+    results: dict = {"loading": {}, "loading_toy_vae": {}, "first_step": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         for n in counts:
             write_images(folder, n, int(scale))  # adds to the images already there
-            results["loading"][str(n)] = row = _run(str(folder), "", "load", scale)
-            print(f"{n} images: peak +{row['peak_above_start_mib']:.0f} MiB, latents {row['latents_mib']:.0f} MiB, "
-                  f"pixels {row['pixels_mib']:.0f} MiB, {row['images_per_s']:.1f} images/s", flush=True)
+            results["loading"][str(n)] = row = _run(str(folder), "", "load", scale, "stand-in")
+            _print(n, "stand-in", row)
+            if n == toy_at:
+                results["loading_toy_vae"][str(n)] = row = _run(str(folder), "", "load", scale, "toy")
+                _print(n, "toy VAE", row)
         first = Path(tmp) / "first"
         write_images(first, counts[0], int(scale))
         cache = str(Path(tmp) / "cache")
-        results["first_step"] = {"cold": _run(str(first), cache, "step", scale),
-                                 "warm": _run(str(first), cache, "step", scale)}
+        results["first_step"] = {"cold": _run(str(first), cache, "step", scale, "toy"),
+                                 "warm": _run(str(first), cache, "step", scale, "toy")}
         print(f"first step on {counts[0]} images: cold cache {results['first_step']['cold']['first_step_s']:.1f} s, "
               f"warm {results['first_step']['warm']['first_step_s']:.1f} s")
     if not args.quick:

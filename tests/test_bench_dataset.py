@@ -9,3 +9,4 @@ def test_the_dataset_bench_measures_loading_and_the_first_step():
     assert row["latents_mib"] < row["pixels_mib"] / 10  # bf16 latents at 1/8 size against float32 pixels
     cold, warm = results["first_step"]["cold"], results["first_step"]["warm"]
     assert cold["encoded"] == 20 and warm["encoded"] == 0  # the second run takes every latent from the cache
+    assert results["loading_toy_vae"]["20"]["encoded"] == 20

@@ -4,7 +4,9 @@ to downscale 8× like a real VAE.
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +214,39 @@ def test_an_image_counts_as_encoded_when_its_mirror_was(folder, tmp_path):
     vae = Counting()
     buckets = encode_buckets(by_bucket(plan_folder(folder, **PLAN)), vae, cache=LatentCache(cache, "v"), flip=True)
     assert vae.images == 4 and sum(b.encoded for b in buckets) == 4  # only the mirrors were new
+
+
+def test_with_unmasked_weight_0_pixels_outside_the_mask_do_not_change_the_lora(tmp_path):
+    """The whole path from files: an image and its mask file → buckets, masks at the latent size → a
+    masked loss on a model that sees each latent cell alone. Repainting the pixels outside the mask (whole
+    8×8 cells, which the 8× VAE stand-in keeps apart) leaves the LoRA bit-identical; with weight outside
+    the mask it changes it."""
+    spec = importlib.util.spec_from_file_location("lora_trainer_test_samples", Path(__file__).with_name("test_samples.py"))
+    samples_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(samples_tests)  # its pointwise model and host
+    Pointwise, pointwise_fns = samples_tests.Pointwise, samples_tests.pointwise_fns
+
+    def lora(repaint: bool, unmasked_weight: float) -> dict:
+        root, masks = tmp_path / f"set_{repaint}_{unmasked_weight}", tmp_path / f"masks_{repaint}_{unmasked_weight}"
+        root.mkdir(), masks.mkdir()
+        pixels = np.asarray(picture((64, 64), 3))
+        if repaint:
+            pixels = pixels.copy()
+            pixels[:, 32:] = 255 - pixels[:, 32:]  # the right half, outside the mask
+        Image.fromarray(pixels).save(root / "a.png")
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[:, :32] = 255
+        Image.fromarray(mask).save(masks / "a.png")
+        bucket, = encode_buckets(by_bucket(plan_folder(root, resolution=64, step=32, min_side=32, max_side=128,
+                                                       masks="mask folder", mask_root=masks)), Counting())
+        data = expand(list(bucket.latents.unbind(0)), [[0]], [[torch.zeros(1), {}]],
+                      [bucket_latent(bucket.latents, None, bucket.masks, None, [1])])
+        net = Pointwise()
+        config = TrainConfig(steps=5, learning_rate=1e-2, unmasked_weight=unmasked_weight, training_dtype="fp32",
+                             lora_dtype="fp32", gradient_checkpointing=False)
+        return train(net, pointwise_fns(net), [x[None] for x in data.images], config, samples=data.samples).lora
+
+    same, repainted = lora(False, 0.0), lora(True, 0.0)
+    assert all(torch.equal(same[k], repainted[k]) for k in same)
+    same, repainted = lora(False, 0.5), lora(True, 0.5)
+    assert any(not torch.equal(same[k], repainted[k]) for k in same)

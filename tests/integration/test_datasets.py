@@ -13,7 +13,8 @@ the same pairs through another route), so each "differs" below means the data Tr
 2. Masked loss: RGBA images whose left half is transparent, masks "alpha channel" and the options'
    unmasked_weight 0, train all four images masked (Train LoRA's log) and differ from masks "none";
    unmasked_weight 1 is bit-identical to masks "none" (the mask only weighs the loss); greyscale files
-   of the same masks in a mask folder give the alpha channel's LoRA bit for bit.
+   of the same masks in a mask folder give the alpha channel's LoRA bit for bit, and so does one MASK
+   (LoadImageMask) on both buckets' LATENTs through core's Set Latent Noise Mask.
 3. The disk cache: a first run encodes 4 and writes one file per image under the output folder's
    lora_trainer_cache/latents/<vae>/<sha256 of the file>_<bucket>.safetensors; a second run (chunk 2, so
    the node runs again) takes all 4 from the cache and trains a bit-identical LoRA; one image re-written
@@ -233,6 +234,18 @@ def test_alpha_and_mask_folder_masks_weigh_the_loss(comfy):
     from_files = run("mask folder", {"unmasked_weight": 0.0}, mask_folder=masks.name)
     assert samples_line(from_files.log).endswith("4 with a loss mask")
     assert same(from_files, alpha), "the same masks from a mask folder trained another LoRA than from the alpha channel"
+
+    # any MASK through core's Set Latent Noise Mask: one 64×64 mask for both buckets, brought to each latent's size
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = half_mask(64, 64)
+    Image.fromarray(red, "RGB").save(comfy.input_dir / "it_ds_half_mask.png")
+    g = encode_graph(comfy, folder.name, "loras/it_ds_mask", {"unmasked_weight": 0.0}, masks="none")
+    g["m1"] = {"class_type": "LoadImageMask", "inputs": {"image": "it_ds_half_mask.png", "channel": "red"}}
+    g["m2"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": [ENCODE_NODE, 0], "mask": ["m1", 0]}}
+    g[it.TRAIN_NODE]["inputs"]["latents"] = ["m2", 0]
+    core_mask = train(comfy, g)
+    assert samples_line(core_mask.log).endswith("4 with a loss mask")
+    assert same(core_mask, alpha), "Set Latent Noise Mask's mask trained another LoRA than the same mask as alpha"
 
 
 # ---- 3. the disk cache ---------------------------------------------------------------------------
