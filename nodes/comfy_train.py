@@ -197,7 +197,7 @@ class TrainSampler(comfy.samplers.Sampler):
         extras, base = self.extras, model_wrap.inner_model
         if extras.validation is None:
             return None
-        latents = [base.process_latent_in(x.to(device)[None]) for x in extras.validation_latents]
+        latents = [base.process_latent_in(x.to(device).float()[None]) for x in extras.validation_latents]
         fns = self._model_fns(model_wrap, base.model_sampling, model_wrap.conds["positive"], extra_args,
                               extras.validation_captions)
         return Validation(fns, latents, self.config, extras.validation.every, extras.validation.noise_levels)

@@ -17,7 +17,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import IO, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class Bucket:
     encoded: int = 0  # images the VAE encoded (the rest came from the cache)
 
 
-def oriented_size(path: Path) -> tuple[int, int]:
+def oriented_size(path: Path | IO[bytes]) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the file's header (no pixels decoded)."""
     try:
         with Image.open(path) as img:
@@ -151,29 +151,39 @@ def describe(buckets: Sequence[Bucket]) -> str:
     return f"{total} images in {len(buckets)} bucket{'s' if len(buckets) != 1 else ''} ({parts})"
 
 
-class _Loaded(NamedTuple):
-    pixels: np.ndarray  # (h, w, 3) uint8, fitted to the bucket (a quarter of float32's bytes until the encode)
-    mask: np.ndarray | None  # (h, w) float32 in [0, 1]
-    digest: str  # sha256 of the file's bytes
+class _Loaded:
+    """One file of a chunk, read once: its content hash at once; its pixels and mask, fitted to its bucket,
+    only when asked (a latent the cache has needs no decode)."""
 
+    def __init__(self, entry: Entry):
+        self.entry = entry
+        self.raw = entry.path.read_bytes()
+        self.digest = hashlib.sha256(self.raw).hexdigest()
+        self._pixels: np.ndarray | None = None
 
-def load_entry(entry: Entry) -> _Loaded:
-    """Read one file once: its content hash, its pixels fitted to its bucket, and its mask fitted alike."""
-    raw = entry.path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
-    image = open_rgb(io.BytesIO(raw), entry.path)
-    mask = None
-    if entry.mask == "alpha":
-        with Image.open(io.BytesIO(raw)) as img:
-            mask = ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
-    elif isinstance(entry.mask, Path):
-        with Image.open(entry.mask) as img:
-            mask = ImageOps.exif_transpose(img).convert("L")
-        if mask.size != image.size:
-            mask = mask.resize(image.size, Image.BILINEAR)
-    pixels = np.asarray(fit_to_bucket(image, entry.bucket), dtype=np.uint8)
-    fitted = np.asarray(fit_to_bucket(mask, entry.bucket), dtype=np.float32) / 255.0 if mask is not None else None
-    return _Loaded(pixels, fitted, digest)
+    @property
+    def pixels(self) -> np.ndarray:
+        """(h, w, 3) uint8 (a quarter of float32's bytes until the encode)."""
+        if self._pixels is None:
+            image = open_rgb(io.BytesIO(self.raw), self.entry.path)
+            self._pixels = np.asarray(fit_to_bucket(image, self.entry.bucket), dtype=np.uint8)
+        return self._pixels
+
+    def mask(self) -> np.ndarray | None:
+        """(h, w) float32 in [0, 1], or None: the alpha channel or the mask file, fitted like the image."""
+        entry = self.entry
+        if entry.mask == "alpha":
+            with Image.open(io.BytesIO(self.raw)) as img:
+                mask = ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
+        elif isinstance(entry.mask, Path):
+            with Image.open(entry.mask) as img:
+                mask = ImageOps.exif_transpose(img).convert("L")
+            size = oriented_size(io.BytesIO(self.raw))
+            if mask.size != size:
+                mask = mask.resize(size, Image.BILINEAR)
+        else:
+            return None
+        return np.asarray(fit_to_bucket(mask, entry.bucket), dtype=np.float32) / 255.0
 
 
 def encode_buckets(buckets: Sequence[Bucket], encode: Encode, *, dtype: torch.dtype = torch.float32,
@@ -184,7 +194,7 @@ def encode_buckets(buckets: Sequence[Bucket], encode: Encode, *, dtype: torch.dt
     for bucket in buckets:
         for start in range(0, len(bucket.entries), max(1, chunk)):
             rows = range(start, min(start + max(1, chunk), len(bucket.entries)))
-            loaded = [load_entry(bucket.entries[i]) for i in rows]
+            loaded = [_Loaded(bucket.entries[i]) for i in rows]
             _store(bucket, rows, loaded, encode, dtype, flip, cache)
             if progress is not None:
                 progress(len(rows))
@@ -202,15 +212,16 @@ def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, d
         for row, latent in zip(rows, latents):
             target[row] = latent
     bucket.encoded += len(encoded)
-    if any(item.mask is not None for item in loaded):
+    masks = [item.mask() for item in loaded]
+    if any(m is not None for m in masks):
         shape = bucket.latents.shape[1:]
         for flipped in (False, True) if flip else (False,):
             name = "flipped_masks" if flipped else "masks"
             if getattr(bucket, name) is None:
                 setattr(bucket, name, torch.ones((len(bucket.entries), 1, *shape[1:]), dtype=torch.float16))
-            for row, item in zip(rows, loaded):
-                if item.mask is not None:
-                    mask = torch.from_numpy(item.mask[:, ::-1].copy() if flipped else item.mask)
+            for row, mask in zip(rows, masks):
+                if mask is not None:
+                    mask = torch.from_numpy(mask[:, ::-1].copy() if flipped else mask)
                     getattr(bucket, name)[row] = latent_mask(mask, shape).to(torch.float16)
 
 
