@@ -7,6 +7,7 @@ from __future__ import annotations
 CATEGORY = "LoRA Trainer"
 NONE_LORA = "[None]"
 OUTPUT_LORA_FOLDER = "loras"  # under ComfyUI's output folder, where Save LoRA writes by default
+FOLDER_TIP = "A subfolder of ComfyUI's input folder; kohya-style '<N>_<name>' subfolders repeat their images N times."
 
 
 def lora_choices() -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..training.config import MAX_SEED
 from ..training.dataset import MASK_SOURCES
-from .common import CATEGORY, input_subfolders
+from .common import CATEGORY, FOLDER_TIP, input_subfolders
 
 LATENT_DTYPES = ("bf16", "fp32", "fp16")
 
@@ -31,8 +31,7 @@ class EncodeTrainingFolder:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "folder": (input_subfolders(), {"tooltip": "A subfolder of ComfyUI's input folder; kohya-style "
-                                                           "'<N>_<name>' subfolders repeat their images N times."}),
+                "folder": (input_subfolders(), {"tooltip": FOLDER_TIP}),
                 "vae": ("VAE", {"tooltip": "The model's VAE: encodes the images."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder: encodes the captions."}),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 64, "tooltip":

@@ -5,12 +5,11 @@ these classes only find ComfyUI's input folder and shape outputs.
 """
 from __future__ import annotations
 
-from .common import CATEGORY, input_files, input_subfolders
+from .common import CATEGORY, FOLDER_TIP, input_files, input_subfolders
 
 _RESIZE = (["None", "Stretch", "Crop", "Pad"], {"default": "None", "tooltip": "For images of different sizes: None (sizes must match), Stretch, Crop (cover, centre crop), Pad (fit inside, pad)."})
 _WIDTH = ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip": "Target width when resizing; 0 = the first image's width."})
 _HEIGHT = ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip": "Target height when resizing; 0 = the first image's height."})
-_FOLDER_TIP = "A subfolder of ComfyUI's input folder; kohya-style '<N>_<name>' subfolders repeat their images N times."
 
 
 class LoadImageSet:
@@ -53,7 +52,7 @@ class LoadImageSetFromFolder:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
-            "required": {"folder": (input_subfolders(), {"tooltip": _FOLDER_TIP})},
+            "required": {"folder": (input_subfolders(), {"tooltip": FOLDER_TIP})},
             "optional": {"resize_method": _RESIZE, "width": _WIDTH, "height": _HEIGHT},
         }
 
@@ -77,7 +76,7 @@ class LoadCaptionedImageSet:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "folder": (input_subfolders(), {"tooltip": _FOLDER_TIP}),
+                "folder": (input_subfolders(), {"tooltip": FOLDER_TIP}),
                 "clip": ("CLIP", {"tooltip": "The text encoder for the captions."}),
             },
             "optional": {

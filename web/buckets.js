@@ -2,6 +2,7 @@
 // (`ui.text`, e.g. "12 images in 2 buckets (1152×896: 7, 896×1152: 5); 0 encoded, 12 from the cache"),
 // drawn as one line above the node, as web/progress.js draws Train LoRA's progress.
 import { app } from "../../scripts/app.js";
+import { drawLineAbove } from "./line.js";
 
 const ENCODE_FOLDER = "LoRATrainer_EncodeTrainingFolder";
 
@@ -19,14 +20,7 @@ app.registerExtension({
     const draw = node.onDrawForeground;
     node.onDrawForeground = function (ctx) {
       draw?.apply(this, arguments);
-      if (!this.loraTrainerBuckets || this.flags?.collapsed) return;
-      const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-      ctx.save();
-      ctx.font = "12px sans-serif";
-      ctx.fillStyle = "#9fd3ff";
-      ctx.textAlign = "left";
-      ctx.fillText(this.loraTrainerBuckets, 0, -titleHeight - 24);
-      ctx.restore();
+      drawLineAbove(this, ctx, this.loraTrainerBuckets);
     };
   },
 });

@@ -3,6 +3,7 @@
 // and ETA. Registering the event also keeps the frontend from warning "Unknown message type".
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { drawLineAbove } from "./line.js";
 
 const TRAIN_LORA = "LoRATrainer_TrainLoRA";
 
@@ -48,14 +49,7 @@ app.registerExtension({
     const draw = node.onDrawForeground;
     node.onDrawForeground = function (ctx) {
       draw?.apply(this, arguments);
-      if (!this.loraTrainerStatus || this.flags?.collapsed) return;
-      const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-      ctx.save();
-      ctx.font = "12px sans-serif";
-      ctx.fillStyle = "#9fd3ff";
-      ctx.textAlign = "left";
-      ctx.fillText(this.loraTrainerStatus, 0, -titleHeight - 24);  // above the frontend's source badge
-      ctx.restore();
+      drawLineAbove(this, ctx, this.loraTrainerStatus);
     };
   },
 });
