@@ -289,6 +289,9 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         images = _latents(latents, model.model, "latents")
         val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
         captions = _captions(positive, latents, len(images), options, validation, len(val_latents), positive_source)
+        used = {e for c in captions.training + captions.validation for e in c}
+        used |= set(captions.uncond or ()) if config.caption_dropout else set()
+        _check_conditioned(model.model, images + val_latents, captions.entries, used)
         data = expand(images, captions.training, captions.entries, latents)
         _log_samples(len(images), data)
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
@@ -357,36 +360,42 @@ def _blank_image() -> torch.Tensor:
 
 def _latents(latents: list[dict], base_model, what: str) -> list[torch.Tensor]:
     """LATENTs → single latents (clones) that fit the model (training/data.py `model_latents`); `what`
-    names the input in errors. A model that takes an image beside the latent is refused."""
+    names the input in errors."""
     latent_format = getattr(base_model, "latent_format", None)
     images = model_latents([_clone_tree(l["samples"]) for l in latents], getattr(latent_format, "latent_channels", None),
                            getattr(latent_format, "latent_dimensions", None), type(base_model.model_config).__name__,
                            what)
-    _check_no_concat_input(images[0], base_model)
     return images
 
 
-def _check_no_concat_input(latent: torch.Tensor, base_model) -> None:
-    """Refuse, naming the model, one that takes more than the noisy latent: channels ComfyUI concatenates
-    to it (`concat_cond`: Wan image-to-video's start-frame latent and mask, inpainting models' masked
-    image, Flux Fill's). Train LoRA gives only latents and captions, so ComfyUI would fill them with
-    blanks and the LoRA would learn a conditioning nobody samples with: a wrong training, not an error."""
+def _extra_channels(latent: torch.Tensor, base_model) -> str:
+    """What the model takes beside the noisy latent, for messages (" (16 + 20 input channels)"), or "" when
+    nothing: channels ComfyUI concatenates to it (`concat_cond`: Wan image-to-video's start-frame latent
+    and mask, inpainting models' masked image, Flux Fill's), probed with blanks as sampling gives them."""
     concat = getattr(base_model, "concat_cond", None)
     if concat is None:
-        return
+        return ""
     noise = torch.zeros((1, *latent.shape))
     try:
         extra = concat(noise=noise, latent_image=noise, device=noise.device)
-    except Exception:  # it needs an input beside the latent that Train LoRA cannot give
-        extra = ()
+    except Exception:  # it needs an input beside the latent that only a conditioning node gives
+        return " (more input channels)"
     if extra is None:
-        return
-    name = type(base_model.model_config).__name__
-    took = f" ({latent.shape[0]} + {extra.shape[1]} input channels)" if isinstance(extra, torch.Tensor) else ""
-    raise ValueError(
-        f"model: this {name} model takes an image or mask beside the noisy latent{took} (image-to-video, "
-        "inpainting or fill models), and Train LoRA gives it only latents and captions, so it would train on "
-        f"blank images; load the family's text-to-image / text-to-video model (not {name}) for training instead")
+        return ""
+    return f" ({latent.shape[0]} + {extra.shape[1]} input channels)" if isinstance(extra, torch.Tensor) else " "
+
+
+def _check_conditioned(base_model, images: list[torch.Tensor], entries: list, used: set[int]) -> None:
+    """A model that takes an image beside the latent trains only when every caption it uses carries one
+    (`concat_latent_image`, as WanImageToVideo or InpaintModelConditioning set it), at one latent size;
+    else a ValueError naming the node that gives it (nodes/families.py)."""
+    extra = _extra_channels(images[0], base_model)
+    carried = [isinstance(entries[e][1], dict) and entries[e][1].get(families.CONCAT_KEY) is not None
+               for e in sorted(used)]
+    problem = families.conditioned_input_problem(type(base_model).__name__, type(base_model.model_config).__name__,
+                                                 extra, carried, len({tuple(x.shape) for x in images}))
+    if problem:
+        raise ValueError(problem)
 
 
 def _log_cancel(done: int, steps: int, checkpoint: str | None) -> None:

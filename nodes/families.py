@@ -54,3 +54,38 @@ def base_model(config_class: str, model_type: str, diffusers_paths: Mapping[str,
         resolution = family.resolution
     naming = Naming(family.scheme, dict(diffusers_paths) if family.scheme == "kohya-diffusers" else {})
     return BaseModel(family.version, architecture, family.implementation, resolution, prediction, naming)
+
+
+# Models that take an image beside the noisy latent (ComfyUI's `concat_cond`): the node that gives it, by
+# ComfyUI's model_base class name; the extra image rides in each caption's conditioning as
+# `concat_latent_image` (and `concat_mask`), as ComfyUI's own nodes set it.
+CONDITIONING_NODES: dict[str, str] = {
+    "WAN21": "WanImageToVideo (its start_image: the clip's first frame)",
+    "BaseModel": "InpaintModelConditioning (pixels: the image, mask: where to paint)",
+    "Flux": "InpaintModelConditioning (pixels: the image, mask: where to fill)",
+}
+# Models whose plain text-to-X use is blank concat channels by design: sampling without an image gives
+# them zeros, so training without one does exactly what sampling does
+BLANK_CONCAT_BY_DESIGN = ("HunyuanVideo15",)
+CONCAT_KEY = "concat_latent_image"
+
+
+def conditioned_input_problem(model_class: str, config_class: str, extra_channels: str, carried: list[bool],
+                              shapes: int) -> str | None:
+    """Why Train LoRA cannot train this model on these captions, or None. `model_class`: the model's
+    model_base class name; `extra_channels` e.g. " (16 + 20 input channels)" ("" when the model takes no
+    image beside the latent); `carried[i]`: the i-th caption entry the run uses carries `concat_latent_image`;
+    `shapes`: how many latent shapes the training images have."""
+    if not extra_channels or model_class in BLANK_CONCAT_BY_DESIGN:
+        return None
+    if carried and all(carried):
+        if shapes > 1:
+            return (f"latents: this {config_class} model takes an image beside each latent, and ComfyUI prepares "
+                    f"it at one size per run, but the images have {shapes} sizes; train one size at a time")
+        return None
+    node = CONDITIONING_NODES.get(model_class, "the node that gives this model its image (concat_latent_image)")
+    missing = "none of the captions carries" if not any(carried) else f"{carried.count(False)} captions lack"
+    return (f"positive: this {config_class} model takes an image beside the noisy latent{extra_channels}, and "
+            f"{missing} one, so it would train on blank images; pass the captions through {node} and connect "
+            "its positive to Train LoRA's positive (with caption_dropout, its negative to the options node's "
+            "unconditional)")

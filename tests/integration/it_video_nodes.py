@@ -9,6 +9,8 @@ The `comfy_wan` fixture (test_families_video.py) links this file into its server
   VAE-encoded frames (Wan's VAE is not built here). An entry "i" gives a 4-D image LATENT instead.
 - ITWanConditioning: a seeded umT5-XXL-shaped context (1, tokens, 4096), the CONDITIONING layout
   core's Wan model reads (`c_crossattn`); `width` 3584 gives Qwen2.5-VL's, for Qwen-Image.
+- ITConcatImage: WanImageToVideo's conditioning values (`concat_latent_image`, `concat_mask`) from a
+  video LATENT's first frame, without Wan's VAE.
 - ITTinyQwenImageLoader: make_qwen_image.py's toy-width Qwen-Image built in-process (ComfyUI's
   detection would rebuild a file at full width) and returned as a MODEL, as UNETLoader would.
 """
@@ -86,8 +88,30 @@ class ITTinyQwenImageLoader:
         return (patcher,)
 
 
+class ITConcatImage:
+    """What WanImageToVideo sets on a caption without its VAE encode: the start frame's latent (here the
+    first frame of a given video LATENT, the rest zero) as `concat_latent_image`, and `concat_mask` (1 on
+    the frames to generate, 0 on the given first frame), set on every entry as node_helpers does."""
+    CATEGORY = "testing"
+    FUNCTION = "set"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "start": ("LATENT",)}}
+
+    def set(self, conditioning, start):
+        video = start["samples"]  # (1, 16, T, h, w)
+        image = torch.zeros_like(video)
+        image[:, :, :1] = video[:, :, :1]
+        mask = torch.ones((1, 1, video.shape[2], video.shape[-2], video.shape[-1]))
+        mask[:, :, :1] = 0.0
+        return ([[t, {**o, "concat_latent_image": image, "concat_mask": mask}] for t, o in conditioning],)
+
+
 NODE_CLASS_MAPPINGS = {"ITVideoLatents": ITVideoLatents, "ITWanConditioning": ITWanConditioning,
-                       "ITTinyQwenImageLoader": ITTinyQwenImageLoader}
+                       "ITTinyQwenImageLoader": ITTinyQwenImageLoader, "ITConcatImage": ITConcatImage}
 NODE_DISPLAY_NAME_MAPPINGS = {"ITVideoLatents": "IT Video Latents (test only)",
                               "ITWanConditioning": "IT Wan Conditioning (test only)",
+                              "ITConcatImage": "IT Concat Image (test only)",
                               "ITTinyQwenImageLoader": "IT Tiny Qwen-Image Loader (test only)"}

@@ -237,15 +237,42 @@ def test_bf16_with_gradient_checkpointing_tracks_fp32(trained, family):
                                err_msg=f"{family}: bf16 autocast with checkpointing strays from fp32")
 
 
-def test_wan_image_to_video_is_refused_naming_the_model(comfy_wan):
-    """Wan 2.1 I2V concatenates a start-frame latent and mask to the noisy latent; Train LoRA gives
-    neither, so it refuses the model by name instead of training on blank images."""
+def test_wan_image_to_video_without_its_image_is_refused_naming_the_node(comfy_wan):
+    """Wan 2.1 I2V concatenates a start-frame latent and mask to the noisy latent; captions that carry
+    none would train it on blank images, so Train LoRA refuses, naming the node that gives them."""
     graph = train_graph("wan21_t2v", "loras/it_wan_i2v", 2)
     graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_I2V, "weight_dtype": "default"}}
     error = comfy_wan.execution_error(comfy_wan.wait(comfy_wan.queue(graph), 300))
-    assert error is not None and error.startswith("LoRATrainer_TrainLoRA: ValueError: model: this WAN21_I2V model"), error
-    assert "(16 + 20 input channels)" in error and "text-to-video" in error, error
+    assert error is not None and error.startswith("LoRATrainer_TrainLoRA: ValueError: positive: this WAN21_I2V model"), error
+    assert "(16 + 20 input channels)" in error and "WanImageToVideo" in error, error
     assert not list(comfy_wan.output_dir.glob("loras/it_wan_i2v*")), "a file was written for a refused training"
+
+
+def _i2v_graph(start_seed: int, steps: int, frames: str = "3") -> dict:
+    """The I2V model trained on one 3-frame clip whose caption carries a start frame (ITConcatImage, as
+    WanImageToVideo sets it) taken from the clip of seed `start_seed`."""
+    graph = train_graph("wan21_t2v", "loras/it_wan_i2v_pairs", steps)
+    graph["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_I2V, "weight_dtype": "default"}}
+    graph["3"]["inputs"]["frames"] = frames
+    graph["s"] = {"class_type": "ITVideoLatents", "inputs": {"seed": start_seed, "frames": "3", "width": 64, "height": 64}}
+    graph["c"] = {"class_type": "ITConcatImage", "inputs": {"conditioning": ["4", 0], "start": ["s", 0]}}
+    graph[TRAIN_NODE]["inputs"]["positive"] = ["c", 0]
+    return graph
+
+
+def test_wan_image_to_video_trains_with_its_start_frame_and_the_frame_reaches_the_model(comfy_wan):
+    first = comfy_wan.run(_i2v_graph(0, 12), timeout=600)["outputs"][PLOT_NODE]["loss"]
+    assert len(first) == 12 and all(np.isfinite(first)), first
+    other = comfy_wan.run(_i2v_graph(5, 12), timeout=600)["outputs"][PLOT_NODE]["loss"]
+    # the same clip, noise and seed: only the start frame differs, so a different loss means it reached the model
+    assert other[0] != first[0], (first[0], other[0])
+    assert float(np.mean(first[-4:])) < float(np.mean(first[:4])), first
+
+
+def test_wan_image_to_video_refuses_two_clip_sizes_with_its_image(comfy_wan):
+    error = comfy_wan.execution_error(comfy_wan.wait(comfy_wan.queue(_i2v_graph(0, 2, frames="3,2")), 300))
+    assert error is not None and "latents: this WAN21_I2V model takes an image beside each latent" in error, error
+    assert "2 sizes; train one size at a time" in error, error
 
 
 def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):
