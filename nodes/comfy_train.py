@@ -37,6 +37,7 @@ from ..training.validation import Validation
 from . import families
 from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
+from .comfy_conds import ShapedConds, check_conditioned, hold_latent_inputs
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning
 from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
@@ -147,13 +148,16 @@ class TrainSampler(comfy.samplers.Sampler):
     """Runs the whole training loop where a sampler would sample; keeps the result."""
 
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
-                 uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None):
+                 uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None,
+                 held: dict[int, dict] | None = None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
         self.samples = samples  # alternatives (flipped copies, caption variants), repeats and masks (nodes/samples.py)
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
         self.extras = extras
         self.result: TrainResult | None = None
         self.previewer: Previewer | None = None
+        self.held = held or {}  # the entries' inputs held back from the guider (nodes/comfy_conds.py)
+        self.conds: ShapedConds | None = None  # the guider's caption entries, prepared per latent size
         self.hooks: TrainingHooks | None = None
 
     @property
@@ -173,7 +177,13 @@ class TrainSampler(comfy.samplers.Sampler):
             if id(x) not in processed:
                 processed[id(x)] = base.process_latent_in(x.to(device).float()[None]).to(x.dtype)
         latents = [processed[id(x)] for x in self.latents]
-        fns = self._model_fns(model_wrap, base.model_sampling, model_wrap.conds["positive"], extra_args, self.captions)
+        # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
+        self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
+                                 self.config.seed)
+        captions = self.conds.captions(self.captions, [x.shape for x in self.latents])
+        for shape in {x.shape for x in self.latents} if self.uncond else ():  # caption dropout's, prepared now
+            self.conds.captions([self.uncond], [shape])
+        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, captions)
         validator = self._validator(model_wrap, extra_args, device)
         self.hooks = self._hooks(model_wrap, validator is not None)
         if device.type == "cuda":
@@ -198,8 +208,8 @@ class TrainSampler(comfy.samplers.Sampler):
         if extras.validation is None:
             return None
         latents = [base.process_latent_in(x.to(device).float()[None]) for x in extras.validation_latents]
-        fns = self._model_fns(model_wrap, base.model_sampling, model_wrap.conds["positive"], extra_args,
-                              extras.validation_captions)
+        captions = self.conds.captions(extras.validation_captions, [x.shape for x in extras.validation_latents])
+        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, captions)
         return Validation(fns, latents, self.config, extras.validation.every, extras.validation.noise_levels)
 
     def _hooks(self, model_wrap, validating: bool) -> TrainingHooks:
@@ -217,16 +227,18 @@ class TrainSampler(comfy.samplers.Sampler):
             interrupt=comfy.model_management.InterruptProcessingException,
             interrupted_flag=comfy.model_management.processing_interrupted)
 
-    def _model_fns(self, model_wrap, sampling, conds: list, extra_args: dict, captions: list[list[int]]) -> ModelFns:
+    def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]]) -> ModelFns:
         def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
             p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
         # one guider call per caption: the guider combines every cond it holds over the whole batch
-        predict = guider_predict(model_wrap, conds, extra_args)
+        conds = self.conds
+        predict = guider_predict(model_wrap, conds.entries, extra_args)
         denoise = grouped_denoise(predict, [tuple(c) for c in captions])
         uncond = self.uncond
-        denoise_uncond = (lambda noisy, sigma: predict(noisy, sigma, uncond)) if uncond else None
+        denoise_uncond = (lambda noisy, sigma: predict(noisy, sigma, tuple(conds.index(e, noisy.shape[1:])
+                                                                          for e in uncond))) if uncond else None
 
         return ModelFns(
             percent_to_sigma=percent_to_sigma,
@@ -291,15 +303,16 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         captions = _captions(positive, latents, len(images), options, validation, len(val_latents), positive_source)
         used = {e for c in captions.training + captions.validation for e in c}
         used |= set(captions.uncond or ()) if config.caption_dropout else set()
-        _check_conditioned(model.model, images + val_latents, captions.entries, used)
+        check_conditioned(model.model, images + val_latents, captions.entries, used)
         data = expand(images, captions.training, captions.entries, latents)
         _log_samples(len(images), data)
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
         writer = CheckpointWriter(folder_paths.get_output_directory(), config, data.images, len(captions.entries))
         extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume())
-        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples)
+        given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
+        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held)
         guider = Guider_Basic(model.clone())
-        guider.set_conds(captions.entries)
+        guider.set_conds(given)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
         try:
             guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
@@ -366,36 +379,6 @@ def _latents(latents: list[dict], base_model, what: str) -> list[torch.Tensor]:
                            getattr(latent_format, "latent_dimensions", None), type(base_model.model_config).__name__,
                            what)
     return images
-
-
-def _extra_channels(latent: torch.Tensor, base_model) -> str:
-    """What the model takes beside the noisy latent, for messages (" (16 + 20 input channels)"), or "" when
-    nothing: channels ComfyUI concatenates to it (`concat_cond`: Wan image-to-video's start-frame latent
-    and mask, inpainting models' masked image, Flux Fill's), probed with blanks as sampling gives them."""
-    concat = getattr(base_model, "concat_cond", None)
-    if concat is None:
-        return ""
-    noise = torch.zeros((1, *latent.shape))
-    try:
-        extra = concat(noise=noise, latent_image=noise, device=noise.device)
-    except Exception:  # it needs an input beside the latent that only a conditioning node gives
-        return " (more input channels)"
-    if extra is None:
-        return ""
-    return f" ({latent.shape[0]} + {extra.shape[1]} input channels)" if isinstance(extra, torch.Tensor) else " "
-
-
-def _check_conditioned(base_model, images: list[torch.Tensor], entries: list, used: set[int]) -> None:
-    """A model that takes an image beside the latent trains only when every caption it uses carries one
-    (`concat_latent_image`, as WanImageToVideo or InpaintModelConditioning set it), at one latent size;
-    else a ValueError naming the node that gives it (nodes/families.py)."""
-    extra = _extra_channels(images[0], base_model)
-    carried = [isinstance(entries[e][1], dict) and entries[e][1].get(families.CONCAT_KEY) is not None
-               for e in sorted(used)]
-    problem = families.conditioned_input_problem(type(base_model).__name__, type(base_model.model_config).__name__,
-                                                 extra, carried, len({tuple(x.shape) for x in images}))
-    if problem:
-        raise ValueError(problem)
 
 
 def _log_cancel(done: int, steps: int, checkpoint: str | None) -> None:

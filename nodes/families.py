@@ -70,18 +70,13 @@ BLANK_CONCAT_BY_DESIGN = ("HunyuanVideo15",)
 CONCAT_KEY = "concat_latent_image"
 
 
-def conditioned_input_problem(model_class: str, config_class: str, extra_channels: str, carried: list[bool],
-                              shapes: int) -> str | None:
+def conditioned_input_problem(model_class: str, config_class: str, extra_channels: str,
+                              carried: list[bool]) -> str | None:
     """Why Train LoRA cannot train this model on these captions, or None. `model_class`: the model's
     model_base class name; `extra_channels` e.g. " (16 + 20 input channels)" ("" when the model takes no
-    image beside the latent); `carried[i]`: the i-th caption entry the run uses carries `concat_latent_image`;
-    `shapes`: how many latent shapes the training images have."""
-    if not extra_channels or model_class in BLANK_CONCAT_BY_DESIGN:
-        return None
-    if carried and all(carried):
-        if shapes > 1:
-            return (f"latents: this {config_class} model takes an image beside each latent, and ComfyUI prepares "
-                    f"it at one size per run, but the images have {shapes} sizes; train one size at a time")
+    image beside the latent); `carried[i]`: the i-th caption entry the run uses carries `concat_latent_image`.
+    """
+    if not extra_channels or model_class in BLANK_CONCAT_BY_DESIGN or (carried and all(carried)):
         return None
     node = CONDITIONING_NODES.get(model_class, "the node that gives this model its image (concat_latent_image)")
     missing = "none of the captions carries" if not any(carried) else f"{carried.count(False)} captions lack"

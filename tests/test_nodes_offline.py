@@ -101,7 +101,7 @@ def test_import_boundary():
     never back: lora/ imports neither training/ nor nodes/, training/ not nodes/. The tiny host
     (tiny/) imports the engine and nothing of the pack imports it."""
     comfy = ("comfy", "comfy_extras", "comfy_api", "folder_paths", "node_helpers", "server")
-    glue = {"comfy_train.py", "comfy_io.py", "comfy_preview.py", "comfy_dataset.py"}
+    glue = {"comfy_train.py", "comfy_io.py", "comfy_preview.py", "comfy_dataset.py", "comfy_conds.py"}
     never_imports = {"lora": {"training", "nodes", "tiny"}, "training": {"nodes", "tiny"}, "nodes": {"tiny"},
                      "tiny": set()}
     for top, never in never_imports.items():

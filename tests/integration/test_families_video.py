@@ -269,10 +269,27 @@ def test_wan_image_to_video_trains_with_its_start_frame_and_the_frame_reaches_th
     assert float(np.mean(first[-4:])) < float(np.mean(first[:4])), first
 
 
-def test_wan_image_to_video_refuses_two_clip_sizes_with_its_image(comfy_wan):
-    error = comfy_wan.execution_error(comfy_wan.wait(comfy_wan.queue(_i2v_graph(0, 2, frames="3,2")), 300))
-    assert error is not None and "latents: this WAN21_I2V model takes an image beside each latent" in error, error
-    assert "2 sizes; train one size at a time" in error, error
+def test_wan_image_to_video_trains_clips_of_two_sizes_each_with_its_first_frame(comfy_wan):
+    """Two clips (3 and 2 frames), each caption carrying its own clip's first frame: ComfyUI prepares the
+    guider's captions at one size, so Train LoRA prepares each at its clip's size (nodes/comfy_conds.py)."""
+    graph = _i2v_graph(0, 6, frames="3,2")
+    graph["c"]["inputs"]["start"] = ["3", 0]  # each clip's own first frame: two captions, one per clip
+    mark = len(comfy_wan.log())
+    losses = comfy_wan.run(graph, timeout=600)["outputs"][PLOT_NODE]["loss"]
+    assert len(losses) == 6 and all(np.isfinite(losses)), losses
+    assert "Train LoRA: 2 images, one caption per image" in comfy_wan.log(mark), comfy_wan.log(mark)[-2000:]
+
+
+def test_wan_image_to_video_start_frame_that_does_not_fit_a_clip_is_refused_naming_positive(comfy_wan):
+    """One 3-frame start frame given to clips of 3 and 2 frames: ComfyUI cannot fit it to the 2-frame clip,
+    so Train LoRA refuses before training, naming `positive` and the shape, and writes nothing."""
+    graph = _i2v_graph(0, 2, frames="3,2")
+    graph[SAVE_NODE]["inputs"]["prefix"] = "loras/it_wan_i2v_misfit"
+    error = comfy_wan.execution_error(comfy_wan.wait(comfy_wan.queue(graph), 300))
+    assert error is not None and error.startswith("LoRATrainer_TrainLoRA: ValueError: positive: conditioning entry 1 "
+                                                  "carries concat_latent_image"), error
+    assert "[16, 2, 8, 8]" in error and "WanImageToVideo" in error, error
+    assert not list(comfy_wan.output_dir.glob("loras/it_wan_i2v_misfit*")), "a file was written for a refused training"
 
 
 def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):
