@@ -59,16 +59,17 @@ class ShapedConds:
         self.entries = list(entries)  # grows with the copies; predictions index into this very list
         self.held = held
         self.base, self.device, self.prepared_at, self.seed = base_model, device, tuple(prepared_at), seed
-        self._copies: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._copies: dict[tuple[int, tuple[int, ...], bool], int] = {}
 
-    def index(self, entry: int, shape: Sequence[int]) -> int:
-        """The index of `entry` prepared for latents of `shape` (C, …), preparing it on first use; a
-        ValueError naming `positive` when its held inputs do not fit that shape."""
+    def index(self, entry: int, shape: Sequence[int], bare: bool = False) -> int:
+        """The index of `entry` prepared for latents of `shape` (C, …), preparing it on first use; `bare`:
+        without its held inputs (control dropout). A ValueError naming `positive` when its held inputs do
+        not fit that shape."""
         shape = tuple(shape)
-        held = self.held.get(entry, {})
+        held = {} if bare else self.held.get(entry, {})
         if (shape == self.prepared_at and not held) or not hasattr(self.base, "extra_conds"):
-            return entry
-        key = (entry, shape)
+            return entry  # the guider prepared it at this shape without the held inputs
+        key = (entry, shape, bare and entry in self.held)
         if key not in self._copies:
             noise = torch.zeros((1, *shape), device=self.device)
             try:
@@ -86,9 +87,10 @@ class ShapedConds:
             self.entries.append(prepared)
         return self._copies[key]
 
-    def captions(self, captions: Sequence[Sequence[int]], shapes: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Each image's caption entries, prepared at its latent's shape."""
-        return [[self.index(e, shape) for e in caption] for caption, shape in zip(captions, shapes)]
+    def captions(self, captions: Sequence[Sequence[int]], shapes: Sequence[Sequence[int]],
+                 bare: bool = False) -> list[list[int]]:
+        """Each image's caption entries, prepared at its latent's shape (`bare`: without held inputs)."""
+        return [[self.index(e, shape, bare) for e in caption] for caption, shape in zip(captions, shapes)]
 
 
 def extra_channels(latent: torch.Tensor, base_model) -> str:

@@ -18,6 +18,7 @@ from ..training.images import fill_captions
 from ..training.latent_cache import CACHE_FOLDER, LatentCache, weights_key
 from ..training.tags import caption_variants
 from .comfy_io import input_path, encode_captions
+from .conditioning import with_reference
 from .samples import bucket_latent, variant_conditioning
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,21 @@ def _mask_root(options: dict) -> Path | None:
     """With masks = mask folder, the mask folder's path (plan_folder checks it is a folder); errors name mask_folder."""
     if options.get("masks", "none") != "mask folder":
         return None
-    name = options.get("mask_folder", "").strip()
-    if not name:
+    if not options.get("mask_folder", "").strip():
         raise ValueError("mask_folder: empty, but masks is 'mask folder'; give the input subfolder that holds the "
                          "masks (same names as the images), or set masks to none")
+    return _subfolder(options, "mask_folder")
+
+
+def _subfolder(options: dict, name: str) -> Path | None:
+    """The input subfolder given as option `name`, or None when empty; errors name the option."""
+    value = options.get(name, "").strip()
+    if not value:
+        return None
     try:
-        return input_path(name)
+        return input_path(value)
     except ValueError:  # input_path's message names `images`
-        raise ValueError(f"mask_folder: {name!r} is outside the input folder; give a subfolder of the input "
+        raise ValueError(f"{name}: {value!r} is outside the input folder; give a subfolder of the input "
                          "folder") from None
 
 
@@ -64,7 +72,7 @@ def encode_training_folder(folder: str, vae, clip, resolution: int, options: dic
     """(one LATENT per bucket, one CONDITIONING per image, the captions, the buckets' summary)."""
     entries = plan_folder(input_path(folder), resolution, options.get("bucket_step", 64),
                           options.get("min_side", 256), options.get("max_side", 2048), options.get("masks", "none"),
-                          _mask_root(options))
+                          _mask_root(options), _subfolder(options, "control_folder"))
     buckets = by_bucket(entries)
     summary = describe(buckets)
     log.info("Encode Training Folder: %s", summary)
@@ -77,6 +85,10 @@ def encode_training_folder(folder: str, vae, clip, resolution: int, options: dic
                    flip=options.get("flip", False), chunk=options.get("chunk", 4), cache=cache, progress=bar.update)
     latents = [bucket_latent(b.latents, b.flipped, b.masks, b.flipped_masks, [e.repeats for e in b.entries])
                for b in buckets]
+    controls = [c[None].float() for b in buckets if b.controls is not None for c in b.controls.unbind(0)]
+    if controls:  # each image's control, as ReferenceLatent sets it (edit models)
+        positive = [with_reference(conditioning, control) for conditioning, control in zip(positive, controls)]
+        summary += f"; {len(controls)} controls as reference latents"
     encoded = sum(b.encoded for b in buckets)
     if cache is not None:
         summary += f"; {encoded} encoded, {len(entries) - encoded} from the cache"
@@ -86,7 +98,19 @@ def encode_training_folder(folder: str, vae, clip, resolution: int, options: dic
 
 
 def _conditionings(clip, captions: list[str], options: dict) -> list:
-    """One CONDITIONING per image (its variants tagged); each distinct text encoded once."""
+    """One CONDITIONING per image (its variants tagged); each distinct text encoded once. Without a CLIP, the
+    `conditioning` input for every image."""
+    given = options.get("conditioning")
+    if (clip is None) == (given is None):
+        raise ValueError("clip: connect the model's CLIP (to encode each image's caption) or a conditioning (one "
+                         "for every image, e.g. an edit instruction), not both" if clip is not None else
+                         "clip: not connected; connect the model's CLIP (to encode each image's caption), or a "
+                         "conditioning to use for every image")
+    if given is not None:
+        if options.get("caption_variants", 1) > 1:
+            raise ValueError("caption_variants: variants are encoded from the captions with the CLIP, but a "
+                             "conditioning is connected instead; set caption_variants to 1, or connect the CLIP")
+        return [list(given) for _ in captions]
     encoded: dict[str, list] = {}
     out = []
     for index, caption in enumerate(captions):

@@ -180,10 +180,8 @@ class TrainSampler(comfy.samplers.Sampler):
         # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
         self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
                                  self.config.seed)
-        captions = self.conds.captions(self.captions, [x.shape for x in self.latents])
-        for shape in {x.shape for x in self.latents} if self.uncond else ():  # caption dropout's, prepared now
-            self.conds.captions([self.uncond], [shape])
-        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, captions)
+        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, self.captions,
+                              [x.shape for x in self.latents])
         validator = self._validator(model_wrap, extra_args, device)
         self.hooks = self._hooks(model_wrap, validator is not None)
         if device.type == "cuda":
@@ -208,8 +206,8 @@ class TrainSampler(comfy.samplers.Sampler):
         if extras.validation is None:
             return None
         latents = [base.process_latent_in(x.to(device).float()[None]) for x in extras.validation_latents]
-        captions = self.conds.captions(extras.validation_captions, [x.shape for x in extras.validation_latents])
-        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, captions)
+        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, extras.validation_captions,
+                              [x.shape for x in extras.validation_latents])
         return Validation(fns, latents, self.config, extras.validation.every, extras.validation.noise_levels)
 
     def _hooks(self, model_wrap, validating: bool) -> TrainingHooks:
@@ -227,16 +225,24 @@ class TrainSampler(comfy.samplers.Sampler):
             interrupt=comfy.model_management.InterruptProcessingException,
             interrupted_flag=comfy.model_management.processing_interrupted)
 
-    def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]]) -> ModelFns:
+    def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]], shapes: list) -> ModelFns:
+        """The engine's model callables for images of `shapes` with `captions`; every caption is prepared at
+        its image's shape here, before training (a caption that cannot fit fails now, not at some step)."""
         def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
             p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
         # one guider call per caption: the guider combines every cond it holds over the whole batch
-        conds = self.conds
-        predict = guider_predict(model_wrap, conds.entries, extra_args)
-        denoise = grouped_denoise(predict, [tuple(c) for c in captions])
-        uncond = self.uncond
+        conds, uncond = self.conds, self.uncond
+        prepared = [tuple(c) for c in conds.captions(captions, shapes)]
+        bare = None  # control dropout's captions, without their condition images
+        if self.config.control_dropout and any(e in conds.held for c in captions for e in c):
+            bare = [tuple(c) for c in conds.captions(captions, shapes, bare=True)]
+        if uncond:  # caption dropout's empty caption at every shape, prepared now too
+            conds.captions([uncond] * len(set(shapes)), list(set(shapes)))
+        predict = guider_predict(model_wrap, conds.entries, extra_args)  # the very list the preparing grows
+        denoise = grouped_denoise(predict, prepared)
+        denoise_bare = grouped_denoise(predict, bare) if bare is not None else None
         denoise_uncond = (lambda noisy, sigma: predict(noisy, sigma, tuple(conds.index(e, noisy.shape[1:])
                                                                           for e in uncond))) if uncond else None
 
@@ -247,6 +253,7 @@ class TrainSampler(comfy.samplers.Sampler):
             denoise=denoise,
             denoise_uncond=denoise_uncond,
             flow=isinstance(sampling, comfy.model_sampling.CONST),
+            denoise_bare=denoise_bare,
         )
 
 

@@ -19,6 +19,15 @@ from typing import Any, Mapping, Sequence
 
 # core's nodes whose conditioning output holds one entry per image (a list per bucket)
 PER_IMAGE_ENTRIES = ("ResolutionBucket", "LoadTrainingDataset")
+# the conditioning key of an edit model's reference images, a list of latents (core's ReferenceLatent appends)
+REFERENCE_KEY = "reference_latents"
+
+
+def with_reference(conditioning: list, latent) -> list:
+    """`conditioning` with `latent` (1, C, h, w) appended to every entry's reference latents, as core's
+    ReferenceLatent node sets them; the entries are copies (the input is not changed)."""
+    return [[tensor, {**options, REFERENCE_KEY: [*options.get(REFERENCE_KEY, []), latent]}]
+            for tensor, options in conditioning]
 
 
 def source_class(prompt: Any, node_id: Any, input_name: str) -> str | None:

@@ -1,5 +1,5 @@
 """Encode Training Folder: a folder of any sizes and shapes → aspect-ratio buckets of latents and one
-caption per image, in bounded memory, for Train LoRA (docs/nodes.md, docs/data.md#encode-training-folder).
+caption per image, in bounded memory, for Train LoRA; with a control folder, pairs for edit models (docs/nodes.md, docs/data.md#encode-training-folder).
 
 The work is in training/dataset.py (plan, streaming encode), training/latent_cache.py and
 training/tags.py; the ComfyUI glue (VAE, CLIP, folders, progress) in nodes/comfy_dataset.py.
@@ -17,7 +17,8 @@ class EncodeTrainingFolder:
     DESCRIPTION = ("Reads a folder of images of any sizes and shapes with their .txt captions, sorts them into "
                    "aspect-ratio buckets, and encodes them a few at a time with the VAE (keeping only the latents) "
                    "and their captions with CLIP: Train LoRA's latents and positive. Masks, flipped copies and "
-                   "caption variants ride along; a disk cache skips the VAE on the next run.")
+                   "caption variants ride along; a control folder pairs each image with an edit model's reference "
+                   "image; a disk cache skips the VAE on the next run.")
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     RETURN_TYPES = ("LATENT", "CONDITIONING", "STRING")
@@ -33,27 +34,33 @@ class EncodeTrainingFolder:
             "required": {
                 "folder": (input_subfolders(), {"tooltip": FOLDER_TIP}),
                 "vae": ("VAE", {"tooltip": "The model's VAE: encodes the images."}),
-                "clip": ("CLIP", {"tooltip": "The model's text encoder: encodes the captions."}),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 64, "tooltip":
                                        "Target area resolution² (1024: about a megapixel). Smaller images are never "
                                        "upscaled."}),
             },
-            "optional": _options(),
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The model's text encoder: encodes each image's caption."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "Instead of the CLIP: one conditioning for every image "
+                                                  "(e.g. an edit model's instruction); captions are then not read."}),
+                **_options(),
+            },
         }
 
     @classmethod
-    def IS_CHANGED(cls, folder: str = "", masks: str = "none", mask_folder: str = "", **_) -> str:
-        """Run again when the folder's (or the mask folder's) files change, not only the inputs."""
+    def IS_CHANGED(cls, folder: str = "", masks: str = "none", mask_folder: str = "", control_folder: str = "",
+                   **_) -> str:
+        """Run again when the folder's (or the mask or control folder's) files change, not only the inputs."""
         from ..training.dataset import folder_fingerprint
         from .comfy_io import input_path
 
         try:
             return folder_fingerprint(input_path(folder), input_path(mask_folder) if masks == "mask folder" and
-                                      mask_folder.strip() else None)
+                                      mask_folder.strip() else None,
+                                      input_path(control_folder) if control_folder.strip() else None)
         except ValueError:  # a folder outside the input folder: execute says so
             return ""
 
-    def execute(self, folder: str, vae, clip, resolution: int = 1024, **options) -> dict:
+    def execute(self, folder: str, vae, resolution: int = 1024, clip=None, **options) -> dict:
         from .comfy_dataset import encode_training_folder  # ComfyUI glue, imported only when the node runs
 
         latents, positive, captions, summary = encode_training_folder(folder, vae, clip, resolution, options)
@@ -90,4 +97,8 @@ def _options() -> dict:
                               "run skips the VAE."}),
         "chunk": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images read and encoded at a time "
                           "(memory holds one chunk of pixels)."}),
+        "control_folder": ("STRING", {"default": "", "tooltip": "Edit models (Flux Kontext, Flux.2, Qwen-Image-Edit): "
+                                      "the input subfolder of each image's control, same relative names (any image "
+                                      "type); encoded at the image's bucket and set as its reference latent, as "
+                                      "ReferenceLatent does. Every image needs one."}),
     }

@@ -36,6 +36,11 @@ PLACEHOLDERS = {  # what the examples pick, so that nothing shows as missing
     "models/loras": ["lrtstyle_200_steps_00001_.safetensors"],
     "input/lora_dataset": ["placeholder.png"],
     "input/lora_validation": ["placeholder.png"],
+    "models/diffusion_models": ["flux1-dev-kontext_fp8_scaled.safetensors"],
+    "models/text_encoders": ["clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"],
+    "models/vae": ["ae.safetensors"],
+    "input/edit_pairs/targets": ["placeholder.png"],
+    "input/edit_pairs/controls": ["placeholder.png"],
 }
 
 

@@ -1,6 +1,7 @@
 """A folder of mixed sizes → bucketed latents (training/dataset.py), the latent cache, masks, caption
-variants, and the path into the engine (nodes/samples.py), on the tiny model's VAE stand-in made
-to downscale 8× like a real VAE.
+variants, pairs for edit models (a control folder: each control fitted to its image's bucket, encoded
+beside it, set as its reference latent), and the path into the engine (nodes/samples.py), on the tiny
+model's VAE stand-in made to downscale 8× like a real VAE.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from comfyui_lora_trainer.nodes.conditioning import REFERENCE_KEY, with_reference
 from comfyui_lora_trainer.nodes.samples import FLIPPED, NOISE_MASK, REPEATS, VARIANT, bucket_latent, expand, \
     variant_conditioning
 from comfyui_lora_trainer.tiny.host import tiny_fns
@@ -250,3 +252,75 @@ def test_with_unmasked_weight_0_pixels_outside_the_mask_do_not_change_the_lora(t
     assert all(torch.equal(same[k], repainted[k]) for k in same)
     same, repainted = lora(False, 0.5), lora(True, 0.5)
     assert any(not torch.equal(same[k], repainted[k]) for k in same)
+
+
+# ---- pairs: a control folder -----------------------------------------------------------------
+@pytest.fixture
+def pairs(tmp_path):
+    """SIZES' images in set/ (one in a subfolder), and a control for each in controls/ under the same
+    relative name: as .jpg, and at twice the image's size (fitted to the image's bucket all the same)."""
+    root, controls = tmp_path / "set", tmp_path / "controls"
+    for i, (name, size) in enumerate(SIZES.items()):
+        sub = "1_sub/" if name == "square.png" else ""
+        (root / sub).mkdir(parents=True, exist_ok=True), (controls / sub).mkdir(parents=True, exist_ok=True)
+        picture(size, i).save(root / sub / name)
+        picture((size[0] * 2, size[1] * 2), 50 + i).save((controls / sub / name).with_suffix(".jpg"), quality=95)
+    return root, controls
+
+
+def test_each_image_is_planned_with_its_control_of_the_same_relative_name(pairs):
+    root, controls = pairs
+    entries = plan_folder(root, **PLAN, control_root=controls)
+    assert {e.path.relative_to(root).as_posix(): e.control.relative_to(controls).as_posix() for e in entries} == {
+        "wide_a.png": "wide_a.jpg", "wide_b.png": "wide_b.jpg", "1_sub/square.png": "1_sub/square.jpg",
+        "tall.png": "tall.jpg"}
+    assert all(e.control is None for e in plan_folder(root, **PLAN))  # no control folder: no partners
+
+
+def test_images_without_a_control_are_listed_naming_control_folder(pairs):
+    root, controls = pairs
+    (controls / "tall.jpg").unlink()
+    (controls / "1_sub" / "square.jpg").unlink()
+    with pytest.raises(ValueError) as err:
+        plan_folder(root, **PLAN, control_root=controls)
+    assert str(err.value).startswith("control_folder: 2 of 4 images have no control in"), err.value
+    assert "1_sub/square.png" in str(err.value) and "tall.png" in str(err.value), err.value
+    with pytest.raises(ValueError, match="control_folder: .* is not a folder"):
+        plan_folder(root, **PLAN, control_root=controls / "missing")
+
+
+def test_controls_are_fitted_to_their_images_bucket_and_encoded_and_cached(pairs, tmp_path):
+    root, controls = pairs
+    vae = Counting()
+    buckets = encode_buckets(by_bucket(plan_folder(root, **PLAN, control_root=controls)), vae, chunk=3,
+                             cache=LatentCache(tmp_path / "cache", "vae"))
+    assert vae.images == 8  # four images, four controls
+    for bucket in buckets:
+        assert bucket.controls.shape == bucket.latents.shape
+        for row, entry in enumerate(bucket.entries):
+            with Image.open(entry.control) as img:
+                fitted = np.asarray(fit_to_bucket(img.convert("RGB"), bucket.size), dtype=np.float32) / 255
+            assert torch.equal(bucket.controls[row], Counting()(torch.from_numpy(fitted)[None])[0])
+            assert not torch.equal(bucket.controls[row], bucket.latents[row])
+    again = Counting()
+    cached = encode_buckets(by_bucket(plan_folder(root, **PLAN, control_root=controls)), again,
+                            cache=LatentCache(tmp_path / "cache", "vae"))
+    assert again.images == 0 and all(torch.equal(a.controls, b.controls) for a, b in zip(buckets, cached))
+    assert describe(cached) == describe(buckets)
+
+
+def test_flip_with_controls_is_refused_naming_flip(pairs):
+    root, controls = pairs
+    with pytest.raises(ValueError, match="^flip: a flipped image would keep its unflipped control"):
+        encode_buckets(by_bucket(plan_folder(root, **PLAN, control_root=controls)), Counting(), flip=True)
+
+
+def test_with_reference_appends_as_reference_latent_does_and_leaves_the_input_alone():
+    first, second = torch.zeros((1, 4, 8, 8)), torch.ones((1, 4, 8, 8))
+    conditioning = [[torch.zeros((1, 3, 8)), {"pooled_output": torch.zeros(1, 8)}], [torch.ones((1, 3, 8)), {}]]
+    once = with_reference(conditioning, first)
+    twice = with_reference(once, second)
+    assert all(REFERENCE_KEY not in options for _, options in conditioning)
+    assert [len(options[REFERENCE_KEY]) for _, options in once] == [1, 1]
+    assert all(o[REFERENCE_KEY][0] is first and o[REFERENCE_KEY][1] is second for _, o in twice)
+    assert twice[0][1]["pooled_output"] is conditioning[0][1]["pooled_output"]

@@ -176,6 +176,37 @@ def test_caption_dropout_routes_dropped_images_to_the_empty_caption():
         Objective(schedule_fns("eps"), TrainConfig(caption_dropout=0.5), torch.device("cpu"))
 
 
+def test_control_dropout_routes_rows_to_the_bare_captions_and_caption_dropout_wins():
+    seen = {"cond": [], "uncond": 0, "bare": []}
+
+    def denoise(x, s, indices):
+        seen["cond"].append(list(indices))
+        return x
+
+    def uncond(x, s):
+        seen["uncond"] += x.shape[0]
+        return x
+
+    def bare(x, s, indices):
+        seen["bare"].append(list(indices))
+        return x
+
+    fns = schedule_fns("eps", denoise, uncond)._replace(denoise_bare=bare)
+    x0 = torch.zeros(8, 4, 4, 4)
+    config = TrainConfig(caption_dropout=0.3, control_dropout=0.5)
+    Objective(fns, config, torch.device("cpu")).loss(x0, list(range(10, 18)), torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    torch.randn(x0.shape, generator=g), torch.rand(8, generator=g)  # the noise and level draws
+    dropped = (torch.rand(8, generator=g) < 0.3).tolist()
+    stripped = (torch.rand(8, generator=g) < 0.5).tolist()
+    assert seen["uncond"] == sum(dropped)
+    assert seen["bare"] == [[10 + i for i in range(8) if stripped[i] and not dropped[i]]]
+    assert seen["cond"] == [[10 + i for i in range(8) if not stripped[i] and not dropped[i]]]
+    assert seen["bare"][0] and seen["cond"][0] and seen["uncond"]  # this seed exercises all three
+    with pytest.raises(ValueError, match="control_dropout: got 0.5, but no caption carries a condition image"):
+        Objective(schedule_fns("eps"), TrainConfig(control_dropout=0.5), torch.device("cpu"))
+
+
 def test_caption_dropout_trains_the_tiny_model():
     model = build_tiny("eps")
     ctx = encode_captions(["a ramp", ""], model.net.config.context_dim)

@@ -149,3 +149,34 @@ def test_bad_samples_are_refused(bad, named):
     model, fns, latents = tiny_setup()
     with pytest.raises(ValueError, match=named):
         train(model.net, fns, latents, TrainConfig(steps=1, **FAST), samples=bad)
+
+
+def test_control_dropout_trains_some_images_bare_and_resumes_bit_identically(tmp_path):
+    """The tiny model has no condition image: its bare captions stand in as another caption. p 0 trains as
+    the option did not exist, p 1 trains only on the bare captions, and a run cut at step 3 and resumed
+    draws the same rows bare as the straight run."""
+    model = build_tiny("eps")
+    contexts = encode_captions(["a ramp, lrtstyle", "a ramp"], model.net.config.context_dim)
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    fns, bare = tiny_fns(model, contexts[:1]), tiny_fns(model, contexts[1:])
+    with_bare = fns._replace(denoise_bare=bare.denoise)
+    config = TrainConfig(steps=6, batch_size=2, learning_rate=2e-3, control_dropout=0.5, **FAST)
+
+    def run(folder, cfg):
+        writer = CheckpointWriter(folder, cfg, list(latents.unbind(0)), 1)
+        return train(model.net, with_bare, latents, cfg, resume=writer.resume(), hooks=Hooks(save=writer.save))
+
+    straight = run(tmp_path / "one", config)
+    run(tmp_path / "two", replace(config, steps=3, save_every=3))
+    resumed = run(tmp_path / "two", replace(config, resume="latest"))
+    assert resumed.losses == straight.losses
+    assert all(torch.equal(resumed.lora[k], straight.lora[k]) for k in straight.lora)
+    plain = replace(config, control_dropout=0.0)
+    off, never = train(model.net, with_bare, latents, plain).lora, train(model.net, fns, latents, plain).lora
+    assert all(torch.equal(off[k], never[k]) for k in off)  # p 0: the bare captions are never used
+    assert any(not torch.equal(off[k], straight.lora[k]) for k in off)
+    always = train(model.net, with_bare, latents, replace(config, control_dropout=1.0)).lora
+    # p 1: every row bare, so it trains as a run whose captions are the bare ones (same draws, same routes)
+    bare_only = train(model.net, bare._replace(denoise_bare=bare.denoise), latents,
+                      replace(config, control_dropout=1.0)).lora
+    assert all(torch.equal(always[k], bare_only[k]) for k in always)

@@ -183,6 +183,10 @@ class TrainConfig:
                                      high=1.0, step=0.01)
     normalize_mask: bool = setting(False, "Masked loss: divide each image's loss by its mean weight, so a small mask "
                                    "trains as strongly as a large one.", node=OPTIONS)
+    # image-conditioned models (edit, image-to-video, inpainting): the caption's condition image
+    control_dropout: float = setting(0.0, "Probability that an image trains without its condition image (an edit "
+                                     "model's reference, a start frame, an inpainting image), as the model samples "
+                                     "without one.", node=OPTIONS, low=0.0, high=1.0, step=0.01)
     # optimizer and LR (training/optim.py)
     weight_decay: float = setting(-1.0, "Decoupled (AdamW) or L2 weight decay; -1 = the optimizer's default "
                                   "(AdamW 0.01, the others 0).", node=OPTIONS, low=-1.0, high=10.0, step=0.001)

@@ -7,8 +7,10 @@ the latents, in the storage dtype, each bucket's in one tensor allocated once: p
 latents plus one chunk of pixels, never the whole set's pixels. A flipped copy (augmentation) is
 encoded beside each image. Masks (white = train) come from the alpha channel or a same-named file
 in a mask folder (kohya's convention), are fitted to the bucket like the image, and kept at the
-latent's size. A `LatentCache` (training/latent_cache.py) skips the encode of an image whose file,
-VAE and bucket it has seen. No ComfyUI import: the encode is a callable, so this tests offline.
+latent's size. A control folder pairs each image with a partner of the same relative name (an edit
+model's reference image), fitted to the image's bucket and encoded beside it (`Bucket.controls`). A
+`LatentCache` (training/latent_cache.py) skips the encode of an image whose file, VAE and bucket it has
+seen. No ComfyUI import: the encode is a callable, so this tests offline.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class Entry(NamedTuple):
     caption: str  # "" where it has no caption file
     repeats: int  # kohya `<N>_<name>` folder count
     mask: Path | str | None  # a mask file, "alpha", or None
+    control: Path | None = None  # its partner in the control folder (fitted to the same bucket)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Bucket:
     flipped: torch.Tensor | None = None
     masks: torch.Tensor | None = None  # (n, 1, h, w) float16, 1 = train
     flipped_masks: torch.Tensor | None = None
+    controls: torch.Tensor | None = None  # (n, C, h, w): each image's partner, encoded at the image's bucket
     encoded: int = 0  # images the VAE encoded (the rest came from the cache)
 
 
@@ -76,9 +80,10 @@ def has_alpha(path: Path) -> bool:
         return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
-def mask_file(image: Path, root: Path, mask_root: Path) -> Path | None:
-    """The mask of `image`: the file of the same relative path and name (any image suffix) under `mask_root`."""
-    stem = mask_root / image.relative_to(root).with_suffix("")
+def partner_file(image: Path, root: Path, other_root: Path) -> Path | None:
+    """The partner of `image` (its mask, its control): the file of the same relative path and name (any image
+    suffix) under `other_root`."""
+    stem = other_root / image.relative_to(root).with_suffix("")
     for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
         candidate = stem.with_suffix(suffix)
         if candidate.is_file():
@@ -87,8 +92,10 @@ def mask_file(image: Path, root: Path, mask_root: Path) -> Path | None:
 
 
 def plan_folder(folder: str | Path, resolution: int, step: int, min_side: int, max_side: int,
-                masks: str = "none", mask_root: str | Path | None = None) -> list[Entry]:
-    """Every image under `folder` with its bucket, caption, repeats and mask; ValueError naming the input."""
+                masks: str = "none", mask_root: str | Path | None = None,
+                control_root: str | Path | None = None) -> list[Entry]:
+    """Every image under `folder` with its bucket, caption, repeats, mask and (with `control_root`) its
+    control partner; ValueError naming the input."""
     if masks not in MASK_SOURCES:
         raise ValueError(f"masks: got {masks!r}; choose one of {', '.join(MASK_SOURCES)}")
     root = Path(folder)
@@ -99,6 +106,9 @@ def plan_folder(folder: str | Path, resolution: int, step: int, min_side: int, m
     if masks == "mask folder" and (mask_root is None or not Path(mask_root).is_dir()):
         raise ValueError(f"mask_folder: {mask_root} is not a folder; give the input subfolder that holds the masks "
                          "(same names as the images), or set masks to none")
+    if control_root is not None and not Path(control_root).is_dir():
+        raise ValueError(f"control_folder: {control_root} is not a folder; give the input subfolder that holds each "
+                         "image's control (same names as the images), or leave it empty")
     entries = []
     for path in files:
         width, height = oriented_size(path)
@@ -106,9 +116,12 @@ def plan_folder(folder: str | Path, resolution: int, step: int, min_side: int, m
         if masks == "alpha channel":
             mask = "alpha" if has_alpha(path) else None
         elif masks == "mask folder":
-            mask = mask_file(path, root, Path(mask_root))
+            mask = partner_file(path, root, Path(mask_root))
+        control = partner_file(path, root, Path(control_root)) if control_root is not None else None
         entries.append(Entry(path, bucket_for(width, height, resolution, step, min_side, max_side),
-                             read_caption(path), repeats_of(path, root), mask))
+                             read_caption(path), repeats_of(path, root), mask, control))
+    if control_root is not None:
+        _check_partners(entries, root, Path(control_root))
     unmasked = [e.path.name for e in entries if masks != "none" and e.mask is None]
     if masks != "none" and len(unmasked) == len(entries):
         where = (f"no image in {root} has an alpha channel; save them with transparency, or use a mask folder"
@@ -119,6 +132,14 @@ def plan_folder(folder: str | Path, resolution: int, step: int, min_side: int, m
         log.warning("Encode Training Folder: %d of %d images have no mask (%s%s); they train everywhere",
                     len(unmasked), len(entries), ", ".join(unmasked[:5]), " …" if len(unmasked) > 5 else "")
     return entries
+
+
+def _check_partners(entries: Sequence[Entry], root: Path, control_root: Path) -> None:
+    lonely = [str(e.path.relative_to(root)) for e in entries if e.control is None]
+    if lonely:
+        raise ValueError(f"control_folder: {len(lonely)} of {len(entries)} images have no control in {control_root} "
+                         f"(same relative name, any image type): {', '.join(lonely[:10])}{' …' if len(lonely) > 10 else ''}; "
+                         "add them, or move those images out of the folder")
 
 
 def folder_fingerprint(*folders: str | Path | None) -> str:
@@ -189,8 +210,11 @@ class _Loaded:
 def encode_buckets(buckets: Sequence[Bucket], encode: Encode, *, dtype: torch.dtype = torch.float32,
                    flip: bool = False, chunk: int = 4, cache=None,
                    progress: Callable[[int], None] | None = None) -> list[Bucket]:
-    """Fill each bucket's latents (and flipped copies, masks) a chunk at a time; `cache` (a LatentCache)
-    serves and keeps single latents; `progress(n)` is told after each chunk of n images."""
+    """Fill each bucket's latents (and flipped copies, masks, controls) a chunk at a time; `cache` (a
+    LatentCache) serves and keeps single latents; `progress(n)` is told after each chunk of n images."""
+    if flip and any(e.control is not None for b in buckets for e in b.entries):
+        raise ValueError("flip: a flipped image would keep its unflipped control (reference image); turn flip off "
+                         "with a control_folder, or put mirrored pairs in the folders")
     for bucket in buckets:
         for start in range(0, len(bucket.entries), max(1, chunk)):
             rows = range(start, min(start + max(1, chunk), len(bucket.entries)))
@@ -212,6 +236,12 @@ def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, d
         for row, latent in zip(rows, latents):
             target[row] = latent
     bucket.encoded += len(encoded)
+    if loaded[0].entry.control is not None:  # plan_folder gives every image a control, or none
+        partners = [_Loaded(item.entry._replace(path=item.entry.control, mask=None, control=None)) for item in loaded]
+        controls, _ = _latents(bucket.size, partners, encode, False, cache)
+        target = _allocated(bucket, "controls", controls, dtype)
+        for row, latent in zip(rows, controls):
+            target[row] = latent
     masks = [item.mask() for item in loaded]
     if any(m is not None for m in masks):
         shape = bucket.latents.shape[1:]

@@ -37,6 +37,8 @@ class ModelFns(NamedTuple):
         of those images and runs the network (with adapters) on them.
     denoise_uncond: (noisy latent, sigma) → predicted x0 with the empty caption; None when the host
         has no unconditional conditioning (caption dropout then refuses to run).
+    denoise_bare: like denoise, with the images' captions without their condition images (reference,
+        start frame, inpainting image); None when no caption has one (control dropout then refuses to run).
     flow: the model is a rectified-flow model (σ in (0, 1], x = (1 − σ)·x0 + σ·ε): a shift override
         applies to it only.
     """
@@ -47,6 +49,7 @@ class ModelFns(NamedTuple):
     denoise: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
     denoise_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     flow: bool = False
+    denoise_bare: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor] | None = None
 
 
 _LOSSES: dict[str, LossFn] = {
@@ -201,6 +204,10 @@ class Objective:
             raise ValueError(f"caption_dropout: got {config.caption_dropout}, but there is no unconditional "
                              "conditioning to drop captions to; connect an empty-prompt CONDITIONING to the options "
                              "node's unconditional input, or set caption_dropout to 0")
+        if config.control_dropout > 0 and fns.denoise_bare is None:
+            raise ValueError(f"control_dropout: got {config.control_dropout}, but no caption carries a condition image "
+                             "to drop (a reference latent, a start frame, an inpainting image); give the captions one "
+                             "(e.g. Encode Training Folder's control_folder), or set control_dropout to 0")
         self.fns, self.config = fns, config
         self.loss_fn = loss_function(config.loss_function)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training_dtype == "bf16")
@@ -210,7 +217,7 @@ class Objective:
         """x0 (B, C, H, W), the latents of images `indices` → the mean loss (0-d, fp32, with grad).
 
         Draw order (all from `generator`): noise, its offset and pyramid, levels, input perturbation,
-        caption dropout; an option that is off draws nothing, so the defaults draw as before options.
+        caption dropout, control dropout; an option that is off draws nothing, so the defaults draw as before options.
         `rows` (data-parallel training, training/distributed.py): everything is drawn for all B rows,
         as without it, but only these rows run through the model; the result is their share of the
         mean (their sum over B), so the shares of all processes add up to it; None if `rows` is empty.
@@ -229,6 +236,7 @@ class Objective:
             target = x0 + self._free_part(sigma, perturbed) - self._free_part(sigma, noisy)
             noisy = perturbed
         dropped = torch.rand(len(indices), generator=generator) < cfg.caption_dropout if cfg.caption_dropout else None
+        bare = torch.rand(len(indices), generator=generator) < cfg.control_dropout if cfg.control_dropout else None
         batch = len(indices)
         if rows is not None:
             if not rows:
@@ -237,8 +245,9 @@ class Objective:
             mask = mask[rows] if mask is not None else None
             indices = [indices[r] for r in rows]
             dropped = dropped[rows] if dropped is not None else None
+            bare = bare[rows] if bare is not None else None
         with self.autocast:
-            pred = self.predict(noisy, sigma, indices, dropped)
+            pred = self.predict(noisy, sigma, indices, dropped, bare)
         c = output_coefficient(fns, sigma, x0.dim()) if cfg.loss_space == "native" else 1.0
         weight = None if mask is None else mask_weights(mask.to(x0.device), cfg.unmasked_weight, cfg.normalize_mask)
         per = space_loss(self.loss_fn, pred.float(), target, c, cfg.loss_space, weight)
@@ -270,18 +279,25 @@ class Objective:
         return shifted_sigma((1 - percent).clamp(1e-5, 1.0), shift)
 
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int],
-                dropped: torch.Tensor | None) -> torch.Tensor:
-        """The host's x0 prediction; rows whose caption is dropped use the empty caption."""
-        if dropped is None or not dropped.any():
-            return self.fns.denoise(noisy, sigma, indices)
-        if dropped.all():
-            return self.fns.denoise_uncond(noisy, sigma)
-        keep, drop = (~dropped).nonzero().flatten(), dropped.nonzero().flatten()
+                dropped: torch.Tensor | None, bare: torch.Tensor | None = None) -> torch.Tensor:
+        """The host's x0 prediction; rows whose caption is dropped use the empty caption, the other rows whose
+        condition image is dropped (`bare`) their caption without it. Each kind runs as one call."""
+        fns = self.fns
+        calls = (fns.denoise, lambda n, s, _: fns.denoise_uncond(n, s), fns.denoise_bare)
+        route = torch.zeros(len(indices), dtype=torch.long)
+        if bare is not None:
+            route[bare.cpu()] = 2
+        if dropped is not None:
+            route[dropped.cpu()] = 1
+        kinds = sorted(set(route.tolist()))
+        if len(kinds) == 1:
+            return calls[kinds[0]](noisy, sigma, indices)
         out = torch.empty_like(noisy)
-        kept = self.fns.denoise(noisy[keep], sigma[keep], [indices[i] for i in keep.tolist()])
-        out = out.index_put((keep.to(noisy.device),), kept.to(out.dtype))
-        empty = self.fns.denoise_uncond(noisy[drop], sigma[drop])
-        return out.index_put((drop.to(noisy.device),), empty.to(out.dtype))
+        for kind in kinds:
+            rows = (route == kind).nonzero().flatten()
+            part = calls[kind](noisy[rows], sigma[rows], [indices[i] for i in rows.tolist()])
+            out = out.index_put((rows.to(noisy.device),), part.to(out.dtype))
+        return out
 
     def _free_part(self, sigma: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         """a(x, σ): the denoise with a zero network output."""
