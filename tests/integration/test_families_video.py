@@ -269,6 +269,20 @@ def test_wan_image_to_video_trains_with_its_start_frame_and_the_frame_reaches_th
     assert float(np.mean(first[-4:])) < float(np.mean(first[:4])), first
 
 
+def test_wan_image_to_video_control_dropout_1_trains_without_the_start_frame(comfy_wan):
+    """control_dropout 1: every image trains without its start frame (the model's blank image channels), so
+    two start frames give the very same losses, where at 0 they differ (the test above)."""
+    def losses(start_seed: int) -> list[float]:
+        graph = _i2v_graph(start_seed, 3)
+        graph["o"] = {"class_type": "LoRATrainer_TrainingOptions", "inputs": {"control_dropout": 1.0}}
+        graph[TRAIN_NODE]["inputs"]["options"] = ["o", 0]
+        return comfy_wan.run(graph, timeout=600)["outputs"][PLOT_NODE]["loss"]
+
+    first, other = losses(0), losses(5)
+    assert len(first) == 3 and all(np.isfinite(first)), first
+    assert first == other, (first, other)
+
+
 def test_wan_image_to_video_trains_clips_of_two_sizes_each_with_its_first_frame(comfy_wan):
     """Two clips (3 and 2 frames), each caption carrying its own clip's first frame: ComfyUI prepares the
     guider's captions at one size, so Train LoRA prepares each at its clip's size (nodes/comfy_conds.py)."""
