@@ -21,6 +21,7 @@ import comfy.samplers
 import torch
 
 from . import families
+from .conditioning import CONCAT_KEY
 
 
 def _latent_shaped(value) -> bool:
@@ -116,7 +117,7 @@ def check_conditioned(base_model, images: list[torch.Tensor], entries: list, use
     naming the node that gives it (nodes/families.py). Several latent sizes are fine: each caption is
     prepared at its images' size (ShapedConds)."""
     extra = extra_channels(images[0], base_model)
-    carried = [isinstance(entries[e][1], dict) and entries[e][1].get(families.CONCAT_KEY) is not None
+    carried = [isinstance(entries[e][1], dict) and entries[e][1].get(CONCAT_KEY) is not None
                for e in sorted(used)]
     problem = families.conditioned_input_problem(type(base_model).__name__, type(base_model.model_config).__name__,
                                                  extra, carried)

@@ -18,7 +18,7 @@ from ..training.images import fill_captions
 from ..training.latent_cache import CACHE_FOLDER, LatentCache, weights_key
 from ..training.tags import caption_variants
 from .comfy_io import input_path, encode_captions
-from .conditioning import with_reference
+from .conditioning import with_inpaint, with_reference
 from .samples import bucket_latent, variant_conditioning
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,44 @@ def encode_training_folder(folder: str, vae, clip, resolution: int, options: dic
     captions = fill_captions([e.path for b in buckets for e in b.entries],
                              [e.caption for b in buckets for e in b.entries], options.get("default_caption", ""))
     positive = _conditionings(clip, captions, options)  # before the VAE: a caption problem costs no encode
+    inpaint = options.get("inpaint", False)
+    if inpaint and options.get("masks", "none") == "none":
+        raise ValueError("inpaint: needs each image's mask (white = the region to paint); set masks to alpha channel "
+                         "or mask folder, or turn inpaint off")
     cache = _cache(vae, options.get("cache", True))
     bar = comfy.utils.ProgressBar(len(entries))
     encode_buckets(buckets, _encoder(vae), dtype=_DTYPES[options.get("latent_dtype", "bf16")],
-                   flip=options.get("flip", False), chunk=options.get("chunk", 4), cache=cache, progress=bar.update)
+                   flip=options.get("flip", False), chunk=options.get("chunk", 4), cache=cache, inpaint=inpaint,
+                   progress=bar.update)
     latents = [bucket_latent(b.latents, b.flipped, b.masks, b.flipped_masks, [e.repeats for e in b.entries])
                for b in buckets]
     controls = [c[None].float() for b in buckets if b.controls is not None for c in b.controls.unbind(0)]
     if controls:  # each image's control, as ReferenceLatent sets it (edit models)
         positive = [with_reference(conditioning, control) for conditioning, control in zip(positive, controls)]
         summary += f"; {len(controls)} controls as reference latents"
+    if inpaint:  # each image masked, as InpaintModelConditioning sets it (inpainting models)
+        positive = [with_inpaint(conditioning, latent, mask)
+                    for conditioning, (latent, mask) in zip(positive, _inpaint_inputs(buckets))]
+        summary += f"; {len(positive)} inpainting images"
     encoded = sum(b.encoded for b in buckets)
     if cache is not None:
         summary += f"; {encoded} encoded, {len(entries) - encoded} from the cache"
         log.info("Encode Training Folder: %d images encoded, %d from the cache (%s)", encoded, len(entries) - encoded,
                  cache.folder)
     return latents, positive, captions, summary
+
+
+def _inpaint_inputs(buckets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each image's (masked image latent (1, C, h, w), mask (1, 1, h, w)), in the images' order; an image
+    without a mask has nothing to paint (a mask of zeros)."""
+    out = []
+    for bucket in buckets:
+        for row, entry in enumerate(bucket.entries):
+            latent = bucket.inpaint[row][None].float()
+            has_mask = entry.mask is not None and bucket.masks is not None
+            mask = bucket.masks[row][None].float() if has_mask else torch.zeros((1, 1, *latent.shape[-2:]))
+            out.append((latent, mask))
+    return out
 
 
 def _conditionings(clip, captions: list[str], options: dict) -> list:

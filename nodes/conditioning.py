@@ -23,6 +23,18 @@ PER_IMAGE_ENTRIES = ("ResolutionBucket", "LoadTrainingDataset")
 REFERENCE_KEY = "reference_latents"
 
 
+# an inpainting (or image-to-video) model's image beside the latent and its mask, as core's
+# InpaintModelConditioning and WanImageToVideo set them
+CONCAT_KEY = "concat_latent_image"
+CONCAT_MASK_KEY = "concat_mask"
+
+
+def with_inpaint(conditioning: list, latent, mask) -> list:
+    """`conditioning` with the masked image's latent (1, C, h, w) and the mask (1, 1, h, w), white = paint,
+    set on every entry as InpaintModelConditioning sets them; the entries are copies."""
+    return [[tensor, {**options, CONCAT_KEY: latent, CONCAT_MASK_KEY: mask}] for tensor, options in conditioning]
+
+
 def with_reference(conditioning: list, latent) -> list:
     """`conditioning` with `latent` (1, C, h, w) appended to every entry's reference latents, as core's
     ReferenceLatent node sets them; the entries are copies (the input is not changed)."""

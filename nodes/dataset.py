@@ -97,6 +97,9 @@ def _options() -> dict:
                               "run skips the VAE."}),
         "chunk": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images read and encoded at a time "
                           "(memory holds one chunk of pixels)."}),
+        "inpaint": ("BOOLEAN", {"default": False, "tooltip": "Inpainting models (SD inpainting, Flux Fill): each "
+                                "image's conditioning gets the image with its masked region grey and the mask, as "
+                                "InpaintModelConditioning sets them (needs masks; white = the region to paint)."}),
         "control_folder": ("STRING", {"default": "", "tooltip": "Edit models (Flux Kontext, Flux.2, Qwen-Image-Edit): "
                                       "the input subfolder of each image's control, same relative names (any image "
                                       "type); encoded at the image's bucket and set as its reference latent, as "

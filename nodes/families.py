@@ -67,7 +67,6 @@ CONDITIONING_NODES: dict[str, str] = {
 # Models whose plain text-to-X use is blank concat channels by design: sampling without an image gives
 # them zeros, so training without one does exactly what sampling does
 BLANK_CONCAT_BY_DESIGN = ("HunyuanVideo15",)
-CONCAT_KEY = "concat_latent_image"
 
 
 def conditioned_input_problem(model_class: str, config_class: str, extra_channels: str,

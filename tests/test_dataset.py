@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comfyui_lora_trainer.nodes.conditioning import REFERENCE_KEY, with_reference
+from comfyui_lora_trainer.nodes.conditioning import CONCAT_KEY, CONCAT_MASK_KEY, REFERENCE_KEY, with_inpaint, \
+    with_reference
 from comfyui_lora_trainer.nodes.samples import FLIPPED, NOISE_MASK, REPEATS, VARIANT, bucket_latent, expand, \
     variant_conditioning
 from comfyui_lora_trainer.tiny.host import tiny_fns
@@ -23,7 +24,7 @@ from comfyui_lora_trainer.tiny.model import build_tiny, encode_images
 from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.buckets import fit_to_bucket
 from comfyui_lora_trainer.training.config import TrainConfig
-from comfyui_lora_trainer.training.dataset import by_bucket, describe, encode_buckets, plan_folder
+from comfyui_lora_trainer.training.dataset import by_bucket, describe, encode_buckets, inpaint_pixels, plan_folder
 from comfyui_lora_trainer.training.latent_cache import LatentCache, weights_key
 from comfyui_lora_trainer.training.loop import train
 from comfyui_lora_trainer.training.tags import caption_variants
@@ -324,3 +325,43 @@ def test_with_reference_appends_as_reference_latent_does_and_leaves_the_input_al
     assert [len(options[REFERENCE_KEY]) for _, options in once] == [1, 1]
     assert all(o[REFERENCE_KEY][0] is first and o[REFERENCE_KEY][1] is second for _, o in twice)
     assert twice[0][1]["pooled_output"] is conditioning[0][1]["pooled_output"]
+
+
+# ---- inpainting: each image with its masked region grey ---------------------------------------
+def test_inpaint_encodes_each_image_with_its_mask_region_grey_as_inpaint_model_conditioning(tmp_path):
+    root, masks = tmp_path / "set", tmp_path / "masks"
+    root.mkdir(), masks.mkdir()
+    picture((64, 64), 1).save(root / "a.png")
+    picture((64, 64), 2).save(root / "b.png")  # no mask: nothing to paint, its own pixels
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:40, 16:48] = 255
+    mask[0, 0] = 100  # under one half: InpaintModelConditioning rounds the mask, so this pixel is kept
+    Image.fromarray(mask).save(masks / "a.png")
+    plan = dict(resolution=64, step=32, min_side=32, max_side=128)
+    vae = Counting()
+    bucket = encode_buckets(by_bucket(plan_folder(root, masks="mask folder", mask_root=masks, **plan)), vae,
+                            inpaint=True)[0]
+    assert vae.images == 4  # each image, and each masked image
+    with Image.open(root / "a.png") as img:
+        pixels = np.asarray(img.convert("RGB"))
+    image = pixels.astype(np.float32) / 255
+    keep = np.ones((64, 64, 1), dtype=np.float32)
+    keep[8:40, 16:48] = 0  # the rounded mask by hand: [0, 0] (100/255) rounds to 0, so it is kept
+    grey = (image - np.float32(0.5)) * keep + np.float32(0.5)  # (pixels − 0.5) · (1 − round(mask)) + 0.5
+    assert np.all(grey[8:40, 16:48] == 0.5) and np.allclose(grey[0, 0], image[0, 0])
+    assert np.array_equal(inpaint_pixels(pixels, mask.astype(np.float32) / 255), grey)
+    assert torch.equal(bucket.inpaint[0], Counting()(torch.from_numpy(grey)[None])[0])
+    with Image.open(root / "b.png") as img:
+        assert torch.equal(bucket.inpaint[1], Counting()(torch.from_numpy(np.asarray(img.convert("RGB"))
+                                                                           .astype(np.float32) / 255)[None])[0])
+    with pytest.raises(ValueError, match="^flip: a flipped image would keep its unflipped inpainting image"):
+        encode_buckets(by_bucket(plan_folder(root, masks="mask folder", mask_root=masks, **plan)), Counting(),
+                       inpaint=True, flip=True)
+
+
+def test_with_inpaint_sets_the_masked_image_and_the_mask_on_copies():
+    latent, mask = torch.ones((1, 4, 8, 8)), torch.zeros((1, 1, 8, 8))
+    conditioning = [[torch.zeros((1, 3, 8)), {"pooled_output": torch.zeros(1, 8)}]]
+    out = with_inpaint(conditioning, latent, mask)
+    assert out[0][1][CONCAT_KEY] is latent and out[0][1][CONCAT_MASK_KEY] is mask
+    assert CONCAT_KEY not in conditioning[0][1] and out[0][1]["pooled_output"] is conditioning[0][1]["pooled_output"]

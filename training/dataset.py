@@ -60,6 +60,7 @@ class Bucket:
     masks: torch.Tensor | None = None  # (n, 1, h, w) float16, 1 = train
     flipped_masks: torch.Tensor | None = None
     controls: torch.Tensor | None = None  # (n, C, h, w): each image's partner, encoded at the image's bucket
+    inpaint: torch.Tensor | None = None  # (n, C, h, w): each image with its masked region grey, encoded
     encoded: int = 0  # images the VAE encoded (the rest came from the cache)
 
 
@@ -182,6 +183,10 @@ class _Loaded:
         self.digest = hashlib.sha256(self.raw).hexdigest()
         self._pixels: np.ndarray | None = None
 
+    def floats(self) -> np.ndarray:
+        """(h, w, 3) float32 in [0, 1]: what the VAE encodes."""
+        return np.divide(self.pixels, 255.0, dtype=np.float32)
+
     @property
     def pixels(self) -> np.ndarray:
         """(h, w, 3) uint8 (a quarter of float32's bytes until the encode)."""
@@ -208,25 +213,28 @@ class _Loaded:
 
 
 def encode_buckets(buckets: Sequence[Bucket], encode: Encode, *, dtype: torch.dtype = torch.float32,
-                   flip: bool = False, chunk: int = 4, cache=None,
+                   flip: bool = False, chunk: int = 4, cache=None, inpaint: bool = False,
                    progress: Callable[[int], None] | None = None) -> list[Bucket]:
-    """Fill each bucket's latents (and flipped copies, masks, controls) a chunk at a time; `cache` (a
-    LatentCache) serves and keeps single latents; `progress(n)` is told after each chunk of n images."""
+    """Fill each bucket's latents (and flipped copies, masks, controls, inpainting images) a chunk at a time;
+    `cache` (a LatentCache) serves and keeps single latents; `progress(n)` is told after each chunk of n
+    images. `inpaint`: also encode each image with its masked region grey (`inpaint_pixels`)."""
     if flip and any(e.control is not None for b in buckets for e in b.entries):
         raise ValueError("flip: a flipped image would keep its unflipped control (reference image); turn flip off "
                          "with a control_folder, or put mirrored pairs in the folders")
+    if flip and inpaint:
+        raise ValueError("flip: a flipped image would keep its unflipped inpainting image; turn flip off with inpaint")
     for bucket in buckets:
         for start in range(0, len(bucket.entries), max(1, chunk)):
             rows = range(start, min(start + max(1, chunk), len(bucket.entries)))
             loaded = [_Loaded(bucket.entries[i]) for i in rows]
-            _store(bucket, rows, loaded, encode, dtype, flip, cache)
+            _store(bucket, rows, loaded, encode, dtype, flip, cache, inpaint)
             if progress is not None:
                 progress(len(rows))
     return list(buckets)
 
 
 def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, dtype: torch.dtype, flip: bool,
-           cache) -> None:
+           cache, inpaint: bool = False) -> None:
     """Encode (or take from the cache) one chunk's latents and write them, and their masks, into the bucket."""
     encoded: set[int] = set()  # images of the chunk with a latent (or its mirror) that went through the VAE
     for flipped in (False, True) if flip else (False,):
@@ -243,6 +251,8 @@ def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, d
         for row, latent in zip(rows, controls):
             target[row] = latent
     masks = [item.mask() for item in loaded]
+    if inpaint:
+        _store_inpaint(bucket, rows, loaded, masks, encode, dtype, cache)
     if any(m is not None for m in masks):
         shape = bucket.latents.shape[1:]
         for flipped in (False, True) if flip else (False,):
@@ -255,6 +265,40 @@ def _store(bucket: Bucket, rows: range, loaded: list[_Loaded], encode: Encode, d
                     getattr(bucket, name)[row] = latent_mask(mask, shape).to(torch.float16)
 
 
+def inpaint_pixels(pixels: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(h, w, 3) uint8 and its (h, w) mask in [0, 1] → float32 in [0, 1] with the mask's region (rounded) grey:
+    InpaintModelConditioning's rule, (pixels − 0.5) · (1 − round(mask)) + 0.5."""
+    image = np.divide(pixels, 255.0, dtype=np.float32)
+    if mask is None:
+        return image
+    keep = (1.0 - np.round(mask)).astype(np.float32)[..., None]
+    return (image - np.float32(0.5)) * keep + np.float32(0.5)
+
+
+class _Masked(NamedTuple):
+    """An image of a chunk with its masked region grey: what `_latents` encodes (or finds in the cache)."""
+
+    digest: str  # of the image and the mask
+    item: _Loaded
+    mask: np.ndarray | None
+
+    def floats(self) -> np.ndarray:
+        return inpaint_pixels(self.item.pixels, self.mask)
+
+
+def _store_inpaint(bucket: Bucket, rows: range, loaded: list[_Loaded], masks: list, encode: Encode,
+                   dtype: torch.dtype, cache) -> None:
+    """The chunk's images with their masked regions grey, encoded (cached under the image's and mask's hash)."""
+    items = []
+    for item, mask in zip(loaded, masks):
+        mask_hash = hashlib.sha256(mask.tobytes()).hexdigest() if mask is not None else "none"
+        items.append(_Masked(hashlib.sha256(f"inpaint:{item.digest}:{mask_hash}".encode()).hexdigest(), item, mask))
+    latents, _ = _latents(bucket.size, items, encode, False, cache)
+    target = _allocated(bucket, "inpaint", latents, dtype)
+    for row, latent in zip(rows, latents):
+        target[row] = latent
+
+
 def _latents(size: tuple[int, int], loaded: list[_Loaded], encode: Encode, flipped: bool,
              cache) -> tuple[list, list[int]]:
     """The chunk's single latents (C, h, w): from the cache where it has them, the rest in one encode;
@@ -262,9 +306,9 @@ def _latents(size: tuple[int, int], loaded: list[_Loaded], encode: Encode, flipp
     found = [cache.get(item.digest, size, flipped) if cache is not None else None for item in loaded]
     missing = [i for i, latent in enumerate(found) if latent is None]
     if missing:
-        pixels = np.stack([loaded[i].pixels[:, ::-1] if flipped else loaded[i].pixels for i in missing])
+        pixels = np.stack([loaded[i].floats()[:, ::-1] if flipped else loaded[i].floats() for i in missing])
         with torch.no_grad():
-            encoded = encode(torch.from_numpy(np.divide(pixels, 255.0, dtype=np.float32))).float().cpu()
+            encoded = encode(torch.from_numpy(pixels)).float().cpu()
         for i, latent in zip(missing, encoded.unbind(0)):
             found[i] = latent
             if cache is not None:

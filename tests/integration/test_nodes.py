@@ -45,7 +45,8 @@ PACK_NODES = {  # id -> (required inputs, optional inputs, output types), as doc
     "LoRATrainer_LoadImageSet": (["image"], ["resize_method"], ["IMAGE"]),
     "LoRATrainer_LoadImageSetFromFolder": (["folder"], ["resize_method"], ["IMAGE"]),
     "LoRATrainer_LoadCaptionedImageSet": (["folder", "clip"], ["resize_method"], ["IMAGE", "CONDITIONING"]),
-    "LoRATrainer_EncodeTrainingFolder": (["folder", "vae", "clip", "resolution"], ["masks", "flip", "cache"],
+    "LoRATrainer_EncodeTrainingFolder": (["folder", "vae", "resolution"], ["clip", "conditioning", "masks", "flip", "cache",
+                                                                          "inpaint", "control_folder"],
                                          ["LATENT", "CONDITIONING", "STRING"]),
 }
 
