@@ -32,7 +32,7 @@ SIDE = 400  # px, square
 WINDOW = (2600, 1800)  # large enough that the graph at zoom 1 sits clear of the sidebar, bars and minimap
 MARGIN = 24  # graph units around the nodes
 PLACEHOLDERS = {  # what the examples pick, so that nothing shows as missing
-    "models/checkpoints": ["v1-5-pruned-emaonly.safetensors"],
+    "models/checkpoints": ["v1-5-pruned-emaonly.safetensors", "sd-v1-5-inpainting.safetensors"],
     "models/loras": ["lrtstyle_200_steps_00001_.safetensors"],
     "input/lora_dataset": ["placeholder.png"],
     "input/lora_validation": ["placeholder.png"],
@@ -41,6 +41,8 @@ PLACEHOLDERS = {  # what the examples pick, so that nothing shows as missing
     "models/vae": ["ae.safetensors"],
     "input/edit_pairs/targets": ["placeholder.png"],
     "input/edit_pairs/controls": ["placeholder.png"],
+    "input/inpaint_set/images": ["placeholder.png"],
+    "input/inpaint_set/masks": ["placeholder.png"],
 }
 
 

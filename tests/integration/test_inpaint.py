@@ -10,12 +10,15 @@ tiny checkpoint's CLIP and VAE.
    for bit, that Encode Training Folder trains from the same file, mask and caption.
 3. The LoRA loads in core's LoraLoaderModelOnly with every key matched and changes an inpainting sample
    (InpaintModelConditioning → KSampler), and the base model samples bit-identically after training.
+4. The example workflow example_workflows/api/train_inpaint_lora.json runs with the tiny files (its
+   checkpoint's model swapped for the inpainting UNet), at 64 px and a few steps.
 
 Skips unless COMFYUI_DIR is set (see conftest.py).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -189,3 +192,18 @@ def test_the_inpainting_lora_loads_in_core_changes_a_sample_and_leaves_the_base(
     log = comfy.log(mark)
     assert it.LORA_NOT_LOADED not in log, [line for line in log.splitlines() if it.LORA_NOT_LOADED in line][:5]
     assert not np.array_equal(with_lora, trained["before"]), "the LoRA changed no latent of the inpainting sample"
+
+
+def test_the_inpainting_example_workflow_runs_on_the_tiny_files(comfy, unet, data):
+    g = it.load_api("train_inpaint_lora.json")
+    g["1"]["inputs"]["ckpt_name"] = comfy.checkpoint  # its CLIP and VAE; the model is the inpainting UNet
+    g["u"] = loaders(comfy, unet)["u"]
+    g["3"]["inputs"].update(model=["u", 0], steps=3, training_dtype="fp32", lora_dtype="fp32")
+    g["2"]["inputs"].update(folder=FOLDER, mask_folder=MASKS, **{
+        k: ENCODE[k] for k in ("resolution", "bucket_step", "min_side", "max_side")})
+    g["4"]["inputs"]["prefix"] = "loras/it_inpaint_example"
+    entry = comfy.run(g, timeout=600)
+    assert "4 inpainting images" in entry["outputs"]["2"]["text"][0], entry["outputs"]["2"]
+    losses = entry["outputs"]["5"]["loss"]
+    assert len(losses) == 3 and all(np.isfinite(losses)), losses
+    assert (comfy.output_dir / entry["outputs"]["4"]["text"][0]).is_file()
