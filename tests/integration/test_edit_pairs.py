@@ -11,7 +11,9 @@ control as a reference latent, as core's ReferenceLatent node sets it.
 3. control_dropout 0.5 (the options node) trains and gives another LoRA than 0; without controls it is
    refused naming control_dropout. Images without a control are listed naming control_folder, and no
    LoRA is written.
-4. The example workflow example_workflows/api/train_edit_lora.json (Flux Kontext) runs with the tiny
+4. Previews sample with their own condition image: LoRA Training Preview's positive through core's
+   ReferenceLatent, two trainings alike but for the preview's reference, give two different previews.
+5. The example workflow example_workflows/api/train_edit_lora.json (Flux Kontext) runs with the tiny
    model's files, its text encoder swapped for the test conditioning, at 64 px and a few steps.
 
 One conditioning (ITFluxConditioning → FluxGuidance: the edit instruction) goes to every image through
@@ -166,3 +168,27 @@ def test_the_edit_example_workflow_runs_on_the_tiny_flux(comfy_flux, folders):
     losses = entry["outputs"]["9"]["loss"]
     assert len(losses) == 3 and all(np.isfinite(losses)), losses
     assert (comfy_flux.output_dir / entry["outputs"]["8"]["text"][0]).is_file()
+
+
+def test_previews_sample_with_their_own_reference_image(comfy_flux, folders):
+    def preview(control: str, tag: str) -> np.ndarray:
+        """A training whose preview's reference is `control`'s a.png; `tag` makes each graph new (no cached run)."""
+        g = pairs_graph(folders["images"], folders["controls"], f"loras/it_pairs_preview_{tag}")
+        g[flux.TRAIN_NODE]["inputs"]["steps"] = 2
+        g["r1"] = {"class_type": "LoadImage", "inputs": {"image": f"{folders[control]}/a.png"}}
+        g["r2"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["r1", 0], "vae": ["v", 0]}}
+        g["r3"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["4", 0], "latent": ["r2", 0]}}
+        g["pv"] = {"class_type": "LoRATrainer_TrainingPreview",
+                   "inputs": {"positive": ["r3", 0], "every": 2, "seed": 0, "steps": 2, "cfg": 1.0, "width": 64,
+                              "height": 64, "sampler_name": "euler", "scheduler": "simple", "vae": ["v", 0],
+                              "filename_prefix": f"it_pairs_previews/{tag}"}}
+        g[flux.TRAIN_NODE]["inputs"]["preview"] = ["pv", 0]
+        g["si"] = {"class_type": "SaveImage", "inputs": {"images": [flux.TRAIN_NODE, 4],
+                                                         "filename_prefix": f"it_pairs_previews/grid_{tag}"}}
+        image = comfy_flux.run(g, timeout=600)["outputs"]["si"]["images"][0]
+        with Image.open(comfy_flux.output_dir / image["subfolder"] / image["filename"]) as img:
+            return np.asarray(img.convert("RGB")).copy()
+
+    one, other, again = preview("controls", "one"), preview("other", "other"), preview("controls", "again")
+    assert np.array_equal(one, again), "the same run previewed differently: the comparison below would prove nothing"
+    assert one.shape == other.shape and not np.array_equal(one, other), "the preview's reference changed nothing"
