@@ -7,7 +7,7 @@ ComfyUI prepares a guider's conditioning once per run, at the size of the latent
 over latents of several sizes, so:
 - the inputs an entry carries at a latent's shape (tensors of 4 or more dimensions, or lists of them:
   a start frame, an inpainting image and its mask, reference latents) are held back from the guider
-  (`hold_latent_inputs`), which could not fit a 3-frame start frame to a 2-frame clip;
+  (nodes/conditioning.py `hold_latent_inputs`), which could not fit a 3-frame start frame to a 2-frame clip;
 - each entry is prepared again where an image of another size uses it, and an entry with held inputs
   wherever it is used, once per (entry, size), as ComfyUI's own `encode_model_conds` prepares it. Entries
   without held inputs at the first image's size are ComfyUI's own, so one-size data trains as before.
@@ -22,25 +22,6 @@ import torch
 
 from . import families
 from .conditioning import CONCAT_KEY
-
-
-def _latent_shaped(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.dim() >= 4
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_latent_shaped(v) for v in value)
-
-
-def hold_latent_inputs(entries: list) -> tuple[list, dict[int, dict]]:
-    """`entries` ([tensor, options] pairs) for the guider, without the options that have a latent's shape;
-    and those options by entry index."""
-    given, held = [], {}
-    for i, (tensor, options) in enumerate(entries):
-        shaped = {k: v for k, v in options.items() if _latent_shaped(v)} if isinstance(options, dict) else {}
-        if shaped:
-            held[i] = shaped
-            options = {k: v for k, v in options.items() if k not in shaped}
-        given.append([tensor, options])
-    return given, held
 
 
 def _check_noise_shaped(prepared: dict, shape: tuple[int, ...]) -> None:

@@ -37,8 +37,8 @@ from ..training.validation import Validation
 from . import families
 from .checkpoints import CheckpointWriter
 from .common import NONE_LORA
-from .comfy_conds import ShapedConds, check_conditioned, hold_latent_inputs
-from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning
+from .comfy_conds import ShapedConds, check_conditioned
+from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning, hold_latent_inputs
 from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
 from .hooks import TrainingHooks

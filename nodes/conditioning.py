@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import torch
+
 # core's nodes whose conditioning output holds one entry per image (a list per bucket)
 PER_IMAGE_ENTRIES = ("ResolutionBucket", "LoadTrainingDataset")
 # the conditioning key of an edit model's reference images, a list of latents (core's ReferenceLatent appends)
@@ -78,3 +80,23 @@ def captions_of(positive: Sequence, batch_sizes: Sequence[int], source: str | No
 def flat_conditioning(positive: Sequence) -> tuple[list, list[int]]:
     """CONDITIONINGs → (one flat list of [tensor, options] entries, entries per CONDITIONING)."""
     return [entry for conditioning in positive for entry in conditioning], [len(c) for c in positive]
+
+
+def latent_shaped(value) -> bool:
+    """A tensor of 4 or more dimensions (a latent, an image, a mask), or a non-empty list of them."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 4
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(latent_shaped(v) for v in value)
+
+
+def hold_latent_inputs(entries: list) -> tuple[list, dict[int, dict]]:
+    """`entries` ([tensor, options] pairs) for the guider, without the options that have a latent's shape;
+    and those options by entry index."""
+    given, held = [], {}
+    for i, (tensor, options) in enumerate(entries):
+        shaped = {k: v for k, v in options.items() if latent_shaped(v)} if isinstance(options, dict) else {}
+        if shaped:
+            held[i] = shaped
+            options = {k: v for k, v in options.items() if k not in shaped}
+        given.append([tensor, options])
+    return given, held
