@@ -306,6 +306,23 @@ def test_wan_image_to_video_start_frame_that_does_not_fit_a_clip_is_refused_nami
     assert not list(comfy_wan.output_dir.glob("loras/it_wan_i2v_misfit*")), "a file was written for a refused training"
 
 
+def test_qwen_image_edit_style_reference_latents_train_and_reach_the_model(comfy_wan):
+    """Qwen-Image reads `reference_latents` as Qwen-Image-Edit does: a caption through core's ReferenceLatent
+    trains, and another reference (the same clips, noise and seed) starts from another loss."""
+    def losses(reference_seed: int) -> list[float]:
+        graph = train_graph("qwen_image", f"loras/it_qwen_edit_{reference_seed}", 4)
+        graph["3"]["inputs"]["frames"] = "1"
+        graph["r"] = {"class_type": "ITVideoLatents", "inputs": {"seed": reference_seed, "frames": "1", "width": 64,
+                                                                 "height": 64}}
+        graph["c"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["4", 0], "latent": ["r", 0]}}
+        graph[TRAIN_NODE]["inputs"]["positive"] = ["c", 0]
+        return comfy_wan.run(graph, timeout=600)["outputs"][PLOT_NODE]["loss"]
+
+    first, other = losses(7), losses(8)
+    assert len(first) == 4 and all(np.isfinite(first)) and all(np.isfinite(other)), (first, other)
+    assert first[0] != other[0], (first[0], other[0])
+
+
 def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):
     """Every weight has a LoRA (lora_up/down, .diff for other weights, .diff_b for biases) and every
     one moved from zero: gradients reached the Conv3d patch embedding, the attention and the head."""
