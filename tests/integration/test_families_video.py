@@ -269,6 +269,37 @@ def test_wan_image_to_video_trains_with_its_start_frame_and_the_frame_reaches_th
     assert float(np.mean(first[-4:])) < float(np.mean(first[:4])), first
 
 
+def test_wan_image_to_video_lora_loads_in_core_changes_a_start_frame_sample_and_leaves_the_base(comfy_wan):
+    """The I2V sample graph with the start frame on its caption: base before, trained LoRA, base after."""
+    from safetensors.numpy import load_file
+
+    def sample(lora: str, strength: float, tag: str) -> tuple[np.ndarray, str]:
+        g = sample_graph("wan21_t2v", lora, strength, f"i2v_{tag}")
+        g["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_I2V, "weight_dtype": "default"}}
+        g["s"] = {"class_type": "ITVideoLatents", "inputs": {"seed": 0, "frames": "3", "width": 64, "height": 64}}
+        for cond in ("c", "n"):  # the start frame on both captions, as WanImageToVideo sets it
+            g[f"{cond}i"] = {"class_type": "ITConcatImage", "inputs": {"conditioning": [cond, 0], "start": ["s", 0]}}
+        g["6"]["inputs"].update(positive=["ci", 0], negative=["ni", 0])
+        mark = len(comfy_wan.log())
+        saved = comfy_wan.run(g)["outputs"][SAMPLE_LATENT]["latents"][0]
+        return load_file(str(comfy_wan.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"], \
+            comfy_wan.log(mark)
+
+    def base(tag: str) -> np.ndarray:
+        probe = f"it_wan_i2v_probe_{tag}.safetensors"
+        (comfy_wan.loras_dir / probe).write_bytes(b"")
+        return sample(probe, 0.0, tag)[0]
+
+    before = base("before")
+    graph = _i2v_graph(0, 6)
+    graph[SAVE_NODE]["inputs"]["prefix"] = "loras/it_wan_i2v_sampled"
+    saved = comfy_wan.run(graph, timeout=600)["outputs"][SAVE_NODE]["text"][0]
+    np.testing.assert_array_equal(base("after"), before, err_msg="the I2V base model changed")
+    with_lora, log = sample(saved[len("loras/"):], 1.0, "with_lora")
+    assert LORA_NOT_LOADED not in log, [line for line in log.splitlines() if LORA_NOT_LOADED in line][:5]
+    assert not np.array_equal(with_lora, before), "the LoRA changed no latent of the start-frame sample"
+
+
 def test_wan_image_to_video_control_dropout_1_trains_without_the_start_frame(comfy_wan):
     """control_dropout 1: every image trains without its start frame (the model's blank image channels), so
     two start frames give the very same losses, where at 0 they differ (the test above)."""
