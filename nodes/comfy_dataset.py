@@ -18,12 +18,12 @@ from ..training.images import fill_captions
 from ..training.latent_cache import CACHE_FOLDER, LatentCache, weights_key
 from ..training.tags import caption_variants
 from .comfy_io import input_path, encode_captions
-from .conditioning import with_inpaint, with_reference
+from .conditioning import with_concat_image, with_reference
 from .samples import bucket_latent, variant_conditioning
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def _encoder(vae):
@@ -78,14 +78,14 @@ def encode_training_folder(folder: str, vae, clip, resolution: int, options: dic
     log.info("Encode Training Folder: %s", summary)
     captions = fill_captions([e.path for b in buckets for e in b.entries],
                              [e.caption for b in buckets for e in b.entries], options.get("default_caption", ""))
-    positive = _conditionings(clip, captions, options)  # before the VAE: a caption problem costs no encode
+    positive = conditionings(clip, captions, options)  # before the VAE: a caption problem costs no encode
     inpaint = options.get("inpaint", False)
     if inpaint and options.get("masks", "none") == "none":
         raise ValueError("inpaint: needs each image's mask (white = the region to paint); set masks to alpha channel "
                          "or mask folder, or turn inpaint off")
     cache = _cache(vae, options.get("cache", True))
     bar = comfy.utils.ProgressBar(len(entries))
-    encode_buckets(buckets, _encoder(vae), dtype=_DTYPES[options.get("latent_dtype", "bf16")],
+    encode_buckets(buckets, _encoder(vae), dtype=DTYPES[options.get("latent_dtype", "bf16")],
                    flip=options.get("flip", False), chunk=options.get("chunk", 4), cache=cache, inpaint=inpaint,
                    progress=bar.update)
     latents = [bucket_latent(b.latents, b.flipped, b.masks, b.flipped_masks, [e.repeats for e in b.entries])
@@ -95,7 +95,7 @@ def encode_training_folder(folder: str, vae, clip, resolution: int, options: dic
         positive = [with_reference(conditioning, control) for conditioning, control in zip(positive, controls)]
         summary += f"; {len(controls)} controls as reference latents"
     if inpaint:  # each image masked, as InpaintModelConditioning sets it (inpainting models)
-        positive = [with_inpaint(conditioning, latent, mask)
+        positive = [with_concat_image(conditioning, latent, mask)
                     for conditioning, (latent, mask) in zip(positive, _inpaint_inputs(buckets))]
         summary += f"; {len(positive)} inpainting images"
     encoded = sum(b.encoded for b in buckets)
@@ -119,7 +119,7 @@ def _inpaint_inputs(buckets) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _conditionings(clip, captions: list[str], options: dict) -> list:
+def conditionings(clip, captions: list[str], options: dict) -> list:
     """One CONDITIONING per image (its variants tagged); each distinct text encoded once. Without a CLIP, the
     `conditioning` input for every image."""
     given = options.get("conditioning")

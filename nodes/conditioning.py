@@ -31,9 +31,11 @@ CONCAT_KEY = "concat_latent_image"
 CONCAT_MASK_KEY = "concat_mask"
 
 
-def with_inpaint(conditioning: list, latent, mask) -> list:
-    """`conditioning` with the masked image's latent (1, C, h, w) and the mask (1, 1, h, w), white = paint,
-    set on every entry as InpaintModelConditioning sets them; the entries are copies."""
+def with_concat_image(conditioning: list, latent, mask) -> list:
+    """`conditioning` with the image beside the latent and its mask, set on every entry as core's
+    InpaintModelConditioning (the masked image's latent (1, C, h, w), the mask (1, 1, h, w), 1 = paint) and
+    WanImageToVideo (the start video's latent (1, C, T, h, w), the mask (1, 1, T, h, w), 1 = generate) set
+    them; the entries are copies."""
     return [[tensor, {**options, CONCAT_KEY: latent, CONCAT_MASK_KEY: mask}] for tensor, options in conditioning]
 
 

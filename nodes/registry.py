@@ -6,6 +6,7 @@ search and the canvas tell ours from core's at a glance, and typing "lora traine
 """
 from __future__ import annotations
 
+from .clips import EncodeTrainingClips
 from .dataset import EncodeTrainingFolder
 from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
 from .lora_io import LoadLoRAModel, SaveLoRA
@@ -27,6 +28,7 @@ NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_LoadImageSetFromFolder": (LoadImageSetFromFolder, "Load Image Set From Folder"),
     "LoRATrainer_LoadCaptionedImageSet": (LoadCaptionedImageSet, "Load Captioned Image Set"),
     "LoRATrainer_EncodeTrainingFolder": (EncodeTrainingFolder, "Encode Training Folder"),
+    "LoRATrainer_EncodeTrainingClips": (EncodeTrainingClips, "Encode Training Clips"),
 }
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comfyui_lora_trainer.nodes.conditioning import CONCAT_KEY, CONCAT_MASK_KEY, REFERENCE_KEY, with_inpaint, \
+from comfyui_lora_trainer.nodes.conditioning import CONCAT_KEY, CONCAT_MASK_KEY, REFERENCE_KEY, with_concat_image, \
     with_reference
 from comfyui_lora_trainer.nodes.samples import FLIPPED, NOISE_MASK, REPEATS, VARIANT, bucket_latent, expand, \
     variant_conditioning
@@ -359,9 +359,9 @@ def test_inpaint_encodes_each_image_with_its_mask_region_grey_as_inpaint_model_c
                        inpaint=True, flip=True)
 
 
-def test_with_inpaint_sets_the_masked_image_and_the_mask_on_copies():
+def test_with_concat_image_sets_the_masked_image_and_the_mask_on_copies():
     latent, mask = torch.ones((1, 4, 8, 8)), torch.zeros((1, 1, 8, 8))
     conditioning = [[torch.zeros((1, 3, 8)), {"pooled_output": torch.zeros(1, 8)}]]
-    out = with_inpaint(conditioning, latent, mask)
+    out = with_concat_image(conditioning, latent, mask)
     assert out[0][1][CONCAT_KEY] is latent and out[0][1][CONCAT_MASK_KEY] is mask
     assert CONCAT_KEY not in conditioning[0][1] and out[0][1]["pooled_output"] is conditioning[0][1]["pooled_output"]

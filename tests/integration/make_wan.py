@@ -15,7 +15,9 @@ does not read it). ~1M parameters, fp32, plain keys. No VAE: the tests feed 16-c
 from a test-only node (it_video_nodes.py). I2V: in_dim 36 (16 latent channels + 4 mask + 16 image
 latent channels, which ComfyUI concatenates to the noisy latent) and the CLIP-vision projection
 `img_emb` (1280 wide) → model_type "i2v" → `supported_models.WAN21_I2V`; the tests show Train LoRA
-refuses it, naming it. Files that exist are left as they are.
+refuses it, naming it. VAE: ComfyUI's Wan 2.1 `comfy.ldm.wan.vae.WanVAE` at width 16 (comfy/sd.py reads
+the width from `decoder.head.0.gamma`; the rest is Wan's: 16 latent channels, 8× down in space, 4× in
+time, causal), for core's VAELoader → tiny_wan21_vae.safetensors. Files that exist are left as they are.
 
 Weights: N(0, 0.02) for every parameter, then torch's default init for torch layers (Linear, Conv3d,
 LayerNorm) under a fixed seed, RMSNorm scales 1.
@@ -37,6 +39,8 @@ WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 128, "ffn_dim
               "num_layers": 1, "in_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2)}
 I2V_CONFIG = {**WAN_CONFIG, "model_type": "i2v", "in_dim": 36}
 VARIANTS = {WAN_NAME: (WAN_CONFIG, "WAN21_T2V"), I2V_NAME: (I2V_CONFIG, "WAN21_I2V")}
+VAE_NAME = "tiny_wan21_vae.safetensors"
+VAE_DIM = 16
 
 
 def init_weights(module: torch.nn.Module) -> torch.nn.Module:
@@ -62,6 +66,23 @@ def build_wan(built: dict = WAN_CONFIG) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in init_weights(model).state_dict().items()}
 
 
+def build_vae() -> dict[str, torch.Tensor]:
+    from comfy.ldm.wan.vae import WanVAE
+
+    torch.manual_seed(SEED)
+    vae = WanVAE(dim=VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
+    for p in vae.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    for m in vae.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+            type(m).reset_parameters(m) if type(m) in (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear) else \
+                torch.nn.Conv3d.reset_parameters(m)
+        elif type(m).__name__ == "RMS_norm":
+            torch.nn.init.ones_(m.gamma)
+    return {k: v.float().contiguous() for k, v in vae.state_dict().items()}
+
+
 def main(out_dir: str) -> None:
     from comfy.cli_args import args
 
@@ -75,6 +96,9 @@ def main(out_dir: str) -> None:
         sd = build_wan(built)
         print("detected:", detect_as(sd, built, config_class))  # raises unless ComfyUI reads it as built
         _save(sd, path)
+    vae_path = os.path.join(out_dir, VAE_NAME)
+    if not os.path.exists(vae_path):
+        _save(build_vae(), vae_path)
 
 
 if __name__ == "__main__":

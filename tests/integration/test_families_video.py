@@ -40,6 +40,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 WAN_MODEL = "tiny_wan21_t2v.safetensors"  # make_wan.WAN_NAME
 WAN_I2V = "tiny_wan21_i2v.safetensors"  # make_wan.I2V_NAME
+WAN_VAE = "tiny_wan21_vae.safetensors"  # make_wan.VAE_NAME (test_clips.py uses it)
 TRAIN = {"learning_rate": 5e-3, "batch_size": 2, "rank": 8, "optimizer": "AdamW",
          "loss_function": "MSE", "seed": 1, "lora_dtype": "fp32", "training_dtype": "fp32",
          "gradient_checkpointing": False, "existing_lora": "[None]"}
@@ -64,13 +65,13 @@ def _server():
 
 
 def cached_wan(comfy_dir: Path, python: str) -> Path:
-    """The folder of the tiny Wan models (T2V, I2V), built once per version of make_wan.py (the cache
+    """The folder of the tiny Wan models (T2V, I2V) and VAE, built once per version of make_wan.py (the cache
     of server.cached_flux)."""
     script = HERE / "make_wan.py"
     digest = hashlib.sha256(script.read_bytes()).hexdigest()[:10]
     cache = Path(os.environ.get("COMFYUI_IT_CACHE", "~/.cache/comfyui-lora-trainer-it")).expanduser()
     path = cache / f"tiny_wan-{digest}"
-    if not all((path / name).exists() for name in (WAN_MODEL, WAN_I2V)):
+    if not all((path / name).exists() for name in (WAN_MODEL, WAN_I2V, WAN_VAE)):
         done = subprocess.run([python, str(script), str(path)], cwd=comfy_dir,
                               env=dict(os.environ, COMFYUI_DIR=str(comfy_dir)), capture_output=True, text=True,
                               timeout=900)

@@ -48,6 +48,9 @@ PACK_NODES = {  # id -> (required inputs, optional inputs, output types), as doc
     "LoRATrainer_EncodeTrainingFolder": (["folder", "vae", "resolution"], ["clip", "conditioning", "masks", "flip", "cache",
                                                                           "inpaint", "control_folder"],
                                          ["LATENT", "CONDITIONING", "STRING"]),
+    "LoRATrainer_EncodeTrainingClips": (["folder", "vae", "resolution", "frames"], ["clip", "conditioning",
+                                                                                     "image_to_video"],
+                                        ["LATENT", "CONDITIONING", "STRING"]),
 }
 
 SIZE = 64  # px; a Train LoRA step on the tiny UNet takes ~0.1 s on CPU at this size

@@ -16,6 +16,7 @@ PACK_NODE_IDS = (
     "LoRATrainer_LoadImageSetFromFolder",
     "LoRATrainer_LoadCaptionedImageSet",
     "LoRATrainer_EncodeTrainingFolder",
+    "LoRATrainer_EncodeTrainingClips",
 )
 
 
