@@ -115,10 +115,8 @@ class TrainingDiverged(FloatingPointError):
 
 class GradientPass:
     """The gradient of one optimizer step: `gradient_accumulation` micro-batches, each split into same-shape
-    groups, each group's loss (training/objective.py) weighted by its share and backpropagated.
-
-    `samples` (training/data.py `Samples`) says what the batch order draws: sample → its alternatives
-    (a flipped copy, caption variants) and masks; None: every image is a sample of its own, unmasked."""
+    groups, each group's loss (training/objective.py) weighted by its share and backpropagated. `samples`
+    (training/data.py): what the batch order draws (None: each image a sample of its own, unmasked)."""
 
     def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator,
                  shard: Shard | None = None, samples: Samples | None = None):
@@ -130,8 +128,7 @@ class GradientPass:
     def run(self) -> float:
         """Backward over the micro-batches; returns their mean loss (with a `shard`: this process's
         share of it, and its gradients are its share of the batch's: training/distributed.py)."""
-        total = 0.0
-        accum = self.config.gradient_accumulation
+        total, accum = 0.0, self.config.gradient_accumulation
         for _ in range(accum):
             indices = self.samples.pick(self.batches.next(self.generator), self.generator)
             for group in group_by_shape(indices, self.images):
@@ -139,11 +136,10 @@ class GradientPass:
                 x0 = torch.stack([self.images[i] for i in group]).float()
                 rows = self.shard.rows(len(group)) if self.shard is not None else None
                 loss = self.objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0))
-                if loss is None:  # none of this group's rows are this process's
-                    continue
-                loss = loss * (len(group) / len(indices) / accum)
-                loss.backward()
-                total += loss.item()
+                if loss is not None:  # None: none of this group's rows are this process's
+                    loss = loss * (len(group) / len(indices) / accum)
+                    loss.backward()
+                    total += loss.item()
         return total
 
 
