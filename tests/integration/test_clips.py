@@ -9,12 +9,15 @@ encoded by a tiny Wan 2.1 VAE (make_wan.py: ComfyUI's own WanVAE at width 16), t
 3. WanImageToVideo's rule: with the still start image, core's WanImageToVideo (LoadImage of the same
    file, the clip's size and length) gives the captions on which Train LoRA trains the very LoRA, bit for
    bit, that it trains on the node's own captions.
+4. The example workflow example_workflows/api/train_i2v_lora.json runs with the tiny files (its text
+   encoder swapped for the test conditioning), at 64 px and a few steps.
 
 Skips unless COMFYUI_DIR is set (see conftest.py).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -129,3 +132,21 @@ def test_the_start_frame_input_is_wan_image_to_video_s(comfy_clips, folders):
     core = run(comfy_clips, g)
     assert ours[1] == core[1], (ours[1], core[1])
     assert ours[2].keys() == core[2].keys() and all(ours[2][k].equal(core[2][k]) for k in ours[2])
+
+
+def test_the_i2v_example_workflow_runs_on_the_tiny_files(comfy_clips, folders):
+    g = json.loads((HERE.parents[1] / "example_workflows" / "api" / "train_i2v_lora.json").read_text("utf-8"))
+    g["1"]["inputs"]["unet_name"] = video.WAN_I2V
+    g["3"]["inputs"]["vae_name"] = video.WAN_VAE
+    del g["2"]  # umT5: no text encoder here; one test conditioning for every clip
+    g["c"] = video.conditioning("wan21_t2v", 0)
+    g["4"]["inputs"].pop("clip")
+    g["4"]["inputs"].update(folder=folders["two"], conditioning=["c", 0], **{
+        k: ENCODE[k] for k in ("resolution", "frames", "bucket_step", "min_side", "max_side")})
+    g["5"]["inputs"].update(steps=3, training_dtype="fp32", lora_dtype="fp32")
+    g["6"]["inputs"]["prefix"] = "loras/it_clips_example"
+    entry = comfy_clips.run(g, timeout=600)
+    assert entry["outputs"]["4"]["text"][0].startswith("2 clips ("), entry["outputs"]["4"]
+    losses = entry["outputs"]["7"]["loss"]
+    assert len(losses) == 3 and all(np.isfinite(losses)), losses
+    assert (comfy_clips.output_dir / entry["outputs"]["6"]["text"][0]).is_file()

@@ -21,7 +21,7 @@ def load_api(name: str) -> dict:
 # ---- UI-format workflows -----------------------------------------------------------------
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # nodes the browser draws; the server never sees them
 FILE_COMBOS = {"ckpt_name", "lora_name", "folder", "existing_lora", "image", "unet_name", "clip_name1", "clip_name2",
-               "vae_name"}  # lists depend on the user's files
+               "vae_name", "clip_name"}  # lists depend on the user's files
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -97,7 +97,7 @@ def check_ui_structure(ui: dict, info: dict) -> None:
         assert all(i.get("link") in linked | {None} for i in node["inputs"]), node["type"]
 
 
-@pytest.mark.parametrize("name", ["train_lora", "sample_with_lora", "train_edit_lora", "train_inpaint_lora"])
+@pytest.mark.parametrize("name", ["train_lora", "sample_with_lora", "train_edit_lora", "train_inpaint_lora", "train_i2v_lora"])
 def test_ui_workflow_matches_object_info_and_its_api_twin(comfy, name):
     info = comfy.object_info()
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
@@ -119,7 +119,8 @@ def test_ui_workflows_are_served_as_templates(comfy):
     ours = {folder: names for folder, names in templates.items() if "lora" in folder.lower() and "trainer" in folder.lower()}
     assert len(ours) == 1, templates
     (folder, names), = ours.items()
-    assert sorted(names) == ["sample_with_lora", "train_edit_lora", "train_inpaint_lora", "train_lora"], names
+    assert sorted(names) == ["sample_with_lora", "train_edit_lora", "train_i2v_lora", "train_inpaint_lora",
+                            "train_lora"], names
     served = comfy.get(f"/api/workflow_templates/{folder}/train_lora.json")
     assert served == json.loads((WORKFLOWS / "train_lora.json").read_text())
     for name in names:  # the template card's thumbnail (scripts/make_thumbnails.py)
