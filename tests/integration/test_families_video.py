@@ -355,6 +355,37 @@ def test_qwen_image_edit_style_reference_latents_train_and_reach_the_model(comfy
     assert first[0] != other[0], (first[0], other[0])
 
 
+def test_qwen_image_reference_lora_loads_in_core_changes_a_reference_sample_and_leaves_the_base(comfy_wan):
+    from safetensors.numpy import load_file
+
+    def sample(lora: str, strength: float, tag: str) -> tuple[np.ndarray, str]:
+        g = sample_graph("qwen_image", lora, strength, f"qwen_ref_{tag}")
+        g["r"] = {"class_type": "ITVideoLatents", "inputs": {"seed": 7, "frames": "1", "width": 64, "height": 64}}
+        g["cr"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["c", 0], "latent": ["r", 0]}}
+        g["6"]["inputs"]["positive"] = ["cr", 0]
+        mark = len(comfy_wan.log())
+        saved = comfy_wan.run(g)["outputs"][SAMPLE_LATENT]["latents"][0]
+        return load_file(str(comfy_wan.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"], \
+            comfy_wan.log(mark)
+
+    def base(tag: str) -> np.ndarray:
+        probe = f"it_qwen_ref_probe_{tag}.safetensors"
+        (comfy_wan.loras_dir / probe).write_bytes(b"")
+        return sample(probe, 0.0, tag)[0]
+
+    before = base("before")
+    graph = train_graph("qwen_image", "loras/it_qwen_ref_sampled", 6)
+    graph["3"]["inputs"]["frames"] = "1"
+    graph["r"] = {"class_type": "ITVideoLatents", "inputs": {"seed": 7, "frames": "1", "width": 64, "height": 64}}
+    graph["c"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["4", 0], "latent": ["r", 0]}}
+    graph[TRAIN_NODE]["inputs"]["positive"] = ["c", 0]
+    saved = comfy_wan.run(graph, timeout=600)["outputs"][SAVE_NODE]["text"][0]
+    np.testing.assert_array_equal(base("after"), before, err_msg="the Qwen-Image base model changed")
+    with_lora, log = sample(saved[len("loras/"):], 1.0, "with_lora")
+    assert LORA_NOT_LOADED not in log, [line for line in log.splitlines() if LORA_NOT_LOADED in line][:5]
+    assert not np.array_equal(with_lora, before), "the LoRA changed no latent of the reference-conditioned sample"
+
+
 def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):
     """Every weight has a LoRA (lora_up/down, .diff for other weights, .diff_b for biases) and every
     one moved from zero: gradients reached the Conv3d patch embedding, the attention and the head."""
