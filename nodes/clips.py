@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..training.clips import CLIP_SUFFIXES
 from .common import CATEGORY, input_subfolders
-from .dataset import LATENT_DTYPES
+from .dataset import BUCKET_SIDES, LATENT_DTYPE
 
 
 class EncodeTrainingClips:
@@ -47,11 +47,9 @@ class EncodeTrainingClips:
                                                "of the same name beside it (clip.mp4 + clip.png)."}),
                 "bucket_step": ("INT", {"default": 16, "min": 8, "max": 512, "step": 8, "tooltip": "Bucket sides "
                                         "are multiples of this (16 suits Wan: 8× VAE, 2× patch)."}),
-                "min_side": ("INT", {"default": 256, "min": 8, "max": 8192, "step": 8, "tooltip": "Shortest bucket side."}),
-                "max_side": ("INT", {"default": 2048, "min": 8, "max": 16384, "step": 8, "tooltip": "Longest bucket side."}),
+                **BUCKET_SIDES,
                 "default_caption": ("STRING", {"default": "", "tooltip": "Caption for clips without a .txt file."}),
-                "latent_dtype": (list(LATENT_DTYPES), {"default": "bf16", "tooltip": "How the latents are kept in "
-                                                       "memory (training computes in fp32 or bf16 either way)."}),
+                **LATENT_DTYPE,
             },
         }
 

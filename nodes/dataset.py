@@ -11,6 +11,13 @@ from ..training.dataset import MASK_SOURCES
 from .common import CATEGORY, FOLDER_TIP, input_subfolders
 
 LATENT_DTYPES = ("bf16", "fp32", "fp16")
+# inputs Encode Training Folder and Encode Training Clips share
+BUCKET_SIDES = {
+    "min_side": ("INT", {"default": 256, "min": 8, "max": 8192, "step": 8, "tooltip": "Shortest bucket side."}),
+    "max_side": ("INT", {"default": 2048, "min": 8, "max": 16384, "step": 8, "tooltip": "Longest bucket side."}),
+}
+LATENT_DTYPE = {"latent_dtype": (list(LATENT_DTYPES), {"default": "bf16", "tooltip": "How the latents are kept in "
+                                                       "memory (training computes in fp32 or bf16 either way)."})}
 
 
 class EncodeTrainingFolder:
@@ -72,8 +79,7 @@ def _options() -> dict:
         "bucket_step": ("INT", {"default": 64, "min": 8, "max": 512, "step": 8, "tooltip": "Bucket sides are "
                                 "multiples of this: the VAE's downscale × the model's patch size (64 suits every "
                                 "family)."}),
-        "min_side": ("INT", {"default": 256, "min": 8, "max": 8192, "step": 8, "tooltip": "Shortest bucket side."}),
-        "max_side": ("INT", {"default": 2048, "min": 8, "max": 16384, "step": 8, "tooltip": "Longest bucket side."}),
+        **BUCKET_SIDES,
         "default_caption": ("STRING", {"default": "", "tooltip": "Caption for images without a .txt file."}),
         "masks": (list(MASK_SOURCES), {"default": "none", "tooltip": "Loss masks (white = train): none, the "
                                        "images' alpha channel, or same-named files in mask_folder. Train LoRA "
@@ -90,8 +96,7 @@ def _options() -> dict:
         "keep_tokens": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "The first this many tags stay "
                                 "in place (kohya's keep_tokens)."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seeds the caption variants."}),
-        "latent_dtype": (list(LATENT_DTYPES), {"default": "bf16", "tooltip": "How the latents are kept in "
-                                               "memory (training computes in fp32 or bf16 either way)."}),
+        **LATENT_DTYPE,
         "cache": ("BOOLEAN", {"default": True, "tooltip": "Keep each image's latent under the output folder's "
                               "lora_trainer_cache/, keyed by the file's content, the VAE and the bucket: the next "
                               "run skips the VAE."}),

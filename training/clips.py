@@ -10,7 +10,6 @@ frame, 1 on the frames to generate. No ComfyUI import, so it tests offline.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from .buckets import fit_to_bucket
-from .images import is_skipped, read_caption
+from .images import list_images, read_caption
 
 CLIP_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 START_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # a still start image beside a clip
@@ -35,15 +34,13 @@ class Clip(NamedTuple):
 def plan_clips(folder: str | Path) -> list[Clip]:
     """Every clip under `folder` (sorted; hidden files and __MACOSX skipped) with its caption and start image."""
     root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"folder: {root} is not a folder; choose a subfolder of the input folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not is_skipped(d)]
-        found += [Path(dirpath, f) for f in filenames if not is_skipped(f) and f.lower().endswith(CLIP_SUFFIXES)]
+    try:
+        found = list_images(root, CLIP_SUFFIXES)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
     if not found:
         raise ValueError(f"folder: {root} holds no clips ({', '.join(CLIP_SUFFIXES)}); add some or pick another")
-    return [Clip(path, read_caption(path), _start_image(path)) for path in sorted(found)]
+    return [Clip(path, read_caption(path), _start_image(path)) for path in found]
 
 
 def _start_image(clip: Path) -> Path | None:

@@ -37,16 +37,16 @@ class ImageSet(NamedTuple):
     captions: list[str]  # one per image; "" where no caption file exists
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files in `folder` and its subfolders, sorted; non-image files, hidden files and folders
-    (`.name`) and `__MACOSX` folders are skipped."""
+def list_images(folder: str | os.PathLike, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files (or files of other `suffixes`: clips) in `folder` and its subfolders, sorted; other
+    files, hidden files and folders (`.name`) and `__MACOSX` folders are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder: {folder} is not a folder; choose a subfolder of the input folder")
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not is_skipped(d)]
-        found += [Path(dirpath, f) for f in filenames if not is_skipped(f) and f.lower().endswith(IMAGE_SUFFIXES)]
+        found += [Path(dirpath, f) for f in filenames if not is_skipped(f) and f.lower().endswith(suffixes)]
     return sorted(p for p in found if p.is_file())
 
 

@@ -271,34 +271,17 @@ def test_wan_image_to_video_trains_with_its_start_frame_and_the_frame_reaches_th
 
 
 def test_wan_image_to_video_lora_loads_in_core_changes_a_start_frame_sample_and_leaves_the_base(comfy_wan):
-    """The I2V sample graph with the start frame on its caption: base before, trained LoRA, base after."""
-    from safetensors.numpy import load_file
-
-    def sample(lora: str, strength: float, tag: str) -> tuple[np.ndarray, str]:
-        g = sample_graph("wan21_t2v", lora, strength, f"i2v_{tag}")
+    """The I2V sample graph with the start frame on its captions: base before, trained LoRA, base after."""
+    def start_frame(g: dict) -> None:
         g["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": WAN_I2V, "weight_dtype": "default"}}
         g["s"] = {"class_type": "ITVideoLatents", "inputs": {"seed": 0, "frames": "3", "width": 64, "height": 64}}
         for cond in ("c", "n"):  # the start frame on both captions, as WanImageToVideo sets it
             g[f"{cond}i"] = {"class_type": "ITConcatImage", "inputs": {"conditioning": [cond, 0], "start": ["s", 0]}}
         g["6"]["inputs"].update(positive=["ci", 0], negative=["ni", 0])
-        mark = len(comfy_wan.log())
-        saved = comfy_wan.run(g)["outputs"][SAMPLE_LATENT]["latents"][0]
-        return load_file(str(comfy_wan.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"], \
-            comfy_wan.log(mark)
 
-    def base(tag: str) -> np.ndarray:
-        probe = f"it_wan_i2v_probe_{tag}.safetensors"
-        (comfy_wan.loras_dir / probe).write_bytes(b"")
-        return sample(probe, 0.0, tag)[0]
-
-    before = base("before")
     graph = _i2v_graph(0, 6)
     graph[SAVE_NODE]["inputs"]["prefix"] = "loras/it_wan_i2v_sampled"
-    saved = comfy_wan.run(graph, timeout=600)["outputs"][SAVE_NODE]["text"][0]
-    np.testing.assert_array_equal(base("after"), before, err_msg="the I2V base model changed")
-    with_lora, log = sample(saved[len("loras/"):], 1.0, "with_lora")
-    assert LORA_NOT_LOADED not in log, [line for line in log.splitlines() if LORA_NOT_LOADED in line][:5]
-    assert not np.array_equal(with_lora, before), "the LoRA changed no latent of the start-frame sample"
+    check_conditioned_lora(comfy_wan, "wan21_t2v", graph, start_frame, "i2v")
 
 
 def test_wan_image_to_video_control_dropout_1_trains_without_the_start_frame(comfy_wan):
@@ -356,34 +339,46 @@ def test_qwen_image_edit_style_reference_latents_train_and_reach_the_model(comfy
 
 
 def test_qwen_image_reference_lora_loads_in_core_changes_a_reference_sample_and_leaves_the_base(comfy_wan):
-    from safetensors.numpy import load_file
-
-    def sample(lora: str, strength: float, tag: str) -> tuple[np.ndarray, str]:
-        g = sample_graph("qwen_image", lora, strength, f"qwen_ref_{tag}")
+    def reference(g: dict, caption: str = "c") -> None:
         g["r"] = {"class_type": "ITVideoLatents", "inputs": {"seed": 7, "frames": "1", "width": 64, "height": 64}}
-        g["cr"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["c", 0], "latent": ["r", 0]}}
-        g["6"]["inputs"]["positive"] = ["cr", 0]
-        mark = len(comfy_wan.log())
-        saved = comfy_wan.run(g)["outputs"][SAMPLE_LATENT]["latents"][0]
-        return load_file(str(comfy_wan.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"], \
-            comfy_wan.log(mark)
+        g["cr"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [caption, 0], "latent": ["r", 0]}}
 
-    def base(tag: str) -> np.ndarray:
-        probe = f"it_qwen_ref_probe_{tag}.safetensors"
-        (comfy_wan.loras_dir / probe).write_bytes(b"")
-        return sample(probe, 0.0, tag)[0]
-
-    before = base("before")
     graph = train_graph("qwen_image", "loras/it_qwen_ref_sampled", 6)
     graph["3"]["inputs"]["frames"] = "1"
-    graph["r"] = {"class_type": "ITVideoLatents", "inputs": {"seed": 7, "frames": "1", "width": 64, "height": 64}}
-    graph["c"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["4", 0], "latent": ["r", 0]}}
-    graph[TRAIN_NODE]["inputs"]["positive"] = ["c", 0]
-    saved = comfy_wan.run(graph, timeout=600)["outputs"][SAVE_NODE]["text"][0]
-    np.testing.assert_array_equal(base("after"), before, err_msg="the Qwen-Image base model changed")
+    reference(graph, "4")
+    graph[TRAIN_NODE]["inputs"]["positive"] = ["cr", 0]
+
+    def sampled(g: dict) -> None:
+        reference(g)
+        g["6"]["inputs"]["positive"] = ["cr", 0]
+
+    check_conditioned_lora(comfy_wan, "qwen_image", graph, sampled, "qwen_ref")
+
+
+def check_conditioned_lora(comfy, family: str, graph: dict, condition, tag: str) -> None:
+    """Sample the base (sample_graph with `condition` applied), train `graph`, sample the base again (it must be
+    bit-identical) and with the trained LoRA at 1: every key loads, and the conditioned sample changes."""
+    from safetensors.numpy import load_file
+
+    def sample(lora: str, strength: float, which: str) -> tuple[np.ndarray, str]:
+        g = sample_graph(family, lora, strength, f"{tag}_{which}")
+        condition(g)
+        mark = len(comfy.log())
+        saved = comfy.run(g)["outputs"][SAMPLE_LATENT]["latents"][0]
+        latent = load_file(str(comfy.output_dir / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+        return latent, comfy.log(mark)
+
+    def base(which: str) -> np.ndarray:
+        probe = f"it_{tag}_probe_{which}.safetensors"  # strength 0: never read; the fresh name re-runs the sampler
+        (comfy.loras_dir / probe).write_bytes(b"")
+        return sample(probe, 0.0, which)[0]
+
+    before = base("before")
+    saved = comfy.run(graph, timeout=600)["outputs"][SAVE_NODE]["text"][0]
+    np.testing.assert_array_equal(base("after"), before, err_msg=f"{family}: the base model changed")
     with_lora, log = sample(saved[len("loras/"):], 1.0, "with_lora")
     assert LORA_NOT_LOADED not in log, [line for line in log.splitlines() if LORA_NOT_LOADED in line][:5]
-    assert not np.array_equal(with_lora, before), "the LoRA changed no latent of the reference-conditioned sample"
+    assert not np.array_equal(with_lora, before), f"{family}: the LoRA changed no latent of the conditioned sample"
 
 
 def test_every_layer_of_the_wan_model_trains(comfy_wan, trained):
