@@ -183,7 +183,15 @@ def test_ctrl_c_interrupts_the_running_prompt(comfy, workflow, dataset):
             except queue.Empty:
                 pass
         child.send_signal(signal.SIGINT)
-        assert child.wait(timeout=120) == 130
+        try:
+            code = child.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # say what the client had printed: where it stopped
+            time.sleep(0.5)
+            while not lines.empty():
+                seen.append(lines.get())
+            raise AssertionError("the client did not exit within 120 s of Ctrl-C; its stderr:\n"
+                                 + "".join(seen)[-3000:]) from None
+        assert code == 130
     finally:
         if child.poll() is None:
             child.kill()
