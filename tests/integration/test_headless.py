@@ -170,8 +170,11 @@ def _read_lines(stream, lines: queue.Queue) -> None:
 def test_ctrl_c_interrupts_the_running_prompt(comfy, workflow, dataset):
     pytest.importorskip("websocket", reason="waiting for the first progress needs websocket-client")
     args = [str(workflow), "--server", comfy.url, *_fit_to_test_server(comfy, workflow, steps=5000)]
+    # Ctrl-C as a terminal gives it: SIGINT at its default, so Python turns it into KeyboardInterrupt. A shell
+    # without job control starts background jobs (`pytest … &`) with SIGINT ignored, and children inherit that
     child = subprocess.Popen([sys.executable, "-c", BOOT, str(PACK_ROOT), *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_read_lines, args=(child.stderr, lines), daemon=True).start()
     deadline, seen = time.monotonic() + 300, []
