@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +39,9 @@ ENCODE = {"resolution": 96, "frames": 9, "bucket_step": 16, "min_side": 32, "max
 @pytest.fixture(scope="module")
 def comfy_clips(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server of its own with the tiny Wan I2V model, the tiny Wan VAE and the test-only nodes."""
-    server = video._server()
-    comfy_dir, python = server.comfyui_or_skip()
-    base = tmp_path_factory.mktemp("comfyui_clips_base")
-    models = video.cached_wan(comfy_dir, python)
-    server.make_base_dir(base, None, {f"models/diffusion_models/{video.WAN_I2V}": models / video.WAN_I2V,
-                                      f"models/vae/{video.WAN_VAE}": models / video.WAN_VAE,
-                                      "custom_nodes/it_video_nodes.py": HERE / "it_video_nodes.py"})
-    started = time.monotonic()
-    client = server.start_server(comfy_dir, python, base)
-    try:
-        print(f"\nComfyUI up at {client.url} after {time.monotonic() - started:.1f} s (base {base})")
-        yield client
-    finally:
-        server.stop(client.process)
+    yield from video.wan_server(tmp_path_factory, "comfyui_clips_base",
+                                {f"models/diffusion_models/{video.WAN_I2V}": video.WAN_I2V,
+                                 f"models/vae/{video.WAN_VAE}": video.WAN_VAE})
 
 
 def frames(seed: int, count: int, size: tuple[int, int]) -> list[Image.Image]:

@@ -84,11 +84,18 @@ def cached_wan(comfy_dir: Path, python: str) -> Path:
 def comfy_wan(tmp_path_factory: pytest.TempPathFactory):
     """A ComfyUI server of its own with models/diffusion_models/tiny_wan21_t2v.safetensors and the
     test-only nodes of it_video_nodes.py."""
+    yield from wan_server(tmp_path_factory, "comfyui_wan_base",
+                          {f"models/diffusion_models/{name}": name for name in (WAN_MODEL, WAN_I2V)})
+
+
+def wan_server(tmp_path_factory: pytest.TempPathFactory, base_name: str, models: dict[str, str]):
+    """A fixture's body: a ComfyUI server of its own with `models` ({path in the base dir: file name among
+    cached_wan's}) and it_video_nodes.py, stopped when the fixture ends (test_clips.py uses it too)."""
     server = _server()
     comfy_dir, python = server.comfyui_or_skip()
-    base = tmp_path_factory.mktemp("comfyui_wan_base")
-    models = cached_wan(comfy_dir, python)
-    server.make_base_dir(base, None, {**{f"models/diffusion_models/{name}": models / name for name in (WAN_MODEL, WAN_I2V)},
+    base = tmp_path_factory.mktemp(base_name)
+    built = cached_wan(comfy_dir, python)
+    server.make_base_dir(base, None, {**{where: built / name for where, name in models.items()},
                                       "custom_nodes/it_video_nodes.py": HERE / "it_video_nodes.py"})
     started = time.monotonic()
     client = server.start_server(comfy_dir, python, base)
