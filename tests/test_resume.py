@@ -56,16 +56,21 @@ def assert_same_lora(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_half_then_resumed_half_is_bit_identical_to_one_run(tmp_path):
-    straight, _ = run(tmp_path / "one", CONFIG)
-    first, writer = run(tmp_path / "two", replace(CONFIG, save_every=4))
+# the memory levers keep their state in the same files: 8-bit moments (bitsandbytes' nested quantization
+# state), and one optimizer per parameter stepped in the backward pass
+@pytest.mark.parametrize("lever", [{}, {"optimizer": "AdamW8bit"}, {"step_in_backward": True}],
+                         ids=["plain", "AdamW8bit", "step_in_backward"])
+def test_half_then_resumed_half_is_bit_identical_to_one_run(tmp_path, lever):
+    config = replace(CONFIG, **lever)
+    straight, _ = run(tmp_path / "one", config)
+    first, writer = run(tmp_path / "two", replace(config, save_every=4))
     assert writer.written == ["loras/checkpoints/lora_4_steps_00001_.safetensors",
                               "loras/checkpoints/lora_8_steps_00001_.safetensors"]
     # drop the final checkpoint: resume from the middle one
     (tmp_path / "two" / writer.written[1]).unlink()
     for suffix in (TENSORS, JSON):
         (tmp_path / "two" / STATES_FOLDER / "loras/checkpoints" / f"lora_8_steps_00001_{suffix}").unlink()
-    second, _ = run(tmp_path / "two", replace(CONFIG, resume="latest"))
+    second, _ = run(tmp_path / "two", replace(config, resume="latest"))
     assert second.total_steps == 8 and second.losses == straight.losses
     assert_same_lora(second.lora, straight.lora)
     assert_same_lora(first.lora, straight.lora)

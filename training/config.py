@@ -16,7 +16,7 @@ from typing import NamedTuple
 from ..lora.algos import ALGORITHMS, effective_alpha
 from ..lora.targets import TARGETS
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy")  # core's four first (docs/options.md#optimizers)
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy", "AdamW8bit")  # core's four first (docs/options.md#optimizers)
 LOSSES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
@@ -27,6 +27,7 @@ FLOW_SHIFTS = ("model", "fixed", "resolution")  # resolution: Flux's shift from 
 LOSS_WEIGHTINGS = ("none", "min_snr", "debiased")
 RANK_ALGORITHMS = ("lora", "dora")  # the algorithms with a rank-wide activation and an `up` matrix
 
+OPTIMIZER_PATHS = {"Prodigy": "prodigyopt.Prodigy", "AdamW8bit": "bitsandbytes.optim.AdamW8bit"}  # the rest: torch.optim
 MAX_SEED = 2**64 - 1
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
 MAIN, OPTIONS = "main", "options"  # the node a field is an input of: Train LoRA, LoRA Training Options
@@ -88,7 +89,9 @@ class TrainConfig:
     steps: int = setting(16, "Optimizer steps.", low=1, high=100000)
     learning_rate: float = setting(0.0005, "Learning rate.", low=1e-7, high=1.0, step=1e-6)
     rank: int = setting(8, "LoRA rank.", low=1, high=128)
-    optimizer: str = setting("AdamW", "Optimizer (torch defaults besides the learning rate).", choices=OPTIMIZERS)
+    optimizer: str = setting("AdamW", "Optimizer (torch defaults besides the learning rate). AdamW8bit: AdamW with its "
+                            "two moments in 8 bits (bitsandbytes), a quarter of AdamW's optimizer memory.",
+                            choices=OPTIMIZERS)
     loss_function: str = setting("MSE", "Loss function.", choices=LOSSES)
     seed: int = setting(0, "Makes LoRA init, batch choice and noise reproducible.", low=0, high=MAX_SEED)
     training_dtype: str = setting("bf16", "Compute dtype while training (bf16 uses autocast).", choices=DTYPE_NAMES)
@@ -187,6 +190,12 @@ class TrainConfig:
     control_dropout: float = setting(0.0, "Probability that an image trains without its condition image (an edit "
                                      "model's reference, a start frame, an inpainting image), as the model samples "
                                      "without one.", node=OPTIONS, low=0.0, high=1.0, step=0.01)
+    # memory (docs/memory.md)
+    step_in_backward: bool = setting(False, "Step each adapter's optimizer in the backward pass, as soon as its "
+                                     "gradient is made, which is then freed: the step never holds every gradient "
+                                     "(kohya's fused_backward_pass). Same result as the plain step; not with "
+                                     "max_grad_norm, gradient_accumulation above 1, Prodigy or torchrun.",
+                                     node=OPTIONS)
     # optimizer and LR (training/optim.py)
     weight_decay: float = setting(-1.0, "Decoupled (AdamW) or L2 weight decay; -1 = the optimizer's default "
                                   "(AdamW 0.01, the others 0).", node=OPTIONS, low=-1.0, high=10.0, step=0.001)
@@ -231,6 +240,16 @@ class TrainConfig:
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(f"min_learning_rate: got {self.min_learning_rate}, above learning_rate "
                              f"{self.learning_rate}; give a value up to learning_rate")
+        if self.step_in_backward:
+            clash = [(n, v) for n, v, off in (("max_grad_norm", self.max_grad_norm, 0.0),
+                                               ("gradient_accumulation", self.gradient_accumulation, 1),
+                                               ("optimizer", self.optimizer, None)) if v != off and
+                     (n != "optimizer" or v == "Prodigy")]
+            if clash:
+                name, value = clash[0]
+                raise ValueError(f"{name}: got {value}, but step_in_backward steps each adapter before the other "
+                                 f"gradients exist, and {name} needs them all first; turn step_in_backward off, or "
+                                 f"set {name} to {'AdamW' if name == 'optimizer' else _number(1 if name == 'gradient_accumulation' else 0)}")
         for name in ("network_dropout", "rank_dropout", "lora_plus_ratio"):
             off = 1.0 if name == "lora_plus_ratio" else 0.0
             if getattr(self, name) != off and self.algorithm not in RANK_ALGORITHMS:
@@ -262,7 +281,7 @@ class TrainConfig:
             **epochs,
             "ss_network_dim": str(self.rank), "ss_network_alpha": _number(effective_alpha(self.network_alpha, self.rank)),
             "ss_learning_rate": str(self.learning_rate), "ss_unet_lr": str(self.learning_rate),
-            "ss_optimizer": "prodigyopt.Prodigy" if self.optimizer == "Prodigy" else f"torch.optim.{self.optimizer}", "ss_lr_scheduler": self.lr_schedule,
+            "ss_optimizer": OPTIMIZER_PATHS.get(self.optimizer, f"torch.optim.{self.optimizer}"), "ss_lr_scheduler": self.lr_schedule,
             "ss_lr_warmup_steps": str(self.warmup_steps), "ss_max_train_steps": str(self.steps),
             "ss_batch_size_per_device": str(self.batch_size),
             "ss_total_batch_size": str(self.batch_size * self.gradient_accumulation),  # kohya: × processes × accumulation

@@ -125,19 +125,31 @@ class GradientPass:
         self.batches = BatchOrder(len(self.samples), config.batch_size, config.batch_order)
         self.objective = Objective(fns, config, images[0].device)
 
-    def run(self) -> float:
+    def run(self, arm: Callable[[bool], None] | None = None) -> float:
         """Backward over the micro-batches; returns their mean loss (with a `shard`: this process's
-        share of it, and its gradients are its share of the batch's: training/distributed.py)."""
+        share of it, and its gradients are its share of the batch's: training/distributed.py).
+        `arm` (step_in_backward): told before each backward whether it is the step's last, the one
+        whose gradients the optimizer steps on as they are made (earlier groups' accumulate first)."""
         total, accum = 0.0, self.config.gradient_accumulation
         for _ in range(accum):
             indices = self.samples.pick(self.batches.next(self.generator), self.generator)
-            for group in group_by_shape(indices, self.images):
+            groups = group_by_shape(indices, self.images)
+            for n, group in enumerate(groups):
+                if arm is not None:
+                    arm(n == len(groups) - 1)
                 # weight each same-shape group by its share so the gradient is the batch mean
                 x0 = torch.stack([self.images[i] for i in group]).float()
                 rows = self.shard.rows(len(group)) if self.shard is not None else None
                 loss = self.objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0))
                 if loss is not None:  # None: none of this group's rows are this process's
                     loss = loss * (len(group) / len(indices) / accum)
+                    if self.config.step_in_backward:  # backward steps the adapters: check the loss before it
+                        value = loss.item()
+                        if not math.isfinite(value):
+                            return value
+                        loss.backward()
+                        total += value
+                        continue
                     loss.backward()
                     total += loss.item()
         return total
@@ -152,6 +164,9 @@ class Trainer:
     def __init__(self, network: LoraNetwork, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig,
                  existing_steps: int = 0, shard: Shard | None = None, samples: Samples | None = None):
         self.network, self.config, self.existing_steps, self.shard = network, config, existing_steps, shard
+        if config.step_in_backward and shard is not None:
+            raise ValueError("step_in_backward: each process would step before the gradients are summed over the "
+                             "processes; turn step_in_backward off under torchrun")
         self.params = [p for p in network.parameters()]
         self.optimizer = make_optimizer(network.named_parameters(), config)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -175,7 +190,7 @@ class Trainer:
         set_lr(self.optimizer, self.lr)
         try:
             with self.dropout.active() if self.dropout is not None else nullcontext():
-                loss = self.gradients.run()
+                loss = self.gradients.run(getattr(self.optimizer, "arm", None))
         except BaseException:  # e.g. a cancel raised inside the model: the step did not happen
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(before)

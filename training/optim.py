@@ -6,7 +6,8 @@ Hugging Face's `get_cosine_with_hard_restarts_schedule_with_warmup`), decaying t
 `min_learning_rate` (0 by default) over the remaining steps.
 
 `make_optimizer` builds torch's optimizer of the config's name (Adafactor is torch's own; Prodigy
-comes from the optional `prodigyopt` package) with its default hyper-parameters besides the LR and
+comes from the optional `prodigyopt` package, AdamW8bit from `bitsandbytes`: AdamW whose two moments
+are stored as 8-bit codes with a scale per block of 256, fp32 for tensors under 4096 elements) with its default hyper-parameters besides the LR and
 `weight_decay`. LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models")
 puts the `up` matrices in a parameter group whose LR is `lora_plus_ratio` times the base LR: each
 group's "lr_ratio" scales the schedule's LR.
@@ -31,6 +32,14 @@ UP_SUFFIX = "lora_up"  # the LoRA/DoRA parameter LoRA+ speeds up
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "AdamW8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError:
+            raise ImportError("optimizer: AdamW8bit needs the optional package bitsandbytes, which is not installed; "
+                              "install it with the Python that runs ComfyUI (python -m pip install bitsandbytes), or "
+                              "choose AdamW") from None
+        return AdamW8bit
     if name != "Prodigy":
         return _TORCH_OPTIMIZERS[name]
     try:
@@ -52,8 +61,10 @@ def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainC
     return [{"params": rest, "lr_ratio": 1.0}, {"params": up, "lr_ratio": config.lora_plus_ratio}]
 
 
-def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
-    """The config's optimizer over `named` (name, parameter) pairs, at the config's LR."""
+def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig
+                   ) -> torch.optim.Optimizer | BackwardSteps:
+    """The config's optimizer over `named` (name, parameter) pairs, at the config's LR; with
+    `step_in_backward`, one per parameter, stepped in the backward pass (BackwardSteps)."""
     groups = param_groups(named, config)
     params = [p for g in groups for p in g["params"]]
     kwargs: dict[str, object] = {"lr": config.learning_rate}
@@ -62,7 +73,87 @@ def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: Trai
     fusable = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     if config.optimizer in ("AdamW", "Adam") and fusable:  # one fused kernel instead of a loop over tensors
         kwargs["fused"] = True
-    return _optimizer_class(config.optimizer)(groups, **kwargs)
+    kind = _optimizer_class(config.optimizer)
+    if config.step_in_backward:
+        return BackwardSteps([(p, kind([{**g, "params": [p]}], **kwargs)) for g in groups for p in g["params"]])
+    return kind(groups, **kwargs)
+
+
+class BackwardSteps:
+    """Gradients released as they are made: each parameter has an optimizer of its own, stepped from the
+    parameter's post-accumulate-grad hook as soon as backward has its gradient, which is then freed. So
+    the step never holds every gradient at once (kohya's --fused_backward_pass, PyTorch's "optimizer in
+    backward" recipe). For an optimizer whose update of a parameter reads only that parameter (AdamW, Adam,
+    SGD, RMSprop, Adafactor) the result is bit-identical to one step over all of them; a rule that needs
+    every gradient first (clipping the total norm, summing micro-batches, averaging over processes,
+    Prodigy's shared step size) cannot run this way (TrainConfig and Trainer refuse those).
+
+    Presents the optimizer interface the Trainer uses: `param_groups` (each parameter's group, so the
+    schedule's LR reaches them), `step()` (nothing left to do), `zero_grad`, `state`, and a
+    `state_dict()` in torch's layout over all parameters, so checkpoints and resume work unchanged."""
+
+    def __init__(self, optimizers: list[tuple[torch.nn.Parameter, torch.optim.Optimizer]]):
+        self.pairs = optimizers
+        self.optimizers = [o for _, o in optimizers]
+        self.armed = True
+        self.handles = [p.register_post_accumulate_grad_hook(self._stepper(o)) for p, o in optimizers]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Every parameter's group (the live ones: loading a state replaces them)."""
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def arm(self, armed: bool) -> None:
+        """Whether the next backward steps (the step's last); before it, gradients accumulate as usual (a
+        batch of several latent sizes runs one backward per size)."""
+        self.armed = armed
+
+    def _stepper(self, optimizer: torch.optim.Optimizer):
+        def step(_param: torch.nn.Parameter) -> None:
+            if self.armed:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return step
+
+    def step(self) -> None:
+        """Each parameter stepped when its gradient was made; one whose gradient came only before the last
+        backward (an adapter module dropout skipped then) steps now."""
+        for param, optimizer in self.pairs:
+            if param.grad is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def state_dict(self) -> dict:
+        state, groups = {}, []
+        for i, optimizer in enumerate(self.optimizers):
+            own = optimizer.state_dict()
+            if own["state"]:
+                state[i] = own["state"][0]
+            groups.append({**own["param_groups"][0], "params": [i]})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state, groups = state_dict["state"], state_dict["param_groups"]
+        if len(groups) != len(self.optimizers):
+            raise ValueError(f"resume: the training state has {len(groups)} optimizer groups, this run "
+                             f"{len(self.optimizers)} parameters; it was saved without step_in_backward, or for "
+                             "other layers: match step_in_backward to the saved run, or clear resume")
+        for i, optimizer in enumerate(self.optimizers):
+            own = state.get(i, state.get(str(i)))
+            optimizer.load_state_dict({"state": {0: own} if own is not None else {},
+                                       "param_groups": [{**groups[i], "params": [0]}]})
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -60,10 +60,32 @@ def stem_of(path: str | os.PathLike) -> str:
     raise ValueError(f"resume: {path} is not a training state; give a file ending in {JSON}")
 
 
+def _flat(entries: dict, prefix: str = "") -> dict[str, Any]:
+    """A parameter's optimizer state with nested dicts (bitsandbytes' quantization state) as "a/b" names."""
+    flat = {}
+    for name, value in entries.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}/"))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        where = nested
+        for parent in parents:
+            where = where.setdefault(parent, {})
+        where[leaf] = value
+    return nested
+
+
 def _split_optimizer(optimizer: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for index, entries in optimizer["state"].items():
-        for name, value in entries.items():
+        for name, value in _flat(entries).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optimizer/{index}/{name}"] = value.detach().clone().contiguous()
             else:
@@ -211,6 +233,7 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
             rng[rest] = tensor
     for index, entries in record["optimizer"]["scalars"].items():
         optimizer_state.setdefault(int(index), {}).update(entries)
+    optimizer_state = {index: _nest(entries) for index, entries in optimizer_state.items()}
     state = TrainState(
         step=record["step"], total_steps=record["total_steps"], loss=record["loss"], lr=record["lr"],
         losses=list(record["losses"]),

@@ -54,7 +54,8 @@ class SavedTensor:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return t.device.type, t.untyped_storage().data_ptr()
+    # the storage object's identity, not its data pointer: a fake tensor's (training/memory.py) has none
+    return t.device.type, t.untyped_storage()._cdata
 
 
 def _written_tensors(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:

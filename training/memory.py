@@ -1,0 +1,225 @@
+"""The memory one training step needs, counted before training on fake tensors (docs/memory.md).
+
+`estimate(...)` runs the engine's own training step (`Trainer.step`: adapters injected, the
+objective's noise draw, forward under the run's checkpointing, backward, the optimizer step) twice
+under torch's `FakeTensorMode`: every tensor made has a shape, dtype and device but no memory and
+no values, and no multiply runs. The frozen weights stay the real (or fake) ones the model holds;
+the mode reads them as fake. A `LiveBytes` dispatch mode on top counts the bytes of every tensor
+storage an op makes until it is freed, and its peak: what the step holds above the weights, exact
+up to the kernels' own workspace and the allocator's slack. The second step is the one that counts:
+it runs with the optimizer's state alive, as every step after it does.
+
+What a number needs that fake tensors cannot give:
+- values: `.item()`, `.tolist()` and `bool(tensor)` (the loss, the batch draw, the finiteness check)
+  read as 0.5 (floats), 0 (integers) and True. So every draw picks image 0: `estimate` trains on a
+  batch of `batch_size` copies of the largest latent, the worst batch the data can draw;
+- kernels: each op's output is the size its meta function states. Attention through PyTorch's
+  `scaled_dot_product_attention` counts as the fused kernel PyTorch picks on the device (flash or
+  memory-efficient on CUDA, flash on the CPU): its output and log-sum-exp, never the L×L scores.
+  Code that builds the scores itself (ComfyUI's split or sub-quadratic attention) is counted as
+  written, since its ops run faked too.
+
+The result splits the peak into what it is made of (`MemoryEstimate`): the frozen weights resident
+on the compute device (before the count: each parameter and buffer on that device), the adapters,
+their gradients and the optimizer state (storages identified at the end), the activations the
+forward pass saved for backward (alive when backward began, less those), and the rest (transient:
+attention, casts of offloaded or fp8 weights, recomputation under checkpointing).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .checkpointing import training_forward
+from .config import TrainConfig
+from .data import Samples, flatten_latents
+from .objective import ModelFns
+
+MIB = 2 ** 20
+_SCALAR = torch.ops.aten._local_scalar_dense.default
+
+
+def _key(t: torch.Tensor) -> int:
+    """A storage's identity while it lives (a fake tensor's storage has no data pointer)."""
+    return t.untyped_storage()._cdata
+
+
+class LiveBytes(TorchDispatchMode):
+    """Sums the bytes of the tensor storages ops make while it is active, until each is freed, and the peak.
+
+    A storage counts once, from the op that made it until it is freed (a finalizer on the storage).
+    One first seen as an op's input was made before (a weight, a latent): it and its views never count.
+    With `stub_scalars`, reading a value (`.item()`, `.tolist()`, `bool()`) gives 0.5, 0 or True, as a
+    fake tensor has none. `snapshot` keeps which storages were alive at the peak and when the backward
+    pass of that step began, for `composition`.
+    """
+
+    def __init__(self, stub_scalars: bool = False, snapshot: bool = True) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[int, int]] = {}  # storage → (serial, bytes): an address is reused once freed
+        self.before: set[int] = set()
+        self.now = self.peak = self.serial = 0
+        self.stub_scalars, self.snapshot = stub_scalars, snapshot
+        self.in_backward = False
+        self.backward_start: set[int] = set()  # serials of the storages alive when this step's backward began
+        self.at_peak: dict[int, int] = {}  # serial → bytes of the storages alive at the peak
+        self.backward_start_at_peak: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _SCALAR and self.stub_scalars:
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else 0.5 if dtype.is_floating_point or dtype.is_complex else 0
+        backward = torch._C._current_autograd_node() is not None
+        if backward and not self.in_backward and self.snapshot:
+            self.backward_start = {serial for serial, _ in self.live.values()}
+        self.in_backward = backward
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and _key(t) not in self.live and _key(t) not in self.before:
+                self.before.add(_key(t))
+                weakref.finalize(t.untyped_storage(), self.before.discard, _key(t))  # its address may be reused
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place op: no new memory (under fake mode, of a weight converted just now)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key in self.live or key in self.before:
+                    continue
+                self.serial += 1
+                self.live[key] = (self.serial, storage.nbytes())
+                self.now += storage.nbytes()
+                if self.now > self.peak:
+                    self.peak = self.now
+                    if self.snapshot:
+                        self.at_peak = dict(self.live.values())
+                        self.backward_start_at_peak = self.backward_start
+                weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, (0, 0))[1]
+
+    def serial_of(self, t: torch.Tensor) -> int | None:
+        """The serial of `t`'s storage, if this count made it and it lives."""
+        return self.live.get(_key(t), (None, 0))[0]
+
+
+@dataclass
+class MemoryEstimate:
+    """One training step's peak memory on the compute device, in bytes, and what it is made of."""
+
+    weights: int  # frozen weights and buffers resident on the compute device
+    adapters: int  # the adapters' fp32 master weights
+    gradients: int  # their gradients, as held at the peak
+    optimizer: int  # the optimizer's state
+    activations: int  # saved by the forward pass for backward, as held at the peak
+    transient: int  # everything else at the peak: attention, weight casts, recomputation, the loss
+    device: str = "cpu"
+    batch: tuple[int, ...] = ()  # the worst batch counted: (batch_size, *latent shape)
+    extra: dict[str, int] = field(default_factory=dict)  # the host's additions, e.g. the VAE while previewing
+
+    @property
+    def step(self) -> int:
+        """The step's own peak, above the weights."""
+        return self.adapters + self.gradients + self.optimizer + self.activations + self.transient
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.step + sum(self.extra.values())
+
+    def as_dict(self) -> dict[str, object]:
+        parts = ("weights", "adapters", "gradients", "optimizer", "activations", "transient")
+        return {"device": self.device, "batch": list(self.batch), **{f"{p}_mib": getattr(self, p) / MIB for p in parts},
+                **{f"{k}_mib": v / MIB for k, v in self.extra.items()}, "step_mib": self.step / MIB,
+                "total_mib": self.total / MIB}
+
+    def describe(self) -> str:
+        """One line: the total and its parts."""
+        parts = [("frozen weights", self.weights), ("adapters", self.adapters), ("gradients", self.gradients),
+                 ("optimizer state", self.optimizer), ("saved activations", self.activations),
+                 ("transient", self.transient), *self.extra.items()]
+        shape = "×".join(str(n) for n in self.batch)
+        return (f"{_gib(self.total)} on {self.device} at the peak of a step (batch {shape}): "
+                + ", ".join(f"{name} {_gib(n)}" for name, n in parts))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / MIB:.0f} MiB" if n >= 10 * MIB else f"{n / MIB:.1f} MiB"
+
+
+def resident_bytes(net: nn.Module, device: torch.device | str) -> int:
+    """The bytes of `net`'s parameters and buffers resting on `device` (each storage once)."""
+    device = torch.device(device)
+    seen: dict[int, int] = {}
+    for t in [*net.parameters(), *net.buffers()]:
+        if t.device.type == device.type and (device.index is None or t.device.index in (None, device.index)):
+            seen[_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def worst_batch(images: Sequence[torch.Tensor], samples: Samples | None, batch_size: int) -> Samples:
+    """Samples that draw `batch_size` copies of the largest image (the worst batch the data can draw)."""
+    largest = max(range(len(images)), key=lambda i: (math.prod(images[i].shape), -i))
+    masks = samples.masks if samples is not None else None
+    return Samples([[largest]] * batch_size, masks)
+
+
+def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[torch.Tensor], config: TrainConfig, *,
+             checkpoint_blocks: Sequence[nn.Module] = (), samples: Samples | None = None,
+             device: torch.device | str | None = None, fake: bool = True, steps: int = 2) -> MemoryEstimate:
+    """The peak memory of a training step of `config` on `net` (see the module docstring); `net` is left
+    as it was. `fake=False` runs the same steps for real (tests compare the two); `device`: where the
+    step computes (default: the latents')."""
+    from .loop import Trainer, lora_config_of  # loop imports this module's users; keep the import light
+    from ..lora import inject
+
+    images = flatten_latents(latents)
+    device = torch.device(device if device is not None else images[0].device)
+    weights = resident_bytes(net, device)
+    drawn = worst_batch(images, samples, config.batch_size)
+    one_step = replace(config, steps=max(config.steps, steps), warmup_steps=0, gradient_accumulation=1,
+                       batch_order="random")
+    counter = LiveBytes(stub_scalars=fake)
+    grads: set[int | None] = set()  # serials
+    with ExitStack() as stack:
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(counter)
+        network = stack.enter_context(inject(net, lora_config_of(config), seed=config.seed, device=images[0].device))
+        stack.enter_context(training_forward(net, checkpoint_blocks, config.gradient_checkpointing))
+        adapters = list(network.parameters())
+        handles = [p.register_post_accumulate_grad_hook(lambda p: grads.add(counter.serial_of(p.grad))) for p in adapters]
+        trainer = Trainer(network, fns, images, one_step, samples=drawn)
+        for _ in range(steps):
+            trainer.step()
+        for handle in handles:
+            handle.remove()
+        adapter_keys = {counter.serial_of(p) for p in adapters}
+        state_keys = {counter.serial_of(t) for s in trainer.optimizer.state.values() for t in tree_flatten(s)[0]
+                      if isinstance(t, torch.Tensor)}
+        del trainer, network, adapters
+    return _composition(counter, weights, adapter_keys, grads, state_keys, device,
+                        (config.batch_size, *images[drawn.alternatives[0][0]].shape))
+
+
+def _composition(counter: LiveBytes, weights: int, adapters: set, grads: set, state: set, device: torch.device,
+                 batch: tuple[int, ...]) -> MemoryEstimate:
+    """The peak's storages (by serial) by kind: adapters, gradients, optimizer state, saved activations, the rest."""
+    at_peak, saved = counter.at_peak, counter.backward_start_at_peak
+    kinds = {"adapters": adapters, "gradients": grads, "optimizer": state}
+    sums = {kind: sum(n for k, n in at_peak.items() if k in keys) for kind, keys in kinds.items()}
+    known = adapters | grads | state
+    activations = sum(n for k, n in at_peak.items() if k in saved and k not in known)
+    transient = counter.peak - sum(sums.values()) - activations
+    return MemoryEstimate(weights, sums["adapters"], sums["gradients"], sums["optimizer"], activations, transient,
+                          str(device), batch)
