@@ -1,6 +1,6 @@
 """`python -m comfyui_lora_trainer demo` (train on the bundled tiny model), `... run WORKFLOW.json`
-(drive a running ComfyUI headless) and `... train WORKFLOW.json` (ComfyUI in this process; under
-torchrun, data-parallel)."""
+(drive a running ComfyUI headless), `... train WORKFLOW.json` (ComfyUI in this process; under
+torchrun, data-parallel) and `... estimate WORKFLOW.json` (the memory a training step needs)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .headless.cli import add_run_arguments  # standard library only
-from .headless.inprocess import add_train_arguments, split_comfy_args  # standard library only (ComfyUI, torch: when run)
+from .headless.inprocess import add_estimate_arguments, add_train_arguments, split_comfy_args  # standard library only (ComfyUI, torch: when run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="run a workflow in this process with ComfyUI as a library "
                                               "(torchrun: data-parallel training)")
     add_train_arguments(train)
+    estimate = commands.add_parser("estimate", help="print the memory a workflow's training step needs, without "
+                                                    "training (ComfyUI in this process)")
+    add_estimate_arguments(estimate)
     argv = sys.argv[1:] if argv is None else list(argv)
     comfy_args: list[str] = []
-    if argv[:1] == ["train"]:  # after `--`: ComfyUI's own options, for its parser
+    if argv[:1] in (["train"], ["estimate"]):  # after `--`: ComfyUI's own options, for its parser
         argv, comfy_args = split_comfy_args(argv)
     args = parser.parse_args(argv)
     args.comfy_args = comfy_args
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .headless.cli import run_command
 
         return run_command(args)
+    if args.command == "estimate":
+        from .headless.inprocess import estimate_command
+
+        return estimate_command(args)
     if args.command == "train":
         from .headless.inprocess import train_command
 

@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,90 @@ def _execute(args: argparse.Namespace, comfy_args: list[str], workflow: Workflow
         return 1
     items = extract_outputs(getattr(executor, "history_result", None) or {})  # {"outputs": {node: ui}}
     _say(format_outputs(items, workflow) if items else "done (no outputs)")
+    return 0
+
+
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Print the memory one training step of each Train LoRA in an API-format workflow needs "
+                          "(docs/memory.md), without training: ComfyUI runs in this process up to Train LoRA, "
+                          "which counts one step on fake tensors and stops.")
+    parser.add_argument("workflow", type=Path, help="API-format workflow JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help='override an input, e.g. "Train LoRA.batch_size=2" (repeatable)')
+    parser.add_argument("--measure", action="store_true",
+                        help="also run the same two steps for real and print what they held (slow at full size)")
+    parser.add_argument("--json", type=Path, help="also write the estimates to this JSON file")
+    parser.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_DIR"),
+                        help="the ComfyUI checkout (default: $COMFYUI_DIR)")
+    parser.usage = "%(prog)s WORKFLOW [--set NODE.INPUT=VALUE ...] [--measure] [--json PATH] [-- COMFYUI OPTIONS ...]"
+
+
+def _mib(value: float) -> str:
+    return f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.1f} MiB"
+
+
+def format_estimate(record: dict[str, Any]) -> str:
+    """One Train LoRA's estimate (its JSON record) as lines for the terminal."""
+    found = record["estimate"]
+    parts = [(name, found[f"{name}_mib"]) for name in ("weights", "adapters", "gradients", "optimizer", "activations",
+                                                       "transient")]
+    extra = [(k[:-4], v) for k, v in found.items() if k.endswith("_mib") and k[:-4] not in dict(parts)
+             and k not in ("step_mib", "total_mib")]
+    lines = [f"Train LoRA (node {record.get('node', '?')}): {_mib(found['total_mib'])} on {found['device']} at the "
+             f"peak of a step, batch {'×'.join(str(n) for n in found['batch'])}"]
+    lines += [f"  {name:<12} {_mib(value)}" for name, value in parts + extra]
+    verdict = "fits" if record["fits"] else "does NOT fit"
+    lines.append(f"  {verdict}: {_mib(found['total_mib'] - found['weights_mib'])} above the loaded weights, "
+                 f"{_mib(record['free_mib'])} free on {found['device']}")
+    if record.get("cheapest"):
+        lines.append(f"  cheapest settings that fit: {', '.join(record['cheapest'])}")
+    measured = record.get("measured")
+    if measured:
+        ratio = found["step_mib"] / measured["step_mib"] if measured["step_mib"] else float("nan")
+        lines.append(f"  measured in a real step: {_mib(measured['step_mib'])} above the weights "
+                     f"(estimate/measured {ratio:.3f})")
+    return "\n".join(lines)
+
+
+def estimate_command(args: argparse.Namespace) -> int:
+    """The `estimate` command: run the workflow's Train LoRA nodes (and what feeds them) in estimate mode."""
+    from ..nodes.common import ESTIMATE_MODE, ESTIMATE_OUT
+    comfy_args = list(getattr(args, "comfy_args", []))
+    try:
+        workflow, trainers = _workflow(args, 1)
+        if not trainers:
+            raise _Refused(f"{args.workflow}: no Train LoRA ({OUR_TRAIN_NODE}) node to estimate")
+        _torch(comfy_args)
+        execution, prompt_server, loop = _import_comfyui(Path(args.comfyui).resolve(), comfy_args, 0, False)
+    except _Refused as refused:
+        _say(f"error: {refused}", sys.stderr)
+        return refused.code
+    except ModuleNotFoundError as err:
+        _say(f"error: ComfyUI cannot start in this Python: no module named {err.name!r}", sys.stderr)
+        return 2
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "estimates.jsonl"
+        os.environ[ESTIMATE_MODE], os.environ[ESTIMATE_OUT] = ("measure" if args.measure else "only"), str(out)
+        for node in trainers:  # one at a time, so each record knows its node
+            prompt_id = str(uuid.uuid4())
+            valid, error, _, node_errors = _validate(execution, loop, workflow, prompt_id)
+            if not valid:
+                _say(f"error: ComfyUI refused the workflow: {error}\n{json.dumps(node_errors, indent=2)}", sys.stderr)
+                return 1
+            executor = _make_executor(execution, prompt_server)
+            executor.execute(workflow, prompt_id, {}, [node])
+            lines = out.read_text("utf-8").splitlines() if out.exists() else []
+            out.unlink(missing_ok=True)
+            if not lines:
+                failure = _error_message(executor.status_messages) or "Train LoRA did not reach its first step"
+                _say(f"error: Train LoRA (node {node}): {failure}", sys.stderr)
+                return 1
+            records += [{"node": node, **json.loads(line)} for line in lines]
+    for record in records:
+        _say(format_estimate(record))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1), "utf-8")
     return 0
 
 

@@ -94,6 +94,12 @@ class Previewer:
         self.folder, self.stem = output_target(self.output, settings.filename_prefix, PREVIEW_PREFIX)
         self.taken: list[tuple[int, Path]] = []  # (step, PNG); the pixels are read back for the grid
 
+    def vae_bytes(self) -> int:
+        """The weights of the preview's VAE (it joins the model on the device to decode), 0 without one."""
+        vae = self.settings.vae
+        model = getattr(vae, "first_stage_model", None) if vae is not None else None
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values()) if model is not None else 0
+
     def due(self, step: int) -> bool:
         """Every `every` steps, and the last step."""
         return step % self.settings.every == 0 or step == self.total

@@ -11,7 +11,9 @@ so everything here runs with inference mode off, on clones of the latents and co
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from typing import NamedTuple
 
 import comfy.model_management
@@ -32,11 +34,12 @@ from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
 from ..training.data import Samples, caption_entries, describe_captions, model_latents
 from ..training.captions import grouped_denoise, guider_predict
+from ..training import memory
 from ..training.loop import ModelFns, TrainResult, TrainState, train
 from ..training.validation import Validation
 from . import families
 from .checkpoints import CheckpointWriter
-from .common import NONE_LORA
+from .common import ESTIMATE_MODE, ESTIMATE_OUT, NONE_LORA
 from .comfy_conds import ShapedConds, check_conditioned
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning, hold_latent_inputs
 from .samples import Expanded, expand, is_variant_set
@@ -51,6 +54,10 @@ from .validation import ValidationSettings
 log = logging.getLogger(__name__)
 
 _PERCENT_EDGE = 1e-5  # ComfyUI maps percent 0 to a near-infinite sigma; keep draws inside (0, 1)
+
+
+class EstimateOnly(Exception):
+    """Raised inside the sampler once the estimate is written, when ESTIMATE_MODE asks for no training."""
 
 
 def _clone_tree(value):
@@ -159,6 +166,7 @@ class TrainSampler(comfy.samplers.Sampler):
         self.held = held or {}  # the entries' inputs held back from the guider (nodes/comfy_conds.py)
         self.conds: ShapedConds | None = None  # the guider's caption entries, prepared per latent size
         self.hooks: TrainingHooks | None = None
+        self.memory: memory.MemoryEstimate | None = None  # the step's estimate, made before training
 
     @property
     def steps_done(self) -> int:
@@ -190,6 +198,7 @@ class TrainSampler(comfy.samplers.Sampler):
             # ComfyUI's flag while training, as core's trainer sets it: some models pick autograd-capable
             # kernels by it (Flux's rope: comfy_kitchen's has no backward)
             with swapped_items(comfy.model_management.__dict__, {"in_training": True}):
+                self.memory = self._estimate(net, fns, latents, device)
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
@@ -199,6 +208,49 @@ class TrainSampler(comfy.samplers.Sampler):
         if distributed.is_main():
             _log_speed(self.hooks.seconds_per_step(), device)
         return torch.zeros_like(latent_image)
+
+    def _estimate(self, net, fns: ModelFns, latents: list[torch.Tensor], device: torch.device):
+        """The step's memory (training/memory.py), logged with the device's free memory and, when it does not
+        fit, the cheapest settings that would; never stops the run (a model the estimate cannot follow
+        trains without one), unless ESTIMATE_MODE asks for the estimate alone."""
+        mode = os.environ.get(ESTIMATE_MODE, "")
+
+        def measure(config: TrainConfig, fake: bool = True) -> memory.MemoryEstimate:
+            found = memory.estimate(net, fns, latents, config, checkpoint_blocks=model_blocks(net),
+                                    samples=self.samples, device=device, fake=fake)
+            if self.previewer is not None:  # the VAE joins the model on the device to decode previews
+                found.extra["VAE while previewing"] = self.previewer.vae_bytes()
+            return found
+
+        try:
+            found = measure(self.config)
+        except Exception as err:  # noqa: BLE001 - an estimate must not stop training
+            if mode:
+                raise
+            log.warning("Train LoRA: no memory estimate for this model (%s: %s); training goes on",
+                        type(err).__name__, err)
+            return None
+        free = comfy.model_management.get_free_memory(device)
+        need = found.total - found.weights  # the weights are loaded already
+        log.info("Train LoRA: memory: %s; %s free on %s", found.describe(), memory.gib(free), device)
+        changes, fits = ([], found) if need <= free else memory.cheapest_fit(self.config, measure, free)
+        if need > free:
+            advice = (f"the cheapest settings that fit: {', '.join(changes)} (then {memory.gib(fits.step)} above the "
+                      f"weights)" if fits is not None else
+                      f"even with {', '.join(changes) or 'these settings'} it would not; turn the options node's "
+                      f"offload on (the frozen weights stay in RAM), or train at a lower resolution")
+            log.warning("Train LoRA: this step needs about %s above the loaded weights but %s is free on %s; %s",
+                        memory.gib(need), memory.gib(free), device, advice)
+        if mode:
+            record = {"estimate": found.as_dict(), "free_mib": free / memory.MIB, "fits": need <= free,
+                      "cheapest": changes if need > free else [],
+                      "measured": measure(self.config, fake=False).as_dict() if mode == "measure" else None}
+            out = os.environ.get(ESTIMATE_OUT)
+            if out:
+                with open(out, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            raise EstimateOnly()
+        return found
 
     def _validator(self, model_wrap, extra_args: dict, device: torch.device) -> Validation | None:
         """The validation set's loss (its latents through process_latent_in too), or None."""
@@ -318,15 +370,46 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume())
         given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
         sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held)
-        guider = Guider_Basic(model.clone())
+        patcher = model.clone()
+        if config.offload:
+            _offload(patcher)
+        guider = Guider_Basic(patcher)
         guider.set_conds(given)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
         try:
             guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
+        except EstimateOnly:  # the estimate command: written, nothing trained; end the workflow here
+            log.info("Train LoRA: memory estimated; not training (%s is set)", ESTIMATE_MODE)
+            raise comfy.model_management.InterruptProcessingException() from None
         except comfy.model_management.InterruptProcessingException:  # raised by ComfyUI's progress hook
             _log_cancel(sampler.steps_done, config.steps, None)
             raise
     return _outputs(model, sampler, existing, config)
+
+
+def _offload(patcher) -> None:
+    """The options node's offload: ComfyUI loads the model partially for the run (`prepare_sampling`'s
+    force_offload, what core's trainer asks for), so the frozen weights stay in RAM and each layer's are
+    cast onto the GPU as it runs; under gradient checkpointing one block's at a time are kept."""
+    import inspect
+
+    import comfy.patcher_extension
+    import comfy.sampler_helpers
+
+    if "force_offload" not in inspect.signature(comfy.sampler_helpers.prepare_sampling).parameters:
+        raise ValueError("offload: this ComfyUI cannot load a model partially for training (its prepare_sampling "
+                         "has no force_offload); update ComfyUI, or turn offload off")
+    if patcher.load_device.type == "cpu":
+        log.info("Train LoRA: offload is on but ComfyUI computes on the CPU, where the weights already are")
+        return
+
+    def partial(executor, model, noise_shape, conds, model_options=None, force_full_load=False, force_offload=False):
+        return executor(model, noise_shape, conds, model_options=model_options, force_full_load=False,
+                        force_offload=True)
+
+    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING,
+                                                 "lora_trainer_offload", partial, patcher.model_options,
+                                                 is_model_options=True)
 
 
 def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConfig) -> dict:

@@ -143,3 +143,34 @@ def test_a_state_saved_stepping_in_backward_resumes_bit_identically():
 def test_stepping_in_backward_refuses_what_needs_every_gradient_first(change, named):
     with pytest.raises(ValueError, match=f"^{named}: .*step_in_backward"):
         TrainConfig(step_in_backward=True, **change)
+
+
+def test_the_cheapest_fit_adds_levers_in_order_until_the_step_fits():
+    from comfyui_lora_trainer.training.memory import cheapest_fit
+    model, fns, latents = setup(torch.bfloat16)
+    blocks = list(model.net.blocks)
+    config = TrainConfig(batch_size=2, gradient_checkpointing=False, **FAST)
+
+    def measure(c):
+        return estimate(model.net, fns, latents, c, checkpoint_blocks=blocks)
+
+    full = measure(config)
+    checkpointed = measure(replace(config, gradient_checkpointing=True, step_in_backward=True, optimizer="AdamW8bit"))
+    changes, fits = cheapest_fit(config, measure, checkpointed.step + 1)
+    assert changes == ["step_in_backward on", "optimizer AdamW8bit", "gradient_checkpointing on"]
+    assert fits.step == checkpointed.step < full.step
+    changes, fits = cheapest_fit(config, measure, 1024)  # nothing fits in 1 KiB
+    assert fits is None and changes[-1] == "batch_size 1"
+
+
+def test_the_estimate_command_prints_each_part_and_the_verdict():
+    from comfyui_lora_trainer.headless.inprocess import format_estimate
+    model, fns, latents = setup(torch.bfloat16)
+    found = estimate(model.net, fns, latents, TrainConfig(batch_size=2, **FAST), checkpoint_blocks=list(model.net.blocks))
+    text = format_estimate({"node": "5", "estimate": found.as_dict(), "free_mib": 1.0, "fits": False,
+                            "cheapest": ["step_in_backward on"], "measured": found.as_dict()})
+    assert text.splitlines()[0].startswith("Train LoRA (node 5): ") and "batch 2×4×32×32" in text
+    for part in ("weights", "adapters", "gradients", "optimizer", "activations", "transient"):
+        assert f"  {part} " in text
+    assert "does NOT fit" in text and "cheapest settings that fit: step_in_backward on" in text
+    assert "(estimate/measured 1.000)" in text

@@ -196,6 +196,9 @@ class TrainConfig:
                                      "(kohya's fused_backward_pass). Same result as the plain step; not with "
                                      "max_grad_norm, gradient_accumulation above 1, Prodigy or torchrun.",
                                      node=OPTIONS)
+    offload: bool = setting(False, "Keep the frozen weights in RAM and stream each layer's to the GPU as it runs "
+                            "(ComfyUI's partial loading, as core's offloading option), for a model larger than the "
+                            "GPU; slower. Nothing to do when ComfyUI computes on the CPU.", node=OPTIONS)
     # optimizer and LR (training/optim.py)
     weight_decay: float = setting(-1.0, "Decoupled (AdamW) or L2 weight decay; -1 = the optimizer's default "
                                   "(AdamW 0.01, the others 0).", node=OPTIONS, low=-1.0, high=10.0, step=0.001)

@@ -149,11 +149,12 @@ class MemoryEstimate:
                  ("optimizer state", self.optimizer), ("saved activations", self.activations),
                  ("transient", self.transient), *self.extra.items()]
         shape = "×".join(str(n) for n in self.batch)
-        return (f"{_gib(self.total)} on {self.device} at the peak of a step (batch {shape}): "
-                + ", ".join(f"{name} {_gib(n)}" for name, n in parts))
+        return (f"{gib(self.total)} on {self.device} at the peak of a step (batch {shape}): "
+                + ", ".join(f"{name} {gib(n)}" for name, n in parts))
 
 
-def _gib(n: int) -> str:
+def gib(n: float) -> str:
+    """Bytes for a log line: GiB from 1 GiB, else MiB."""
     return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / MIB:.0f} MiB" if n >= 10 * MIB else f"{n / MIB:.1f} MiB"
 
 
@@ -223,3 +224,37 @@ def _composition(counter: LiveBytes, weights: int, adapters: set, grads: set, st
     transient = counter.peak - sum(sums.values()) - activations
     return MemoryEstimate(weights, sums["adapters"], sums["gradients"], sums["optimizer"], activations, transient,
                           str(device), batch)
+
+
+# The levers to try when a step does not fit, cheapest (in time) first: each adds to the ones before.
+LEVERS: tuple[tuple[str, object], ...] = (("step_in_backward", True), ("optimizer", "AdamW8bit"),
+                                          ("gradient_checkpointing", True), ("batch_size", 1))
+
+
+def cheapest_fit(config: TrainConfig, measure, budget: int) -> tuple[list[str], MemoryEstimate | None]:
+    """The first settings, along LEVERS, whose step (`measure(config)` → MemoryEstimate; its `step` plus
+    its `extra`) fits in `budget` bytes: (the changes, their estimate), or (every change tried, None)."""
+    changes: list[str] = []
+    for name, value in LEVERS:
+        if getattr(config, name) == value or name == "optimizer" and not _eight_bit_fits(config):
+            continue
+        try:
+            candidate = replace(config, **{name: value})
+        except ValueError:  # e.g. step_in_backward with clipping: the next lever
+            continue
+        config = candidate
+        changes.append(f"{name} {_setting(value)}")
+        found = measure(config)
+        if found.step + sum(found.extra.values()) <= budget:
+            return changes, found
+    return changes, None
+
+
+def _eight_bit_fits(config: TrainConfig) -> bool:
+    """AdamW8bit replaces AdamW or Adam, when bitsandbytes is installed."""
+    import importlib.util
+    return config.optimizer in ("AdamW", "Adam") and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _setting(value: object) -> str:
+    return "on" if value is True else "off" if value is False else str(value)

@@ -1,0 +1,564 @@
+"""Full-size SDXL and Flux.1-dev on one GPU: our Train LoRA against ComfyUI core's TrainLoraNode, peak
+memory and seconds per step, and our memory estimate beside our measured peak.
+
+    COMFYUI_DIR=/path/to/ComfyUI python -m comfyui_lora_trainer.bench.gpu_check [--toy] [--json PATH]
+                                                                            [--device cuda|cpu]
+
+ComfyUI runs in this process as a library (its options parsed as headless/inprocess.py does, with
+`--cpu` on the CPU). Each family's diffusion model is ComfyUI's own class (comfy.supported_models
+SDXL / Flux → `get_model({})`) built with the unet_config ComfyUI detects for the real files, bf16
+(`--dtype`; fp32 by default on the CPU), random weights (N(0, 0.02); norm scales 1), made directly on the device and wrapped in a ModelPatcher:
+a MODEL as a loader gives it. `--toy` builds the same families at toy width (the integration tests'
+tiny configs) and trains at a quarter of the pixels per side, so the whole run takes about a minute
+on a CPU. Conditioning is random, in the shapes the families' text encoders give: SDXL (1, 77, 2048)
+with a pooled (1, 1280) and the size entries, Flux (1, 256, 4096) with a pooled (1, 768) and guidance.
+
+Each case (family, pixels, settings) trains `--steps` steps with
+- ours: nodes/comfy_train.py `train_lora`, as Train LoRA's execute calls it;
+- core: comfy_extras/nodes_train.py `TrainLoraNode.execute` (its V3 classmethod; every input a list).
+  Core re-creates its model through ModelPatcher.cached_patcher_init (a loader sets it to reload the
+  file); here there is no file, so it gets a clone of the same in-memory weights: one copy of the
+  weights counts in both trainers' peaks, as when core reloads the file after ComfyUI offloaded the
+  model it had.
+Measured per run:
+- peak memory: on CUDA `torch.cuda.max_memory_allocated`, reset before the run (it holds the weights
+  resident on the GPU; our sampler resets it again just before its first step, with the weights
+  loaded); on the CPU the live bytes of the tensor storages the run makes
+  (training/memory.py `LiveBytes`), which leaves out the weights made before the run;
+- seconds per step: ComfyUI's progress-bar hook, which both trainers update after every optimizer step
+  (CUDA synchronized), from the end of the first step to the end of the last;
+- ours only: the memory estimate our sampler computes before training, caught by wrapping
+  training/memory.py `estimate` (the first MemoryEstimate a run returns). Where our sampler does not
+  call it (yet), the bench calls it itself with the engine's own arguments just before `train()`
+  (`estimate_source` says which). The comparable figure (`estimate_mib`) is `.total` on CUDA (it
+  counts the resident weights, as max_memory_allocated does) and `.step` on the CPU (above the
+  weights, as the live bytes are); the estimate's own run is kept out of the measured peak.
+Every run sits in try/except: an error (an out-of-memory one, say) is recorded and the next run goes
+on. No new case starts once `--budget` seconds (default 420) have passed since the start.
+Writes JSON (default bench/results/gpu_check.json, gpu_check_toy.json with --toy) and prints a table.
+Exit status: 0 when the runs went (errors inside cases included), 2 without ComfyUI or bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+MIB = 2 ** 20
+STEPS = 6
+BUDGET_S = 420.0  # no new case after 7 minutes (the H100 run must end within 8)
+TOY_SCALE = 4  # --toy trains at px / 4
+
+# The unet_config comfy/model_detection.py returns for the real files (bench_check_configs verifies it).
+FULL_CONFIGS = {
+    "sdxl": {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    },
+    "flux": {  # Flux.1-dev
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+        "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+        "txt_ids_dims": [],
+    },
+}
+# Toy width, same layout and text widths (tests/integration make_sdxl.py / make_flux.py).
+TOY_CONFIGS = {
+    "sdxl": {**FULL_CONFIGS["sdxl"], "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [0, 1],
+             "channel_mult": [1, 2], "transformer_depth_middle": 1, "num_head_channels": 16,
+             "transformer_depth_output": [0, 0, 1, 1]},
+    "flux": {**FULL_CONFIGS["flux"], "hidden_size": 256, "num_heads": 2, "depth": 1, "depth_single_blocks": 1},
+}
+LATENT_CHANNELS = {"sdxl": 4, "flux": 16}
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    px: int  # full size; --toy trains at px // TOY_SCALE
+    checkpointing: bool
+    batch_size: int = 1
+    rank: int = 16
+
+    def name(self, toy: bool = False) -> str:
+        return f"{self.family} {self.pixels(toy)}px b{self.batch_size} r{self.rank} {'ckpt' if self.checkpointing else 'no-ckpt'}"
+
+    def pixels(self, toy: bool) -> int:
+        return self.px // TOY_SCALE if toy else self.px
+
+
+# Grouped by family (one model each); the last Flux one is the first to go when time runs short.
+CASES = (
+    Case("sdxl", 1024, True),
+    Case("sdxl", 1024, False),
+    Case("flux", 512, True),
+    Case("flux", 512, False),
+    Case("flux", 1024, True),
+)
+
+
+def settings(case: Case, steps: int, dtype: str = "bf16") -> dict[str, Any]:
+    """Train LoRA's widget values for a case (TrainConfig's names); core takes the same values."""
+    return {"steps": steps, "batch_size": case.batch_size, "rank": case.rank, "learning_rate": 1e-4,
+            "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": dtype, "lora_dtype": dtype,
+            "gradient_checkpointing": case.checkpointing}
+
+
+def core_inputs(values: dict[str, Any]) -> dict[str, list]:
+    """TrainLoraNode.execute's keyword arguments (is_input_list: each a list) for the same settings."""
+    extra = {"grad_accumulation_steps": 1, "quantized_backward": False, "algorithm": "LoRA", "checkpoint_depth": 1,
+             "offloading": False, "existing_lora": "[None]", "bucket_mode": False, "bypass_mode": False}
+    return {k: [v] for k, v in {**values, **extra}.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_lora_trainer.bench.gpu_check",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--toy", action="store_true", help="toy-width models at px/4 (runs on a CPU in about a minute)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default bench/results/gpu_check[_toy].json)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_DIR"),
+                        help="the ComfyUI checkout (default: $COMFYUI_DIR)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="weights, training_dtype and lora_dtype (default: bf16 on cuda; fp32 on the cpu, where "
+                             "bf16 is emulated and many times slower without AVX-512 BF16)")
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"steps per run (default {STEPS}; at least 2)")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help=f"seconds after which no new case starts (default {BUDGET_S:.0f})")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this (e.g. 'flux')")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps: give at least 2 (seconds per step leave the first step out)")
+    if args.json is None:
+        args.json = HERE / "results" / ("gpu_check_toy.json" if args.toy else "gpu_check.json")
+    args.json = args.json.expanduser().resolve()
+    return args
+
+
+class NoComfyUI(Exception):
+    pass
+
+
+def comfyui_dir(value: Path | str | None) -> Path:
+    """The ComfyUI checkout, or NoComfyUI saying how to name one."""
+    if not value:
+        raise NoComfyUI("bench.gpu_check needs ComfyUI: set COMFYUI_DIR to a ComfyUI checkout (or pass --comfyui DIR), "
+                        "and run it with ComfyUI's Python")
+    path = Path(value).expanduser().resolve()
+    if not (path / "main.py").is_file():
+        raise NoComfyUI(f"COMFYUI_DIR={value} is not a ComfyUI checkout (no main.py there); set COMFYUI_DIR to one")
+    return path
+
+
+def import_comfyui(comfy_dir: Path, cpu: bool) -> None:
+    """ComfyUI's modules importable, its options parsed (with --cpu on the CPU), as headless/inprocess.py does."""
+    sys.path.insert(0, str(comfy_dir))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    argv = sys.argv
+    sys.argv = [str(comfy_dir / "main.py"), *(["--cpu"] if cpu else [])]
+    try:
+        from comfy.cli_args import args  # noqa: F401  (parses sys.argv once)
+    finally:
+        sys.argv = argv
+    import asyncio
+
+    import server
+
+    if getattr(server.PromptServer, "instance", None) is None:  # our progress event goes out through it
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        server.PromptServer(loop)  # never listens here; its queued messages are never sent
+
+
+class Clock:
+    """The time guard: seconds since the start, and whether a new case may start."""
+
+    def __init__(self, budget: float, now: Callable[[], float] = time.monotonic) -> None:
+        self.budget, self.now, self.start = budget, now, now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+    def may_start(self) -> bool:
+        return self.elapsed() < self.budget
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    """What one run records: step end times (ComfyUI's progress hook) and our first memory estimate."""
+
+    cuda: bool
+    step_times: list[float] = field(default_factory=list)
+    last_value: int = 0
+    estimate: Any = None
+    estimate_source: str | None = None
+    estimate_s: float | None = None
+
+    def progress(self, value, total, preview=None, node_id=None, **_):
+        if value > self.last_value:  # an update after a step (ours also sends 0 before the first)
+            if self.cuda:
+                import torch
+                torch.cuda.synchronize()
+            self.step_times.append(time.perf_counter())
+        self.last_value = value
+
+    def seconds_per_step(self) -> float | None:
+        t = self.step_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) >= 2 else None
+
+
+class Harness:
+    """Patches put in place once for the whole process: the progress hook, our estimate, our train()."""
+
+    def __init__(self, cuda: bool, dtype: str = "bf16") -> None:
+        import comfy.utils
+        import torch
+
+        from ..nodes import comfy_train
+        from ..training import memory
+
+        self.torch, self.memory, self.comfy_train = torch, memory, comfy_train
+        self.cuda, self.dtype = cuda, dtype
+        self.probe: Probe | None = None
+        self.live = None  # the LiveBytes of the run in progress (CPU)
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0  # every step reaches the hook, however fast
+        comfy.utils.set_progress_bar_global_hook(self._progress)
+        self.original_estimate = memory.estimate
+        wrapped = self._wrap_estimate(memory.estimate)
+        for module in [m for name, m in sys.modules.items() if name.startswith(__package__.rsplit(".", 1)[0] + ".")]:
+            if getattr(module, "estimate", None) is self.original_estimate:  # `from .memory import estimate` too
+                module.estimate = wrapped
+        self.original_train = comfy_train.train
+        comfy_train.train = self._train
+
+    def _progress(self, *args, **kwargs):
+        if self.probe is not None:
+            self.probe.progress(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def unmeasured(self):
+        """Our LiveBytes off (the estimate's own fake run, a model build), where it is the innermost mode."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+        if self.live is not None and _get_current_dispatch_mode() is self.live:
+            with _pop_mode_temporarily():
+                yield
+        else:
+            yield
+
+    def _wrap_estimate(self, original):
+        def estimate(*args, **kwargs):
+            started = time.perf_counter()
+            with self.unmeasured():
+                result = original(*args, **kwargs)
+            self._record(result, "sampler", time.perf_counter() - started)
+            return result
+        return estimate
+
+    def _record(self, result, source: str, seconds: float) -> None:
+        probe = self.probe
+        if probe is not None and probe.estimate is None:
+            probe.estimate, probe.estimate_source, probe.estimate_s = result, source, seconds
+
+    def _train(self, net, fns, latents, config, *args, **kwargs):
+        """Our engine's train(); first the estimate with its arguments, where our sampler made none."""
+        probe = self.probe
+        if probe is not None and probe.estimate is None:
+            started = time.perf_counter()
+            try:
+                with self.unmeasured():
+                    result = self.original_estimate(net, fns, latents, config,
+                                                    checkpoint_blocks=kwargs.get("checkpoint_blocks", ()),
+                                                    samples=kwargs.get("samples"))
+                self._record(result, "bench (before train())", time.perf_counter() - started)
+            except Exception as err:  # noqa: BLE001  (the training still runs; the error is reported)
+                probe.estimate_source = f"bench: estimate failed: {type(err).__name__}: {err}"
+                probe.estimate_s = time.perf_counter() - started
+        return self.original_train(net, fns, latents, config, *args, **kwargs)
+
+    def measure(self, run: Callable[[], Any]) -> tuple[Probe, float, float]:
+        """(probe, peak bytes, wall seconds) of `run()`; its result is dropped."""
+        torch = self.torch
+        self.probe = probe = Probe(self.cuda)
+        cleanup(torch, self.cuda)
+        started = time.perf_counter()
+        try:
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+                run()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                with self.memory.LiveBytes(snapshot=False) as live:
+                    self.live = live
+                    run()
+                peak = live.peak
+        finally:
+            self.live, self.probe = None, None
+        return probe, peak, time.perf_counter() - started
+
+
+def cleanup(torch, cuda: bool) -> None:
+    import comfy.model_management as mm
+
+    gc.collect()
+    mm.cleanup_models_gc() if hasattr(mm, "cleanup_models_gc") else None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---- models and inputs ---------------------------------------------------------------------------
+def randomize(net, seed: int = 0) -> None:
+    """N(0, 0.02) weights, norm scales 1 (ComfyUI's ops leave the weights uninitialized)."""
+    import torch
+
+    generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 1 and ("norm" in name or name.endswith("scale")):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+
+
+def build_model(family: str, toy: bool, dtype_name: str = "bf16"):
+    """A ModelPatcher of the family's ComfyUI model (random weights, in `dtype_name`) made on ComfyUI's torch device."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config_class = {"sdxl": comfy.supported_models.SDXL, "flux": comfy.supported_models.Flux}[family]
+    config = config_class(dict((TOY_CONFIGS if toy else FULL_CONFIGS)[family]))
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    manual_cast = mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast)
+    model = config.get_model({}, device=load_device)  # {}: no v-pred/edm keys → SDXL base's EPS
+    randomize(model.diffusion_model)
+    model.device = load_device
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    # core's clone(force_deepcopy=True) re-creates the patcher this way (a loader: from its file)
+    patcher.cached_patcher_init = (lambda disable_dynamic=True: patcher.clone(), ())
+    return patcher
+
+
+def case_inputs(case: Case, toy: bool, seed: int = 0) -> tuple[list[dict], list]:
+    """(latents as Train LoRA's list input, positive as a list of one CONDITIONING): random, the encoders' shapes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    px = case.pixels(toy)
+    latent = torch.randn(case.batch_size, LATENT_CHANNELS[case.family], px // 8, px // 8, generator=g)
+    if case.family == "sdxl":
+        cond = torch.randn(1, 77, 2048, generator=g)
+        options = {"pooled_output": torch.randn(1, 1280, generator=g), "width": px, "height": px, "crop_w": 0,
+                   "crop_h": 0, "target_width": px, "target_height": px}
+    else:
+        cond = torch.randn(1, 256, 4096, generator=g)
+        options = {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}
+    return [{"samples": latent}], [[[cond, options]]]
+
+
+def params_and_bytes(patcher) -> tuple[int, int]:
+    net = patcher.model.diffusion_model
+    return (sum(p.numel() for p in net.parameters()),
+            sum(p.numel() * p.element_size() for p in net.parameters()))
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+def error_entry(err: BaseException) -> dict[str, str]:
+    return {"error": f"{type(err).__name__}: {err}"[:2000],
+            "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-6000:]}
+
+
+def run_ours(harness: Harness, patcher, case: Case, toy: bool, steps: int) -> dict[str, Any]:
+    from ..nodes.common import NONE_LORA
+    from ..nodes.comfy_train import train_lora
+
+    latents, positive = case_inputs(case, toy)
+    values = dict(settings(case, steps, harness.dtype), existing_lora=NONE_LORA)
+    probe, peak, wall = harness.measure(lambda: train_lora(patcher, latents, positive, values, options=None))
+    out: dict[str, Any] = {"peak_mib": peak / MIB, "s_per_step": probe.seconds_per_step(),
+                           "steps_seen": len(probe.step_times), "wall_s": wall}
+    estimate = probe.estimate
+    out["estimate_source"] = probe.estimate_source
+    out["estimate_s"] = probe.estimate_s
+    if estimate is not None:
+        comparable = estimate.total if harness.cuda else estimate.step
+        out.update(estimate_mib=comparable / MIB, estimate_total_mib=estimate.total / MIB,
+                   estimate_over_peak=comparable / peak if peak else None, estimate=estimate.as_dict())
+    else:
+        out.update(estimate_mib=None, estimate=None)
+    return out
+
+
+def run_core(harness: Harness, patcher, case: Case, toy: bool, steps: int) -> dict[str, Any]:
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    latents, positive = case_inputs(case, toy)
+    inputs = core_inputs(settings(case, steps, harness.dtype))
+    probe, peak, wall = harness.measure(
+        lambda: TrainLoraNode.execute(model=[patcher], latents=latents, positive=positive, **inputs))
+    return {"peak_mib": peak / MIB, "s_per_step": probe.seconds_per_step(), "steps_seen": len(probe.step_times),
+            "wall_s": wall}
+
+
+def guarded(clock: Clock, run: Callable[[], dict], skipped: list[str], what: str) -> dict[str, Any]:
+    if not clock.may_start():
+        skipped.append(what)
+        return {"skipped": f"time budget: {clock.elapsed():.0f} s had passed"}
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001  (an OOM in one case must not end the others)
+        return error_entry(err)
+
+
+def run_cases(cases: tuple[Case, ...], args: argparse.Namespace, clock: Clock, cuda: bool) -> tuple[list, dict, list]:
+    import torch
+
+    harness = Harness(cuda, args.dtype)
+    results, families, skipped = [], {}, []
+    for family in dict.fromkeys(c.family for c in cases):
+        mine = [c for c in cases if c.family == family]
+        if not clock.may_start():
+            skipped += [c.name(args.toy) for c in mine]
+            continue
+        entries = [{"family": family, "px": c.pixels(args.toy), "name": c.name(args.toy),
+                    "settings": settings(c, args.steps, args.dtype)} for c in mine]
+        results += entries
+        try:
+            started = time.perf_counter()
+            patcher = build_model(family, args.toy, args.dtype)
+            params, nbytes = params_and_bytes(patcher)
+            families[family] = {"params": params, "weights_mib": nbytes / MIB,
+                                "build_s": time.perf_counter() - started}
+            print(f"[gpu_check] {family}: {params / 1e6:.1f} M parameters, {nbytes / MIB:.0f} MiB of weights, "
+                  f"built in {families[family]['build_s']:.1f} s", flush=True)
+        except Exception as err:  # noqa: BLE001
+            families[family] = error_entry(err)
+            for entry in entries:
+                entry["ours"] = entry["core"] = {"error": f"model build failed: {families[family]['error']}"}
+            continue
+        # ours for every case first, then core (each case's pair runs on the same model)
+        for case, entry in zip(mine, entries):
+            entry["ours"] = guarded(clock, lambda: run_ours(harness, patcher, case, args.toy, args.steps), skipped,
+                                    f"{case.name(args.toy)} ours")
+            print(f"[gpu_check] {entry['name']} ours: {brief(entry['ours'])}", flush=True)
+        for case, entry in zip(mine, entries):
+            entry["core"] = guarded(clock, lambda: run_core(harness, patcher, case, args.toy, args.steps), skipped,
+                                    f"{case.name(args.toy)} core")
+            print(f"[gpu_check] {entry['name']} core: {brief(entry['core'])}", flush=True)
+        del patcher
+        import comfy.model_management as mm
+        mm.unload_all_models()
+        cleanup(torch, cuda)
+    return results, families, skipped
+
+
+def brief(entry: dict) -> str:
+    if "error" in entry or "skipped" in entry:
+        return entry.get("error", entry.get("skipped", ""))
+    s = entry.get("s_per_step")
+    text = f"peak {entry['peak_mib']:.0f} MiB, {'?' if s is None else f'{s:.3f}'} s/step"
+    if entry.get("estimate_mib") is not None:
+        text += f", estimate {entry['estimate_mib']:.0f} MiB ({entry['estimate_over_peak']:.3f} of peak)"
+    return text
+
+
+def _cell(entry: dict | None, key: str, form: str) -> str:
+    if not entry:
+        return "—"
+    if "error" in entry:
+        return "error"
+    if "skipped" in entry:
+        return "skipped"
+    value = entry.get(key)
+    return "?" if value is None else format(value, form)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['device']} · torch {report['torch']} · {report['dtype']} · memory: {report['memory']} · "
+             f"{report['steps']} steps",
+             "",
+             "| case | ours peak MiB | ours s/step | our estimate MiB | estimate/peak | core peak MiB | core s/step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for case in report["cases"]:
+        ours, core = case.get("ours"), case.get("core")
+        lines.append(f"| {case['name']} | {_cell(ours, 'peak_mib', '.1f')} | {_cell(ours, 's_per_step', '.3f')} | "
+                     f"{_cell(ours, 'estimate_mib', '.1f')} | {_cell(ours, 'estimate_over_peak', '.3f')} | "
+                     f"{_cell(core, 'peak_mib', '.1f')} | {_cell(core, 's_per_step', '.3f')} |")
+    return "\n".join(lines)
+
+
+def device_name(cuda: bool) -> str:
+    if cuda:
+        import torch
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    clock = Clock(args.budget)
+    try:
+        comfy_dir = comfyui_dir(args.comfyui)
+    except NoComfyUI as why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    try:
+        import torch
+    except ModuleNotFoundError:
+        print("error: bench.gpu_check needs torch: run it with ComfyUI's Python (COMFYUI_DIR's venv)", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no GPU", file=sys.stderr)
+        return 2
+    cuda = device == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    import_comfyui(comfy_dir, cpu=not cuda)
+    import folder_paths
+
+    cases = tuple(c for c in CASES if args.only in c.name(args.toy))
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as out:
+        folder_paths.set_output_directory(out)  # nothing of ours should be written; if it is, not into ComfyUI
+        results, families, skipped = run_cases(cases, args, clock, cuda)
+    report = {
+        "device": device_name(cuda), "torch": torch.__version__, "toy": args.toy, "steps": args.steps, "dtype": args.dtype,
+        "memory": "cuda max_memory_allocated" if cuda else "live bytes (cpu)",
+        "estimate_compared": ("estimate.total (weights included) vs max_memory_allocated" if cuda else
+                              "estimate.step (above the weights) vs the run's live bytes"),
+        "comfyui": str(comfy_dir), "families": families, "cases": results, "skipped": skipped,
+        "elapsed_s": clock.elapsed(), "budget_s": args.budget,
+    }
+    print(markdown(report))
+    print(f"[gpu_check] {clock.elapsed():.0f} s in all; JSON: {args.json}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
