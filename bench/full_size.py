@@ -156,7 +156,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
         use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
         transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
-        use_temporal_resblock=False), _image(4), {"cross_attn": (1, 77, 2048), "pooled_output": (1, 1280)}, 2.567,
+        use_temporal_resblock=False), _image(4), {"cross_attn": (1, 77, 2048), "pooled_output": (1, 1280)}, 2.6,
         extra=lambda px: {"width": px, "height": px}),
     # model_detection.py's Flux branch for flux1-dev; T5-XXL padded to 256 tokens (comfy/text_encoders/flux.py)
     Family("flux1-dev", "Flux.1-dev", "Flux", dict(
@@ -172,37 +172,40 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         x_block_self_attn_layers=[]), _image(16), {"cross_attn": (1, 154, 4096), "pooled_output": (1, 2048)}, 8.1),
     # qwen_image: 60 blocks of 3072; Qwen2.5-VL-7B hidden states, 3584 wide (a 256-token caption)
     Family("qwen-image", "Qwen-Image", "QwenImage", dict(image_model="qwen_image", in_channels=64, num_layers=60),
-           _image(16, frames=1), {"cross_attn": (1, 256, 3584)}, 20.4),
+           _image(16, frames=1), {"cross_attn": (1, 256, 3584)}, 20.0),
     # wan2.1 t2v 14B: 40 blocks of 5120; umt5-xxl padded to 512 tokens × 4096 (comfy/text_encoders/wan.py)
     Family("wan2.1-t2v-14b", "Wan 2.1 T2V 14B", "WAN21_T2V", dict(
         image_model="wan2.1", model_type="t2v", dim=5120, out_dim=16, num_heads=40, ffn_dim=13824, num_layers=40,
         patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
-        in_dim=16), _WAN_480P, {"cross_attn": (1, 512, 4096)}, 14.3, sizes=(480,), size_label=lambda px: "832×480×33"),
+        in_dim=16), _WAN_480P, {"cross_attn": (1, 512, 4096)}, 14.0, sizes=(480,), size_label=lambda px: "832×480×33"),
     # lumina2 (NextDiT) at dim 3840 = Z-Image; Qwen3-4B hidden states, 2560 wide (a 256-token caption)
     Family("z-image", "Z-Image", "ZImage", dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30, qk_norm=True,
         n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
         ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
-        _image(16), {"cross_attn": (1, 256, 2560)}, 6.15),
+        _image(16), {"cross_attn": (1, 256, 2560)}, 6.0),
 ]}
 
-# toy widths of three families, built the same way (--quick); the config class is taken as named
+# toy widths of two families, built the same way (--quick); the config class is taken as named. The
+# latents are large for the width (fake tensors cost the same at any size), so that, as at full size, the
+# step's peak is in the backward pass and activations outweigh the adapters.
 TINY: dict[str, Family] = {f.name: f for f in [
+    Family("flux-tiny", "Flux (toy)", "Flux", dict(
+        FAMILIES["flux1-dev"].unet_config, axes_dim=[8, 12, 12], num_heads=2, hidden_size=64, context_in_dim=32,
+        vec_in_dim=16, depth=2, depth_single_blocks=2), _image(16),
+        {"cross_attn": (1, 16, 32), "pooled_output": (1, 16)}, 0, sizes=(512,), tiny=True),
     Family("sdxl-tiny", "SDXL (toy)", "SDXL", dict(
         FAMILIES["sdxl"].unet_config, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
         transformer_depth=[0, 1], transformer_depth_middle=1, transformer_depth_output=[0, 0, 1, 1], context_dim=32,
         num_head_channels=16, adm_in_channels=64 + 6 * 256), _image(4),
-        {"cross_attn": (1, 16, 32), "pooled_output": (1, 64)}, 0, sizes=(64,), extra=lambda px: {"width": px, "height": px},
-        tiny=True),
-    Family("flux-tiny", "Flux (toy)", "Flux", dict(
-        FAMILIES["flux1-dev"].unet_config, axes_dim=[8, 12, 12], num_heads=2, hidden_size=64, context_in_dim=32,
-        vec_in_dim=16, depth=2, depth_single_blocks=2), _image(16),
-        {"cross_attn": (1, 16, 32), "pooled_output": (1, 16)}, 0, sizes=(64,), tiny=True),
+        {"cross_attn": (1, 16, 32), "pooled_output": (1, 64)}, 0, sizes=(512,),
+        extra=lambda px: {"width": px, "height": px}, tiny=True),
     Family("wan-tiny", "Wan 2.1 (toy)", "WAN21_T2V", dict(
         FAMILIES["wan2.1-t2v-14b"].unet_config, dim=64, num_heads=2, ffn_dim=128, num_layers=2, text_dim=32),
-        lambda px: (16, 2, px // 8, px // 8), {"cross_attn": (1, 16, 32)}, 0, sizes=(64,),
-        size_label=lambda px: f"{px}×{px}×5", tiny=True),
+        lambda px: (16, 5, px // 8, px // 8), {"cross_attn": (1, 16, 32)}, 0, sizes=(256,),
+        size_label=lambda px: f"{px}×{px}×17", tiny=True),
 ]}
+QUICK_DEFAULT = ("flux-tiny", "sdxl-tiny")
 
 
 def build(family: Family, weights: str):
@@ -303,20 +306,35 @@ class Row:
 
 LEVERS = {"step_in_backward": dict(step_in_backward=True), "AdamW8bit": dict(optimizer="AdamW8bit"),
           "both": dict(step_in_backward=True, optimizer="AdamW8bit")}
+BASES, SWITCH = ("bf16", "fp8"), (True, False)
 
 
-def grid(families: list[Family]) -> list[Row]:
-    """Every model: each size × base × checkpointing × offloading; the levers on its largest size, fp8,
-    checkpointed (all three on Flux, step_in_backward and AdamW8bit on the others)."""
-    rows = []
-    for f in families:
-        for px in f.sizes:
-            for base in ("bf16", "fp8"):
-                for ckpt in (True, False):
-                    for off in (False, True):
-                        rows.append(Row(f.name, px, base, ckpt, off))
-        levers = list(LEVERS) if f.name.startswith("flux") else ["step_in_backward", "AdamW8bit"]
-        rows += [Row(f.name, max(f.sizes), "fp8", True, False, lever) for lever in levers]
+def full_grid(f: Family) -> list[Row]:
+    """Each size × base × checkpointing × offloading."""
+    return [Row(f.name, px, base, ckpt, off) for px in f.sizes for base in BASES for ckpt in SWITCH for off in (False, True)]
+
+
+def grid(families: list[Family], full: bool = False) -> list[Row]:
+    """The rows run for `families`. Flux.1-dev (or with `full`, every model): the full grid (`full_grid`) and
+    the three levers (step_in_backward, AdamW8bit, both) at its largest size, fp8, checkpointed. The other
+    models, trimmed (a full-size fake step costs tens of CPU seconds): at the largest size bf16 and fp8 with
+    checkpointing on and off, fp8 offloaded on and off; at the smaller size fp8 with checkpointing on and off;
+    Wan 2.1 also gets both levers together. Toys (--quick): bf16 and fp8 with checkpointing on and off, each
+    base offloaded with checkpointing, and both levers on the first toy."""
+    rows: list[Row] = []
+    for i, f in enumerate(families):
+        big = max(f.sizes)
+        if f.tiny:
+            rows += [Row(f.name, big, base, ckpt, False) for base in BASES for ckpt in SWITCH]
+            rows += [Row(f.name, big, base, True, True) for base in BASES]
+            rows += [Row(f.name, big, "fp8", True, False, "both")] if i == 0 else []
+        elif full or f.name == "flux1-dev":
+            rows += full_grid(f) + [Row(f.name, big, "fp8", True, False, lever) for lever in LEVERS]
+        else:
+            rows += [Row(f.name, big, "bf16", ckpt, False) for ckpt in SWITCH]
+            rows += [Row(f.name, big, "fp8", ckpt, off) for ckpt in SWITCH for off in (False, True)]
+            rows += [Row(f.name, px, "fp8", ckpt, False) for px in f.sizes if px != big for ckpt in SWITCH]
+            rows += [Row(f.name, big, "fp8", True, False, "both")] if f.name.startswith("wan") else []
     return rows
 
 

@@ -60,7 +60,8 @@ STEPS = 6
 BUDGET_S = 420.0  # no new case after 7 minutes (the H100 run must end within 8)
 TOY_SCALE = 4  # --toy trains at px / 4
 
-# The unet_config comfy/model_detection.py returns for the real files (bench_check_configs verifies it).
+# The unet_config comfy/model_detection.py returns for the real files (each run records the class detection
+# picks for weights of these shapes: `full_config_detected_as`).
 FULL_CONFIGS = {
     "sdxl": {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -142,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"steps per run (default {STEPS}; at least 2)")
     parser.add_argument("--budget", type=float, default=BUDGET_S,
                         help=f"seconds after which no new case starts (default {BUDGET_S:.0f})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads (default: torch's own; 1 on a shared machine avoids oversubscription)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this (e.g. 'flux')")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -213,13 +216,14 @@ class Probe:
     estimate: Any = None
     estimate_source: str | None = None
     estimate_s: float | None = None
+    now: Callable[[], float] = time.perf_counter
 
     def progress(self, value, total, preview=None, node_id=None, **_):
         if value > self.last_value:  # an update after a step (ours also sends 0 before the first)
             if self.cuda:
                 import torch
                 torch.cuda.synchronize()
-            self.step_times.append(time.perf_counter())
+            self.step_times.append(self.now())
         self.last_value = value
 
     def seconds_per_step(self) -> float | None:
@@ -381,6 +385,24 @@ def case_inputs(case: Case, toy: bool, seed: int = 0) -> tuple[list[dict], list]
     return [{"samples": latent}], [[[cond, options]]]
 
 
+def detected_as(family: str) -> str | None:
+    """The config class ComfyUI's detection picks for FULL_CONFIGS[family]'s weights (built on the meta
+    device: shapes only): SDXL / Flux when the full configs are the real models'."""
+    import comfy.model_detection
+    import comfy.supported_models
+    import torch
+
+    config_class = {"sdxl": comfy.supported_models.SDXL, "flux": comfy.supported_models.Flux}[family]
+    config = config_class(dict(FULL_CONFIGS[family]))
+    config.set_inference_dtype(torch.bfloat16, None)
+    sd = config.get_model({}, device="meta").diffusion_model.state_dict()
+    try:
+        found = comfy.model_detection.model_config_from_unet(sd, "")
+    except Exception as err:  # noqa: BLE001  (a report line, not a reason to stop)
+        return f"detection failed: {type(err).__name__}: {err}"
+    return type(found).__name__ if found is not None else None
+
+
 def params_and_bytes(patcher) -> tuple[int, int]:
     net = patcher.model.diffusion_model
     return (sum(p.numel() for p in net.parameters()),
@@ -453,7 +475,7 @@ def run_cases(cases: tuple[Case, ...], args: argparse.Namespace, clock: Clock, c
             patcher = build_model(family, args.toy, args.dtype)
             params, nbytes = params_and_bytes(patcher)
             families[family] = {"params": params, "weights_mib": nbytes / MIB,
-                                "build_s": time.perf_counter() - started}
+                                "build_s": time.perf_counter() - started, "full_config_detected_as": detected_as(family)}
             print(f"[gpu_check] {family}: {params / 1e6:.1f} M parameters, {nbytes / MIB:.0f} MiB of weights, "
                   f"built in {families[family]['build_s']:.1f} s", flush=True)
         except Exception as err:  # noqa: BLE001
@@ -538,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cuda = device == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import_comfyui(comfy_dir, cpu=not cuda)
     import folder_paths
 
