@@ -2,41 +2,45 @@
 memory and seconds per step, and our memory estimate beside our measured peak.
 
     COMFYUI_DIR=/path/to/ComfyUI python -m comfyui_lora_trainer.bench.gpu_check [--toy] [--json PATH]
-                                                                            [--device cuda|cpu]
+        [--device cuda|cpu] [--dtype bf16|fp32] [--estimates all|first|none] [--only TEXT] [--threads N]
 
-ComfyUI runs in this process as a library (its options parsed as headless/inprocess.py does, with
-`--cpu` on the CPU). Each family's diffusion model is ComfyUI's own class (comfy.supported_models
-SDXL / Flux → `get_model({})`) built with the unet_config ComfyUI detects for the real files, bf16
-(`--dtype`; fp32 by default on the CPU), random weights (N(0, 0.02); norm scales 1), made directly on the device and wrapped in a ModelPatcher:
-a MODEL as a loader gives it. `--toy` builds the same families at toy width (the integration tests'
-tiny configs) and trains at a quarter of the pixels per side, so the whole run takes about a minute
-on a CPU. Conditioning is random, in the shapes the families' text encoders give: SDXL (1, 77, 2048)
-with a pooled (1, 1280) and the size entries, Flux (1, 256, 4096) with a pooled (1, 768) and guidance.
+ComfyUI runs in this process as a library (its options parsed as headless/inprocess.py does, `--cpu`
+on the CPU; a PromptServer that never listens, for our progress event). Each family's diffusion model
+is ComfyUI's own class (comfy.supported_models SDXL / Flux → `get_model({})`) with the unet_config
+ComfyUI detects for the real files (each run records the class detection picks for weights of those
+shapes), random weights (N(0, 0.02), norm scales 1) made directly on the device, in bf16 (fp32 on the
+CPU by default: there bf16 is emulated without AVX-512 BF16), wrapped in a ModelPatcher: a MODEL as a
+loader gives it. `--toy` builds the same families at toy width (the integration tests' tiny configs,
+same text widths) and trains at a quarter of the pixels per side: a CPU smoke run of a minute or two.
+Conditioning is random in the shapes the text encoders give: SDXL (1, 77, 2048) with pooled (1, 1280)
+and the size entries; Flux (1, 256, 4096) with pooled (1, 768) and guidance 3.5.
 
-Each case (family, pixels, settings) trains `--steps` steps with
+Per case (family, pixels, settings; `--steps` steps, rank 16, batch 1, AdamW) two runs on the same model:
 - ours: nodes/comfy_train.py `train_lora`, as Train LoRA's execute calls it;
-- core: comfy_extras/nodes_train.py `TrainLoraNode.execute` (its V3 classmethod; every input a list).
-  Core re-creates its model through ModelPatcher.cached_patcher_init (a loader sets it to reload the
-  file); here there is no file, so it gets a clone of the same in-memory weights: one copy of the
-  weights counts in both trainers' peaks, as when core reloads the file after ComfyUI offloaded the
-  model it had.
+- core: comfy_extras/nodes_train.py `TrainLoraNode.execute` (its V3 classmethod; each input a list).
+  Core's model.clone(force_deepcopy=True) re-creates the patcher through `cached_patcher_init` (set by
+  ComfyUI's loaders to reload the file); with no file here it gets a clone of the same weights, so one
+  copy of the weights counts in both peaks, as when core reloads after ComfyUI offloaded the original.
+  Its patcher is never unpatched; the bench puts its object patches back after the run.
 Measured per run:
-- peak memory: on CUDA `torch.cuda.max_memory_allocated`, reset before the run (it holds the weights
-  resident on the GPU; our sampler resets it again just before its first step, with the weights
-  loaded); on the CPU the live bytes of the tensor storages the run makes
-  (training/memory.py `LiveBytes`), which leaves out the weights made before the run;
-- seconds per step: ComfyUI's progress-bar hook, which both trainers update after every optimizer step
-  (CUDA synchronized), from the end of the first step to the end of the last;
-- ours only: the memory estimate our sampler computes before training, caught by wrapping
-  training/memory.py `estimate` (the first MemoryEstimate a run returns). Where our sampler does not
-  call it (yet), the bench calls it itself with the engine's own arguments just before `train()`
-  (`estimate_source` says which). The comparable figure (`estimate_mib`) is `.total` on CUDA (it
-  counts the resident weights, as max_memory_allocated does) and `.step` on the CPU (above the
-  weights, as the live bytes are); the estimate's own run is kept out of the measured peak.
-Every run sits in try/except: an error (an out-of-memory one, say) is recorded and the next run goes
-on. No new case starts once `--budget` seconds (default 420) have passed since the start.
-Writes JSON (default bench/results/gpu_check.json, gpu_check_toy.json with --toy) and prints a table.
-Exit status: 0 when the runs went (errors inside cases included), 2 without ComfyUI or bad arguments.
+- peak memory: on CUDA `torch.cuda.max_memory_allocated`, reset before the run, with the weights
+  resident (our sampler resets it once more before its estimate and first step, weights loaded); on
+  the CPU the live bytes of the storages the run makes (training/memory.py `LiveBytes`): the weights,
+  made before, are left out;
+- seconds per step: ComfyUI's progress-bar hook, which both trainers update after each optimizer step
+  (CUDA synchronized), from the end of the first step to the end of the last. On the CPU they include
+  LiveBytes' Python work per op, in both trainers;
+- ours: the memory estimate our sampler makes before training, caught by wrapping training/memory.py
+  `estimate` (the first MemoryEstimate of the run; its own fake run is kept out of the peak). Where the
+  sampler makes none, the bench makes it with the engine's arguments just before `train()`
+  (`estimate_source` says which). `estimate_mib` is `.total` on CUDA (the resident weights counted, as
+  max_memory_allocated counts them) and `.step` on the CPU (above the weights, as the live bytes are);
+  `measured_step_mib` is the peak above what was held when `train()` began, beside the estimate's step.
+Each run sits in try/except: an error (out of memory, say) is recorded and the next run goes on. No
+run starts after `--budget` seconds (420), nor one that would likely end past `--limit` (450: judged
+by the longest earlier run of its family and trainer). Writes JSON (bench/results/gpu_check.json,
+gpu_check_toy.json with --toy) and prints a markdown table. Exit status: 0 when it ran (errors inside
+cases included), 2 without ComfyUI or torch, or with bad arguments.
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ HERE = Path(__file__).resolve().parent
 MIB = 2 ** 20
 STEPS = 6
 BUDGET_S = 420.0  # no new case after 7 minutes (the H100 run must end within 8)
+LIMIT_S = 450.0  # nor one likely to end past 7½ minutes (process start and exit take some seconds)
 TOY_SCALE = 4  # --toy trains at px / 4
 
 # The unet_config comfy/model_detection.py returns for the real files (each run records the class detection
@@ -97,7 +102,8 @@ class Case:
     rank: int = 16
 
     def name(self, toy: bool = False) -> str:
-        return f"{self.family} {self.pixels(toy)}px b{self.batch_size} r{self.rank} {'ckpt' if self.checkpointing else 'no-ckpt'}"
+        checkpointing = "ckpt" if self.checkpointing else "no-ckpt"
+        return f"{self.family} {self.pixels(toy)}px b{self.batch_size} r{self.rank} {checkpointing}"
 
     def pixels(self, toy: bool) -> int:
         return self.px // TOY_SCALE if toy else self.px
@@ -143,8 +149,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"steps per run (default {STEPS}; at least 2)")
     parser.add_argument("--budget", type=float, default=BUDGET_S,
                         help=f"seconds after which no new case starts (default {BUDGET_S:.0f})")
+    parser.add_argument("--limit", type=float, default=LIMIT_S,
+                        help=f"seconds no run should end past: one that took longer before is not started when it "
+                             f"would (default {LIMIT_S:.0f})")
+    parser.add_argument("--estimates", choices=("all", "first", "none"), default="all",
+                        help="our memory estimate (fake tensors, some tens of seconds for a full-size model) in every "
+                             "run of ours, in each family's first, or in none (default all)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch's CPU threads (default: torch's own; 1 on a shared machine avoids oversubscription)")
+                        help="torch's CPU threads (default: torch's own; 1 on a shared machine avoids "
+                             "oversubscription)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this (e.g. 'flux')")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -193,19 +206,39 @@ def import_comfyui(comfy_dir: Path, cpu: bool) -> None:
 
 
 class Clock:
-    """The time guard: seconds since the start, and whether a new case may start."""
+    """The time guard: no run starts once `budget` seconds have passed, nor one that would likely end past
+    `limit` (judged by the longest earlier run of its kind: family and trainer)."""
 
-    def __init__(self, budget: float, now: Callable[[], float] = time.monotonic) -> None:
-        self.budget, self.now, self.start = budget, now, now()
+    def __init__(self, budget: float, limit: float | None = None, now: Callable[[], float] = time.monotonic) -> None:
+        self.budget, self.limit, self.now, self.start = budget, limit, now, now()
+        self.took: dict[str, float] = {}  # kind → the longest run of that kind so far, seconds
 
     def elapsed(self) -> float:
         return self.now() - self.start
 
-    def may_start(self) -> bool:
-        return self.elapsed() < self.budget
+    def refusal(self, kind: str | None = None) -> str | None:
+        """Why a run of `kind` may not start now, or None."""
+        elapsed = self.elapsed()
+        if elapsed >= self.budget:
+            return f"time budget: {elapsed:.0f} s had passed (no new case after {self.budget:.0f} s)"
+        expected = self.took.get(kind, 0.0)
+        if self.limit is not None and elapsed + expected > self.limit:
+            return (f"time limit: {elapsed:.0f} s had passed and a {kind} run took {expected:.0f} s, so it would "
+                    f"end past {self.limit:.0f} s")
+        return None
+
+    def may_start(self, kind: str | None = None) -> bool:
+        return self.refusal(kind) is None
+
+    def ran(self, kind: str, seconds: float) -> None:
+        self.took[kind] = max(seconds, self.took.get(kind, 0.0))
 
 
 # ---- measuring ---------------------------------------------------------------------------------
+class EstimateSkipped(Exception):
+    """Raised in place of our estimate where --estimates leaves it out (our sampler trains on without one)."""
+
+
 @dataclass
 class Probe:
     """What one run records: step end times (ComfyUI's progress hook) and our first memory estimate."""
@@ -216,6 +249,8 @@ class Probe:
     estimate: Any = None
     estimate_source: str | None = None
     estimate_s: float | None = None
+    allocated_before: int | None = None  # CUDA: bytes allocated when the run began (resident weights)
+    held_at_train: int | None = None  # what the peak counts, as train() begins: weights (CUDA), inputs' copies
     now: Callable[[], float] = time.perf_counter
 
     def progress(self, value, total, preview=None, node_id=None, **_):
@@ -244,6 +279,7 @@ class Harness:
         self.torch, self.memory, self.comfy_train = torch, memory, comfy_train
         self.cuda, self.dtype = cuda, dtype
         self.probe: Probe | None = None
+        self.allow_estimate = True  # --estimates: off, our sampler's estimate fails (it logs that and trains on)
         self.live = None  # the LiveBytes of the run in progress (CPU)
         comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0  # every step reaches the hook, however fast
         comfy.utils.set_progress_bar_global_hook(self._progress)
@@ -261,7 +297,7 @@ class Harness:
 
     @contextlib.contextmanager
     def unmeasured(self):
-        """Our LiveBytes off (the estimate's own fake run, a model build), where it is the innermost mode."""
+        """Our LiveBytes paused (around the estimate's own fake run) where it is the innermost mode."""
         from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
 
         if self.live is not None and _get_current_dispatch_mode() is self.live:
@@ -272,9 +308,19 @@ class Harness:
 
     def _wrap_estimate(self, original):
         def estimate(*args, **kwargs):
+            if not self.allow_estimate:
+                if self.probe is not None and self.probe.estimate_source is None:
+                    self.probe.estimate_source = "skipped (--estimates)"
+                raise EstimateSkipped("gpu_check --estimates: no estimate in this run")
             started = time.perf_counter()
-            with self.unmeasured():
-                result = original(*args, **kwargs)
+            try:
+                with self.unmeasured():
+                    result = original(*args, **kwargs)
+            except Exception as err:
+                if self.probe is not None and self.probe.estimate_source is None:
+                    self.probe.estimate_source = f"sampler: estimate failed: {type(err).__name__}: {err}"
+                    self.probe.estimate_s = time.perf_counter() - started
+                raise
             self._record(result, "sampler", time.perf_counter() - started)
             return result
         return estimate
@@ -287,7 +333,7 @@ class Harness:
     def _train(self, net, fns, latents, config, *args, **kwargs):
         """Our engine's train(); first the estimate with its arguments, where our sampler made none."""
         probe = self.probe
-        if probe is not None and probe.estimate is None:
+        if probe is not None and probe.estimate is None and probe.estimate_source is None and self.allow_estimate:
             started = time.perf_counter()
             try:
                 with self.unmeasured():
@@ -298,6 +344,9 @@ class Harness:
             except Exception as err:  # noqa: BLE001  (the training still runs; the error is reported)
                 probe.estimate_source = f"bench: estimate failed: {type(err).__name__}: {err}"
                 probe.estimate_s = time.perf_counter() - started
+        if probe is not None:
+            probe.held_at_train = (self.torch.cuda.memory_allocated() if self.cuda else
+                                   self.live.now if self.live is not None else None)
         return self.original_train(net, fns, latents, config, *args, **kwargs)
 
     def measure(self, run: Callable[[], Any]) -> tuple[Probe, float, float]:
@@ -308,6 +357,7 @@ class Harness:
         started = time.perf_counter()
         try:
             if self.cuda:
+                probe.allocated_before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 run()
                 torch.cuda.synchronize()
@@ -326,7 +376,8 @@ def cleanup(torch, cuda: bool) -> None:
     import comfy.model_management as mm
 
     gc.collect()
-    mm.cleanup_models_gc() if hasattr(mm, "cleanup_models_gc") else None
+    if hasattr(mm, "cleanup_models_gc"):
+        mm.cleanup_models_gc()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -347,7 +398,7 @@ def randomize(net, seed: int = 0) -> None:
 
 
 def build_model(family: str, toy: bool, dtype_name: str = "bf16"):
-    """A ModelPatcher of the family's ComfyUI model (random weights, in `dtype_name`) made on ComfyUI's torch device."""
+    """A ModelPatcher of the family's ComfyUI model, random weights in `dtype_name`, made on ComfyUI's device."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -422,8 +473,7 @@ def run_ours(harness: Harness, patcher, case: Case, toy: bool, steps: int) -> di
     latents, positive = case_inputs(case, toy)
     values = dict(settings(case, steps, harness.dtype), existing_lora=NONE_LORA)
     probe, peak, wall = harness.measure(lambda: train_lora(patcher, latents, positive, values, options=None))
-    out: dict[str, Any] = {"peak_mib": peak / MIB, "s_per_step": probe.seconds_per_step(),
-                           "steps_seen": len(probe.step_times), "wall_s": wall}
+    out = measured(probe, peak, wall)
     estimate = probe.estimate
     out["estimate_source"] = probe.estimate_source
     out["estimate_s"] = probe.estimate_s
@@ -431,6 +481,10 @@ def run_ours(harness: Harness, patcher, case: Case, toy: bool, steps: int) -> di
         comparable = estimate.total if harness.cuda else estimate.step
         out.update(estimate_mib=comparable / MIB, estimate_total_mib=estimate.total / MIB,
                    estimate_over_peak=comparable / peak if peak else None, estimate=estimate.as_dict())
+        if probe.held_at_train is not None and peak > probe.held_at_train:
+            # the step alone: the peak above what was held when train() began, against the estimate's step
+            step = peak - probe.held_at_train
+            out.update(measured_step_mib=step / MIB, estimate_step_over_measured_step=estimate.step / step)
     else:
         out.update(estimate_mib=None, estimate=None)
     return out
@@ -441,62 +495,103 @@ def run_core(harness: Harness, patcher, case: Case, toy: bool, steps: int) -> di
 
     latents, positive = case_inputs(case, toy)
     inputs = core_inputs(settings(case, steps, harness.dtype))
-    probe, peak, wall = harness.measure(
-        lambda: TrainLoraNode.execute(model=[patcher], latents=latents, positive=positive, **inputs))
-    return {"peak_mib": peak / MIB, "s_per_step": probe.seconds_per_step(), "steps_seen": len(probe.step_times),
-            "wall_s": wall}
+    try:
+        probe, peak, wall = harness.measure(
+            lambda: TrainLoraNode.execute(model=[patcher], latents=latents, positive=positive, **inputs))
+    finally:
+        # core's patcher is never unpatched: put back the object patches it set on the shared model (its
+        # compute dtype), without moving weights; its weight wrappers go at the next load
+        patcher.unpatch_model(None, unpatch_weights=False)
+    return measured(probe, peak, wall)
 
 
-def guarded(clock: Clock, run: Callable[[], dict], skipped: list[str], what: str) -> dict[str, Any]:
-    if not clock.may_start():
+def measured(probe: Probe, peak: int, wall: float) -> dict[str, Any]:
+    out = {"peak_mib": peak / MIB, "s_per_step": probe.seconds_per_step(), "steps_seen": len(probe.step_times),
+           "wall_s": wall}
+    if probe.allocated_before is not None:
+        out["allocated_before_mib"] = probe.allocated_before / MIB
+    if probe.held_at_train is not None:
+        out["held_at_train_mib"] = probe.held_at_train / MIB
+    return out
+
+
+def guarded(clock: Clock, run: Callable[[], dict], skipped: list[str], what: str, kind: str | None = None
+            ) -> dict[str, Any]:
+    """`run()`'s entry; an error entry when it raises; a skipped one when the clock refuses it."""
+    why = clock.refusal(kind)
+    if why is not None:
         skipped.append(what)
-        return {"skipped": f"time budget: {clock.elapsed():.0f} s had passed"}
+        return {"skipped": why}
+    started = clock.now()
     try:
         return run()
     except Exception as err:  # noqa: BLE001  (an OOM in one case must not end the others)
         return error_entry(err)
+    finally:
+        if kind is not None:
+            clock.ran(kind, clock.now() - started)
 
 
-def run_cases(cases: tuple[Case, ...], args: argparse.Namespace, clock: Clock, cuda: bool) -> tuple[list, dict, list]:
+def run_cases(cases: tuple[Case, ...], args: argparse.Namespace, clock: Clock, cuda: bool, report: dict,
+              save: Callable[[], None] = lambda: None) -> None:
+    """Every case into report["cases"] (and each family into report["families"]), `save()` after each run."""
     import torch
 
     harness = Harness(cuda, args.dtype)
-    results, families, skipped = [], {}, []
+    results, families, skipped = report["cases"], report["families"], report["skipped"]
     for family in dict.fromkeys(c.family for c in cases):
         mine = [c for c in cases if c.family == family]
-        if not clock.may_start():
-            skipped += [c.name(args.toy) for c in mine]
-            continue
         entries = [{"family": family, "px": c.pixels(args.toy), "name": c.name(args.toy),
                     "settings": settings(c, args.steps, args.dtype)} for c in mine]
         results += entries
+        why = clock.refusal()
+        if why is not None:
+            for entry in entries:
+                entry["ours"] = entry["core"] = {"skipped": why}
+                skipped += [f"{entry['name']} ours", f"{entry['name']} core"]
+            continue
         try:
             started = time.perf_counter()
             patcher = build_model(family, args.toy, args.dtype)
             params, nbytes = params_and_bytes(patcher)
-            families[family] = {"params": params, "weights_mib": nbytes / MIB,
-                                "build_s": time.perf_counter() - started, "full_config_detected_as": detected_as(family)}
+            families[family] = {"params": params, "weights_mib": nbytes / MIB, "build_s": time.perf_counter() - started,
+                                "full_config_detected_as": detected_as(family)}
             print(f"[gpu_check] {family}: {params / 1e6:.1f} M parameters, {nbytes / MIB:.0f} MiB of weights, "
                   f"built in {families[family]['build_s']:.1f} s", flush=True)
         except Exception as err:  # noqa: BLE001
             families[family] = error_entry(err)
             for entry in entries:
                 entry["ours"] = entry["core"] = {"error": f"model build failed: {families[family]['error']}"}
+            save()
             continue
-        # ours for every case first, then core (each case's pair runs on the same model)
-        for case, entry in zip(mine, entries):
+        for case, entry in zip(mine, entries):  # per case: ours, then core on the same weights
+            harness.allow_estimate = args.estimates == "all" or (args.estimates == "first" and case is mine[0])
             entry["ours"] = guarded(clock, lambda: run_ours(harness, patcher, case, args.toy, args.steps), skipped,
-                                    f"{case.name(args.toy)} ours")
+                                    f"{entry['name']} ours", f"{family} ours")
             print(f"[gpu_check] {entry['name']} ours: {brief(entry['ours'])}", flush=True)
-        for case, entry in zip(mine, entries):
+            save()
             entry["core"] = guarded(clock, lambda: run_core(harness, patcher, case, args.toy, args.steps), skipped,
-                                    f"{case.name(args.toy)} core")
+                                    f"{entry['name']} core", f"{family} core")
             print(f"[gpu_check] {entry['name']} core: {brief(entry['core'])}", flush=True)
+            save()
         del patcher
-        import comfy.model_management as mm
+        families[family]["left_allocated_mib"] = release(torch, cuda)
+
+
+def release(torch, cuda: bool) -> float | None:
+    """Free the family's model before the next (ComfyUI keeps only weak references to it); on CUDA the
+    MiB still allocated after, and if a GiB or more is, ComfyUI unloads every model to the CPU."""
+    import comfy.model_management as mm
+
+    cleanup(torch, cuda)
+    mm.cleanup_models()
+    if not cuda:
+        return None
+    left = torch.cuda.memory_allocated()
+    if left >= 2 ** 30:
         mm.unload_all_models()
         cleanup(torch, cuda)
-    return results, families, skipped
+    return left / MIB
 
 
 def brief(entry: dict) -> str:
@@ -534,6 +629,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def notes(cuda: bool) -> list[str]:
+    common = ["core trains a clone of the same weights (no file to reload): one copy of the weights in both peaks",
+              "s_per_step: from the end of the first step to the end of the last (ComfyUI's progress hook)"]
+    if cuda:
+        return common + ["peak: max_memory_allocated with the weights resident; our sampler resets it once more "
+                         "before its estimate, the weights loaded", "estimate_mib: estimate.total (weights included)"]
+    return common + ["peak: live bytes of the storages each run makes; weights made before are not counted",
+                     "estimate_mib: estimate.step (above the weights)",
+                     "s_per_step on the CPU includes LiveBytes' per-op Python work (both trainers)"]
+
+
 def device_name(cuda: bool) -> str:
     if cuda:
         import torch
@@ -543,7 +649,7 @@ def device_name(cuda: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    clock = Clock(args.budget)
+    clock = Clock(args.budget, args.limit)
     try:
         comfy_dir = comfyui_dir(args.comfyui)
     except NoComfyUI as why:
@@ -565,22 +671,30 @@ def main(argv: list[str] | None = None) -> int:
     import_comfyui(comfy_dir, cpu=not cuda)
     import folder_paths
 
+    report = {
+        "device": device_name(cuda), "torch": torch.__version__, "toy": args.toy, "steps": args.steps,
+        "dtype": args.dtype, "memory": "cuda max_memory_allocated" if cuda else "live bytes (cpu)",
+        "estimate_compared": ("estimate.total (weights included) vs max_memory_allocated" if cuda else
+                              "estimate.step (above the weights) vs the run's live bytes"),
+        "estimates": args.estimates, "notes": notes(cuda), "comfyui": str(comfy_dir), "budget_s": args.budget,
+        "limit_s": args.limit, "complete": False, "elapsed_s": 0.0, "families": {}, "cases": [], "skipped": [],
+    }
+
+    def save() -> None:  # after every run: a run cut short by the machine's limit still leaves its numbers
+        report["elapsed_s"] = clock.elapsed()
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.replace(args.json)
+
     cases = tuple(c for c in CASES if args.only in c.name(args.toy))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as out:
         folder_paths.set_output_directory(out)  # nothing of ours should be written; if it is, not into ComfyUI
-        results, families, skipped = run_cases(cases, args, clock, cuda)
-    report = {
-        "device": device_name(cuda), "torch": torch.__version__, "toy": args.toy, "steps": args.steps, "dtype": args.dtype,
-        "memory": "cuda max_memory_allocated" if cuda else "live bytes (cpu)",
-        "estimate_compared": ("estimate.total (weights included) vs max_memory_allocated" if cuda else
-                              "estimate.step (above the weights) vs the run's live bytes"),
-        "comfyui": str(comfy_dir), "families": families, "cases": results, "skipped": skipped,
-        "elapsed_s": clock.elapsed(), "budget_s": args.budget,
-    }
+        run_cases(cases, args, clock, cuda, report, save)
+    report["complete"] = True
+    save()
     print(markdown(report))
     print(f"[gpu_check] {clock.elapsed():.0f} s in all; JSON: {args.json}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0
 
 

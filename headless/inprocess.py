@@ -221,7 +221,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help='override an input, e.g. "Train LoRA.batch_size=2" (repeatable)')
     parser.add_argument("--measure", action="store_true",
-                        help="also run the same two steps for real and print what they held (slow at full size)")
+                        help="also run the same step for real and print what they held (slow at full size)")
     parser.add_argument("--json", type=Path, help="also write the estimates to this JSON file")
     parser.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_DIR"),
                         help="the ComfyUI checkout (default: $COMFYUI_DIR)")

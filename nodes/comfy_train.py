@@ -218,6 +218,8 @@ class TrainSampler(comfy.samplers.Sampler):
         def measure(config: TrainConfig, fake: bool = True) -> memory.MemoryEstimate:
             found = memory.estimate(net, fns, latents, config, checkpoint_blocks=model_blocks(net),
                                     samples=self.samples, device=device, fake=fake)
+            # the training data on the device for the whole run: every latent and every prepared caption
+            found.extra["latents and captions"] = memory.tensor_bytes([latents, self.conds.entries], device)
             if self.previewer is not None:  # the VAE joins the model on the device to decode previews
                 found.extra["VAE while previewing"] = self.previewer.vae_bytes()
             return found

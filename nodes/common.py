@@ -8,7 +8,7 @@ CATEGORY = "LoRA Trainer"
 NONE_LORA = "[None]"
 OUTPUT_LORA_FOLDER = "loras"  # under ComfyUI's output folder, where Save LoRA writes by default
 # The estimate command (headless/inprocess.py `estimate_command`) asks Train LoRA for its memory estimate alone:
-# "only" estimates and stops before training, "measure" also runs the two steps for real; each Train LoRA appends
+# "only" estimates and stops before training, "measure" also runs the step for real; each Train LoRA appends
 # a JSON line to the file ESTIMATE_OUT names. Environment variables: every copy of the pack in the process sees them.
 ESTIMATE_MODE, ESTIMATE_OUT = "COMFYUI_LORA_TRAINER_ESTIMATE", "COMFYUI_LORA_TRAINER_ESTIMATE_OUT"
 FOLDER_TIP = "A subfolder of ComfyUI's input folder; kohya-style '<N>_<name>' subfolders repeat their images N times."

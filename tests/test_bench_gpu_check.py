@@ -119,6 +119,19 @@ def test_the_time_guard_stops_new_cases_after_the_budget():
     assert "time budget" in entry["skipped"] and skipped == ["late ours"]
 
 
+def test_a_run_likely_to_end_past_the_limit_does_not_start():
+    now = [0.0]
+    clock = gpu_check.Clock(420.0, limit=450.0, now=lambda: now[0])
+    entry = gpu_check.guarded(clock, lambda: now.__setitem__(0, now[0] + 90.0) or {"ok": 1}, [], "a", "flux ours")
+    assert entry == {"ok": 1} and clock.took["flux ours"] == 90.0
+    now[0] = 350.0
+    assert clock.may_start("flux ours") and clock.may_start("flux core")  # 350 + 90 ≤ 450
+    now[0] = 370.0
+    why = clock.refusal("flux ours")
+    assert why is not None and "would end past 450 s" in why
+    assert clock.may_start("flux core") and clock.may_start()  # no earlier run of that kind: only the budget
+
+
 def test_a_failing_run_is_recorded_not_raised():
     clock = gpu_check.Clock(420.0)
 

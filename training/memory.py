@@ -1,13 +1,15 @@
 """The memory one training step needs, counted before training on fake tensors (docs/memory.md).
 
 `estimate(...)` runs the engine's own training step (`Trainer.step`: adapters injected, the
-objective's noise draw, forward under the run's checkpointing, backward, the optimizer step) twice
+objective's noise draw, forward under the run's checkpointing, backward, the optimizer step) once
 under torch's `FakeTensorMode`: every tensor made has a shape, dtype and device but no memory and
 no values, and no multiply runs. The frozen weights stay the real (or fake) ones the model holds;
 the mode reads them as fake. A `LiveBytes` dispatch mode on top counts the bytes of every tensor
 storage an op makes until it is freed, and its peak: what the step holds above the weights, exact
-up to the kernels' own workspace and the allocator's slack. The second step is the one that counts:
-it runs with the optimizer's state alive, as every step after it does.
+up to the kernels' own workspace and the allocator's slack. The optimizer's state is made first (one
+step of it on zero gradients), so the step runs with it alive, as every step after the first does;
+the step counted is the first of a run, which guards against in-place writes (training/checkpointing.py)
+and so holds at least what the later ones hold.
 
 What a number needs that fake tensors cannot give:
 - values: `.item()`, `.tolist()` and `bool(tensor)` (the loss, the batch draw, the finiteness check)
@@ -59,8 +61,8 @@ class LiveBytes(TorchDispatchMode):
     A storage counts once, from the op that made it until it is freed (a finalizer on the storage).
     One first seen as an op's input was made before (a weight, a latent): it and its views never count.
     With `stub_scalars`, reading a value (`.item()`, `.tolist()`, `bool()`) gives 0.5, 0 or True, as a
-    fake tensor has none. `snapshot` keeps which storages were alive at the peak and when the backward
-    pass of that step began, for `composition`.
+    fake tensor has none. With `snapshot`, every allocation and free goes into `log` (+serial, −serial;
+    `sizes[serial]` its bytes), with where the peak and each backward pass began, for `alive_at`.
     """
 
     def __init__(self, stub_scalars: bool = False, snapshot: bool = True) -> None:
@@ -70,17 +72,18 @@ class LiveBytes(TorchDispatchMode):
         self.now = self.peak = self.serial = 0
         self.stub_scalars, self.snapshot = stub_scalars, snapshot
         self.in_backward = False
-        self.backward_start: set[int] = set()  # serials of the storages alive when this step's backward began
-        self.at_peak: dict[int, int] = {}  # serial → bytes of the storages alive at the peak
-        self.backward_start_at_peak: set[int] = set()
+        self.log: list[int] = []
+        self.sizes: dict[int, int] = {}
+        self.peak_at = 0  # len(log) when the peak was reached
+        self.backward_starts: list[int] = []  # len(log) when each backward pass began
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _SCALAR and self.stub_scalars:
             dtype = args[0].dtype
             return True if dtype == torch.bool else 0.5 if dtype.is_floating_point or dtype.is_complex else 0
         backward = torch._C._current_autograd_node() is not None
-        if backward and not self.in_backward and self.snapshot:
-            self.backward_start = {serial for serial, _ in self.live.values()}
+        if backward and not self.in_backward:
+            self.backward_starts.append(len(self.log))
         self.in_backward = backward
         for t in tree_flatten((args, kwargs))[0]:
             if isinstance(t, torch.Tensor) and _key(t) not in self.live and _key(t) not in self.before:
@@ -98,20 +101,44 @@ class LiveBytes(TorchDispatchMode):
                 self.serial += 1
                 self.live[key] = (self.serial, storage.nbytes())
                 self.now += storage.nbytes()
+                if self.snapshot:
+                    self.log.append(self.serial)
+                    self.sizes[self.serial] = storage.nbytes()
                 if self.now > self.peak:
-                    self.peak = self.now
-                    if self.snapshot:
-                        self.at_peak = dict(self.live.values())
-                        self.backward_start_at_peak = self.backward_start
+                    self.peak, self.peak_at = self.now, len(self.log)
                 weakref.finalize(storage, self._free, key)
         return out
 
     def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, (0, 0))[1]
+        serial, nbytes = self.live.pop(key, (0, 0))
+        self.now -= nbytes
+        if serial and self.snapshot:
+            self.log.append(-serial)
 
     def serial_of(self, t: torch.Tensor) -> int | None:
         """The serial of `t`'s storage, if this count made it and it lives."""
         return self.live.get(_key(t), (None, 0))[0]
+
+    def alive_at(self, at: int) -> set[int]:
+        """The serials alive after the first `at` entries of the log."""
+        alive: set[int] = set()
+        for event in self.log[:at]:
+            if event > 0:
+                alive.add(event)
+            else:
+                alive.discard(-event)
+        return alive
+
+    def saved_at_peak(self) -> set[int]:
+        """Of the storages alive at the peak, those the backward pass of that step began with: saved for it.
+        (A peak inside the forward pass: those that live until its backward begins.)"""
+        at_peak = self.alive_at(self.peak_at)
+        later = [b for b in self.backward_starts if b >= self.peak_at]
+        if later:
+            freed = {-e for e in self.log[self.peak_at:later[0]] if e < 0}
+            return at_peak - freed
+        began = max((b for b in self.backward_starts if b < self.peak_at), default=None)
+        return at_peak & self.alive_at(began) if began is not None else set()
 
 
 @dataclass
@@ -168,6 +195,23 @@ def resident_bytes(net: nn.Module, device: torch.device | str) -> int:
     return sum(seen.values())
 
 
+def tensor_bytes(value, device: torch.device | str, seen: set[int] | None = None) -> int:
+    """The bytes of the tensors on `device` inside nested dicts, lists, tuples and objects with a tensor
+    `cond` attribute (ComfyUI's conditioning wrappers), each storage once."""
+    device, seen = torch.device(device), set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        if value.device.type != device.type or _key(value) in seen:
+            return 0
+        seen.add(_key(value))
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v, device, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v, device, seen) for v in value)
+    inner = getattr(value, "cond", None)
+    return tensor_bytes(inner, device, seen) if isinstance(inner, torch.Tensor) else 0
+
+
 def worst_batch(images: Sequence[torch.Tensor], samples: Samples | None, batch_size: int) -> Samples:
     """Samples that draw `batch_size` copies of the largest image (the worst batch the data can draw)."""
     largest = max(range(len(images)), key=lambda i: (math.prod(images[i].shape), -i))
@@ -177,7 +221,7 @@ def worst_batch(images: Sequence[torch.Tensor], samples: Samples | None, batch_s
 
 def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[torch.Tensor], config: TrainConfig, *,
              checkpoint_blocks: Sequence[nn.Module] = (), samples: Samples | None = None,
-             device: torch.device | str | None = None, fake: bool = True, steps: int = 2) -> MemoryEstimate:
+             device: torch.device | str | None = None, fake: bool = True, steps: int = 1) -> MemoryEstimate:
     """The peak memory of a training step of `config` on `net` (see the module docstring); `net` is left
     as it was. `fake=False` runs the same steps for real (tests compare the two); `device`: where the
     step computes (default: the latents')."""
@@ -201,6 +245,11 @@ def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[tor
         adapters = list(network.parameters())
         handles = [p.register_post_accumulate_grad_hook(lambda p: grads.add(counter.serial_of(p.grad))) for p in adapters]
         trainer = Trainer(network, fns, images, one_step, samples=drawn)
+        with torch.no_grad():  # the optimizer's state made first, as every step after the first holds it
+            for p in adapters:
+                p.grad = torch.zeros_like(p)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
         for _ in range(steps):
             trainer.step()
         for handle in handles:
@@ -216,11 +265,11 @@ def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[tor
 def _composition(counter: LiveBytes, weights: int, adapters: set, grads: set, state: set, device: torch.device,
                  batch: tuple[int, ...]) -> MemoryEstimate:
     """The peak's storages (by serial) by kind: adapters, gradients, optimizer state, saved activations, the rest."""
-    at_peak, saved = counter.at_peak, counter.backward_start_at_peak
+    at_peak = counter.alive_at(counter.peak_at)
     kinds = {"adapters": adapters, "gradients": grads, "optimizer": state}
-    sums = {kind: sum(n for k, n in at_peak.items() if k in keys) for kind, keys in kinds.items()}
+    sums = {kind: sum(counter.sizes[k] for k in at_peak if k in keys) for kind, keys in kinds.items()}
     known = adapters | grads | state
-    activations = sum(n for k, n in at_peak.items() if k in saved and k not in known)
+    activations = sum(counter.sizes[k] for k in counter.saved_at_peak() - known)
     transient = counter.peak - sum(sums.values()) - activations
     return MemoryEstimate(weights, sums["adapters"], sums["gradients"], sums["optimizer"], activations, transient,
                           str(device), batch)
