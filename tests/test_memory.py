@@ -100,13 +100,14 @@ def _run(config, steps=4, lr=2e-3):
             list(trainer.losses), trainer
 
 
-@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor"])
-def test_stepping_in_backward_is_bit_identical_to_the_plain_step(optimizer):
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["on_device", "optimizer_on_cpu"])
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "AdamW8bit"])
+def test_stepping_in_backward_is_bit_identical_to_the_plain_step(optimizer, on_cpu):
     # batch 3 over three latent sizes: three backward passes per step, the gradients summed before the step
     config = TrainConfig(batch_size=3, steps=4, optimizer=optimizer, lora_plus_ratio=4.0,
                          gradient_checkpointing=True, **FAST)
     plain, plain_losses, _ = _run(config)
-    fused, fused_losses, trainer = _run(replace(config, step_in_backward=True))
+    fused, fused_losses, trainer = _run(replace(config, step_in_backward=True, optimizer_on_cpu=on_cpu))
     assert isinstance(trainer.optimizer, BackwardSteps)
     assert fused_losses == plain_losses
     for path, tensors in plain.items():
@@ -137,6 +138,11 @@ def test_a_state_saved_stepping_in_backward_resumes_bit_identically():
         assert all(torch.equal(t, after.lora[path].tensors[k]) for k, t in tensors.items()), path
 
 
+def test_the_optimizer_in_ram_needs_step_in_backward():
+    with pytest.raises(ValueError, match="^optimizer_on_cpu: .*step_in_backward"):
+        TrainConfig(optimizer_on_cpu=True)
+
+
 @pytest.mark.parametrize("change, named", [({"max_grad_norm": 1.0}, "max_grad_norm"),
                                            ({"gradient_accumulation": 2}, "gradient_accumulation"),
                                            ({"optimizer": "Prodigy"}, "optimizer")])
@@ -155,9 +161,11 @@ def test_the_cheapest_fit_adds_levers_in_order_until_the_step_fits():
         return estimate(model.net, fns, latents, c, checkpoint_blocks=blocks)
 
     full = measure(config)
-    checkpointed = measure(replace(config, gradient_checkpointing=True, step_in_backward=True, optimizer="AdamW8bit"))
+    checkpointed = measure(replace(config, gradient_checkpointing=True, step_in_backward=True, optimizer="AdamW8bit",
+                                   optimizer_on_cpu=True))
     changes, fits = cheapest_fit(config, measure, checkpointed.step + 1)
-    assert changes == ["step_in_backward on", "optimizer AdamW8bit", "gradient_checkpointing on"]
+    # optimizer_on_cpu saves nothing where the compute device is the CPU itself: the next lever is tried
+    assert changes == ["step_in_backward on", "optimizer AdamW8bit", "optimizer_on_cpu on", "gradient_checkpointing on"]
     assert fits.step == checkpointed.step < full.step
     changes, fits = cheapest_fit(config, measure, 1024)  # nothing fits in 1 KiB
     assert fits is None and changes[-1] == "batch_size 1"

@@ -58,8 +58,9 @@ def assert_same_lora(a, b):
 
 # the memory levers keep their state in the same files: 8-bit moments (bitsandbytes' nested quantization
 # state), and one optimizer per parameter stepped in the backward pass
-@pytest.mark.parametrize("lever", [{}, {"optimizer": "AdamW8bit"}, {"step_in_backward": True}],
-                         ids=["plain", "AdamW8bit", "step_in_backward"])
+@pytest.mark.parametrize("lever", [{}, {"optimizer": "AdamW8bit"}, {"step_in_backward": True},
+                                   {"step_in_backward": True, "optimizer_on_cpu": True}],
+                         ids=["plain", "AdamW8bit", "step_in_backward", "optimizer_on_cpu"])
 def test_half_then_resumed_half_is_bit_identical_to_one_run(tmp_path, lever):
     config = replace(CONFIG, **lever)
     straight, _ = run(tmp_path / "one", config)

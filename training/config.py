@@ -196,6 +196,10 @@ class TrainConfig:
                                      "(kohya's fused_backward_pass). Same result as the plain step; not with "
                                      "max_grad_norm, gradient_accumulation above 1, Prodigy or torchrun.",
                                      node=OPTIONS)
+    optimizer_on_cpu: bool = setting(False, "With step_in_backward: the optimizer's state and an fp32 copy of the "
+                                     "adapters stay in RAM; each gradient is copied there, stepped, and the adapter "
+                                     "copied back. Frees the optimizer state from the GPU for two small copies per "
+                                     "adapter and step.", node=OPTIONS)
     offload: bool = setting(False, "Keep the frozen weights in RAM and stream each layer's to the GPU as it runs "
                             "(ComfyUI's partial loading, as core's offloading option), for a model larger than the "
                             "GPU; slower. Nothing to do when ComfyUI computes on the CPU.", node=OPTIONS)
@@ -253,6 +257,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: got {value}, but step_in_backward steps each adapter before the other "
                                  f"gradients exist, and {name} needs them all first; turn step_in_backward off, or "
                                  f"set {name} to {'AdamW' if name == 'optimizer' else _number(1 if name == 'gradient_accumulation' else 0)}")
+        if self.optimizer_on_cpu and not self.step_in_backward:
+            raise ValueError("optimizer_on_cpu: the optimizer steps in RAM as each gradient is made, which needs "
+                             "step_in_backward; turn step_in_backward on, or optimizer_on_cpu off")
         for name in ("network_dropout", "rank_dropout", "lora_plus_ratio"):
             off = 1.0 if name == "lora_plus_ratio" else 0.0
             if getattr(self, name) != off and self.algorithm not in RANK_ALGORITHMS:

@@ -50,6 +50,10 @@ MIB = 2 ** 20
 _SCALAR = torch.ops.aten._local_scalar_dense.default
 
 
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
+
+
 def _key(t: torch.Tensor) -> int:
     """A storage's identity while it lives (a fake tensor's storage has no data pointer)."""
     return t.untyped_storage()._cdata
@@ -65,8 +69,10 @@ class LiveBytes(TorchDispatchMode):
     `sizes[serial]` its bytes), with where the peak and each backward pass began, for `alive_at`.
     """
 
-    def __init__(self, stub_scalars: bool = False, snapshot: bool = True) -> None:
+    def __init__(self, stub_scalars: bool = False, snapshot: bool = True, device: torch.device | str | None = None) -> None:
+        """`device`: count only storages on that device (default: all)."""
         super().__init__()
+        self.device = torch.device(device) if device is not None else None
         self.live: dict[int, tuple[int, int]] = {}  # storage → (serial, bytes): an address is reused once freed
         self.before: set[int] = set()
         self.now = self.peak = self.serial = 0
@@ -96,7 +102,7 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage._cdata
-                if key in self.live or key in self.before:
+                if key in self.live or key in self.before or self.device is not None and not _on(t, self.device):
                     continue
                 self.serial += 1
                 self.live[key] = (self.serial, storage.nbytes())
@@ -190,7 +196,7 @@ def resident_bytes(net: nn.Module, device: torch.device | str) -> int:
     device = torch.device(device)
     seen: dict[int, int] = {}
     for t in [*net.parameters(), *net.buffers()]:
-        if t.device.type == device.type and (device.index is None or t.device.index in (None, device.index)):
+        if _on(t, device):
             seen[_key(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
@@ -234,7 +240,7 @@ def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[tor
     drawn = worst_batch(images, samples, config.batch_size)
     one_step = replace(config, steps=max(config.steps, steps), warmup_steps=0, gradient_accumulation=1,
                        batch_order="random")
-    counter = LiveBytes(stub_scalars=fake)
+    counter = LiveBytes(stub_scalars=fake, device=device)  # only the compute device's memory
     grads: set[int | None] = set()  # serials
     with ExitStack() as stack:
         if fake:
@@ -277,7 +283,8 @@ def _composition(counter: LiveBytes, weights: int, adapters: set, grads: set, st
 
 # The levers to try when a step does not fit, cheapest (in time) first: each adds to the ones before.
 LEVERS: tuple[tuple[str, object], ...] = (("step_in_backward", True), ("optimizer", "AdamW8bit"),
-                                          ("gradient_checkpointing", True), ("batch_size", 1))
+                                          ("optimizer_on_cpu", True), ("gradient_checkpointing", True),
+                                          ("batch_size", 1))
 
 
 def cheapest_fit(config: TrainConfig, measure, budget: int) -> tuple[list[str], MemoryEstimate | None]:

@@ -75,7 +75,13 @@ def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: Trai
         kwargs["fused"] = True
     kind = _optimizer_class(config.optimizer)
     if config.step_in_backward:
-        return BackwardSteps([(p, kind([{**g, "params": [p]}], **kwargs)) for g in groups for p in g["params"]])
+        steps = []
+        for g in groups:
+            for p in g["params"]:
+                # optimizer_on_cpu: the optimizer steps an fp32 copy in RAM, whose values go back to the adapter
+                host = torch.nn.Parameter(p.detach().to("cpu", copy=True)) if config.optimizer_on_cpu else None
+                steps.append((p, host, kind([{**g, "params": [host if host is not None else p]}], **kwargs)))
+        return BackwardSteps(steps)
     return kind(groups, **kwargs)
 
 
@@ -92,11 +98,12 @@ class BackwardSteps:
     schedule's LR reaches them), `step()` (nothing left to do), `zero_grad`, `state`, and a
     `state_dict()` in torch's layout over all parameters, so checkpoints and resume work unchanged."""
 
-    def __init__(self, optimizers: list[tuple[torch.nn.Parameter, torch.optim.Optimizer]]):
-        self.pairs = optimizers
-        self.optimizers = [o for _, o in optimizers]
+    def __init__(self, optimizers: list[tuple[torch.nn.Parameter, torch.nn.Parameter | None, torch.optim.Optimizer]]):
+        """`optimizers`: (parameter, its copy in RAM that the optimizer steps or None, optimizer)."""
+        self.steps = optimizers
+        self.optimizers = [o for _, _, o in optimizers]
         self.armed = True
-        self.handles = [p.register_post_accumulate_grad_hook(self._stepper(o)) for p, o in optimizers]
+        self.handles = [p.register_post_accumulate_grad_hook(self._stepper(p, host, o)) for p, host, o in optimizers]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -108,20 +115,18 @@ class BackwardSteps:
         batch of several latent sizes runs one backward per size)."""
         self.armed = armed
 
-    def _stepper(self, optimizer: torch.optim.Optimizer):
+    def _stepper(self, param: torch.nn.Parameter, host: torch.nn.Parameter | None, optimizer: torch.optim.Optimizer):
         def step(_param: torch.nn.Parameter) -> None:
             if self.armed:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                _apply(param, host, optimizer)
         return step
 
     def step(self) -> None:
         """Each parameter stepped when its gradient was made; one whose gradient came only before the last
         backward (an adapter module dropout skipped then) steps now."""
-        for param, optimizer in self.pairs:
+        for param, host, optimizer in self.steps:
             if param.grad is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                _apply(param, host, optimizer)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:
@@ -141,6 +146,12 @@ class BackwardSteps:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """The saved optimizer state; the copies in RAM (optimizer_on_cpu) take the adapters' values, which
+        the caller loaded first."""
+        with torch.no_grad():
+            for param, host, _ in self.steps:
+                if host is not None:
+                    host.copy_(param)
         state, groups = state_dict["state"], state_dict["param_groups"]
         if len(groups) != len(self.optimizers):
             raise ValueError(f"resume: the training state has {len(groups)} optimizer groups, this run "
@@ -154,6 +165,20 @@ class BackwardSteps:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _apply(param: torch.nn.Parameter, host: torch.nn.Parameter | None, optimizer: torch.optim.Optimizer) -> None:
+    """One optimizer step of one parameter, its gradient then freed; with a copy in RAM (optimizer_on_cpu),
+    the gradient goes there, the step runs there, and the new values come back."""
+    if host is None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    host.grad, param.grad = param.grad.to("cpu", torch.float32), None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        param.copy_(host)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
