@@ -1,7 +1,7 @@
 """The memory of one LoRA training step on FULL-SIZE ComfyUI models, counted without the memory.
 
     COMFYUI_DIR=/path/to/ComfyUI python -m comfyui_lora_trainer.bench.full_size [--json PATH]
-        [--models sdxl flux1-dev ...] [--quick]
+        [--models sdxl flux1-dev ...] [--full-grid] [--quick]
 
 Each model is ComfyUI's own: its `comfy.supported_models` class (checked: the one ComfyUI's
 `model_config_from_unet_config` picks for the full unet_config written here, the one its
@@ -30,20 +30,25 @@ bypassed SDPA would show it.
 Offloading (`offload` rows) is ComfyUI's low-VRAM path: every `comfy.ops` layer gets
 `comfy_cast_weights = True` and its weight and bias rest on another device ("meta" here, standing for
 the CPU RAM behind a GPU), so `cast_bias_weight` copies them onto the compute device and to bf16 in
-each forward (`cast_to`, then `.to(bf16)`): those copies are what the step holds of the weights (the
-transient column, and the activations where autograd saves a cast weight for the input gradient).
-Parameters of modules that are not comfy.ops layers (a few embeddings, norms and modulation tensors)
-stay resident, as ComfyUI loads them. `cast_check` in the JSON compares: with checkpointing, the step's
-extra bytes over the resident run should be about one block's bf16 casts (the block being recomputed
-in the backward pass: `largest_block_cast_mib`); without it, autograd saves every layer's cast, about
-the whole model in bf16 (`all_casts_mib`).
+each forward (`cast_to`, then `.to(bf16)`): those copies are what the step holds of the weights (in
+the transient column, and in the activations where autograd saves a cast weight for the input
+gradient). Parameters of modules that are not comfy.ops layers (a few embeddings, norms and
+modulation tensors) stay resident, as ComfyUI loads them. `cast_check` in the JSON compares, per
+model, size and base, the offloaded step's bytes above the resident one's with the bf16 casts of the
+largest checkpointed block (`largest_block_cast_mib`) and of all layers (`all_casts_mib`): on a bf16
+base with checkpointing about one block's casts (the block recomputed in the backward pass), without
+it about all of them (every layer's cast saved for backward). An fp8 base casts every layer already
+when resident (manual_cast), so offloading it adds only the fp8 staging copy of one layer.
 
-Settings: batch 1, LoRA rank 16 (target "all", TrainConfig's default, and its other defaults:
-AdamW, bf16 training dtype), at 512 and 1024 px (Wan 2.1: 832×480, 33 frames = 9 latent frames),
-bf16 against fp8 weights, gradient checkpointing on and off, offloading on and off; levers on the
-Flux 1024 px fp8 checkpointed case (and the others' largest fp8 checkpointed case): step_in_backward
-and AdamW8bit (bitsandbytes). `--quick` runs toy-width configs of three families (Flux, SDXL, Wan)
-built the same way, in well under a minute (tests/integration/test_full_size.py).
+Settings: batch 1, LoRA rank 16, TrainConfig's other defaults (target "all", AdamW, bf16 training
+dtype); 512 and 1024 px (Wan 2.1: 832×480, 33 frames = 9 latent frames); bf16 against fp8 weights,
+gradient checkpointing on and off, offloading on and off; the levers step_in_backward and AdamW8bit
+(bitsandbytes), alone and together, on the Flux 1024 px fp8 checkpointed case. A full-size fake step
+costs tens of CPU seconds (every op goes through FakeTensorMode and memory.py's counting dispatch
+mode in Python), so only Flux.1-dev runs the whole grid by default; the others run a trimmed one
+(`grid`; `--full-grid` runs the whole grid for every model). `--quick` runs toy-width configs of two
+families (Flux and Wan 2.1; `--models sdxl-tiny` adds a UNet) built the same way, in about a minute
+(tests/integration/test_full_size.py runs it).
 
 The weights column is checked against each model's published parameter count (`weights_check`).
 Limits: the count is the tensors torch allocates (no allocator slack, no CUDA context or kernel
@@ -91,7 +96,11 @@ def start_comfyui() -> Path:
 def use_sdpa() -> int:
     """Rebind ComfyUI's attention names in every loaded comfy.ldm module to attention_pytorch (PyTorch's
     scaled_dot_product_attention); how many names were changed (0 when ComfyUI picked it already)."""
+    import importlib
+
     import comfy.ldm.modules.attention as attention
+
+    importlib.import_module("comfy.model_base")  # imports every model family's comfy.ldm modules
 
     pytorch = attention.attention_pytorch
     changed = 0
@@ -177,7 +186,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("wan2.1-t2v-14b", "Wan 2.1 T2V 14B", "WAN21_T2V", dict(
         image_model="wan2.1", model_type="t2v", dim=5120, out_dim=16, num_heads=40, ffn_dim=13824, num_layers=40,
         patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
-        in_dim=16), _WAN_480P, {"cross_attn": (1, 512, 4096)}, 14.0, sizes=(480,), size_label=lambda px: "832×480×33"),
+        in_dim=16), _WAN_480P, {"cross_attn": (1, 512, 4096)}, 14.0, sizes=(480,),
+        size_label=lambda px: "832×480×33"),
     # lumina2 (NextDiT) at dim 3840 = Z-Image; Qwen3-4B hidden states, 2560 wide (a 256-token caption)
     Family("z-image", "Z-Image", "ZImage", dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30, qk_norm=True,
@@ -191,7 +201,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 # step's peak is in the backward pass and activations outweigh the adapters.
 TINY: dict[str, Family] = {f.name: f for f in [
     Family("flux-tiny", "Flux (toy)", "Flux", dict(
-        FAMILIES["flux1-dev"].unet_config, axes_dim=[8, 12, 12], num_heads=2, hidden_size=64, context_in_dim=32,
+        FAMILIES["flux1-dev"].unet_config, axes_dim=[16, 24, 24], num_heads=4, hidden_size=256, context_in_dim=32,
         vec_in_dim=16, depth=2, depth_single_blocks=2), _image(16),
         {"cross_attn": (1, 16, 32), "pooled_output": (1, 16)}, 0, sizes=(512,), tiny=True),
     Family("sdxl-tiny", "SDXL (toy)", "SDXL", dict(
@@ -201,11 +211,11 @@ TINY: dict[str, Family] = {f.name: f for f in [
         {"cross_attn": (1, 16, 32), "pooled_output": (1, 64)}, 0, sizes=(512,),
         extra=lambda px: {"width": px, "height": px}, tiny=True),
     Family("wan-tiny", "Wan 2.1 (toy)", "WAN21_T2V", dict(
-        FAMILIES["wan2.1-t2v-14b"].unet_config, dim=64, num_heads=2, ffn_dim=128, num_layers=2, text_dim=32),
+        FAMILIES["wan2.1-t2v-14b"].unet_config, dim=512, num_heads=4, ffn_dim=1024, num_layers=2, text_dim=32),
         lambda px: (16, 5, px // 8, px // 8), {"cross_attn": (1, 16, 32)}, 0, sizes=(256,),
         size_label=lambda px: f"{px}×{px}×17", tiny=True),
 ]}
-QUICK_DEFAULT = ("flux-tiny", "sdxl-tiny")
+QUICK_DEFAULT = ("flux-tiny", "wan-tiny")
 
 
 def build(family: Family, weights: str):
@@ -311,29 +321,30 @@ BASES, SWITCH = ("bf16", "fp8"), (True, False)
 
 def full_grid(f: Family) -> list[Row]:
     """Each size × base × checkpointing × offloading."""
-    return [Row(f.name, px, base, ckpt, off) for px in f.sizes for base in BASES for ckpt in SWITCH for off in (False, True)]
+    return [Row(f.name, px, base, ckpt, off)
+            for px in f.sizes for base in BASES for ckpt in SWITCH for off in (False, True)]
 
 
 def grid(families: list[Family], full: bool = False) -> list[Row]:
     """The rows run for `families`. Flux.1-dev (or with `full`, every model): the full grid (`full_grid`) and
     the three levers (step_in_backward, AdamW8bit, both) at its largest size, fp8, checkpointed. The other
     models, trimmed (a full-size fake step costs tens of CPU seconds): at the largest size bf16 and fp8 with
-    checkpointing on and off, fp8 offloaded on and off; at the smaller size fp8 with checkpointing on and off;
-    Wan 2.1 also gets both levers together. Toys (--quick): bf16 and fp8 with checkpointing on and off, each
-    base offloaded with checkpointing, and both levers on the first toy."""
+    checkpointing on and off, and bf16 offloaded with checkpointing on and off; at the smaller size fp8
+    checkpointed; Wan 2.1 also gets both levers together. Toys (--quick): bf16 with checkpointing on and off, fp8 with
+    checkpointing, offloaded and not, and both levers on the first toy."""
     rows: list[Row] = []
     for i, f in enumerate(families):
         big = max(f.sizes)
         if f.tiny:
-            rows += [Row(f.name, big, base, ckpt, False) for base in BASES for ckpt in SWITCH]
-            rows += [Row(f.name, big, base, True, True) for base in BASES]
+            rows += [Row(f.name, big, "bf16", ckpt, False) for ckpt in SWITCH]
+            rows += [Row(f.name, big, "fp8", True, off) for off in (False, True)]
             rows += [Row(f.name, big, "fp8", True, False, "both")] if i == 0 else []
         elif full or f.name == "flux1-dev":
             rows += full_grid(f) + [Row(f.name, big, "fp8", True, False, lever) for lever in LEVERS]
         else:
-            rows += [Row(f.name, big, "bf16", ckpt, False) for ckpt in SWITCH]
-            rows += [Row(f.name, big, "fp8", ckpt, off) for ckpt in SWITCH for off in (False, True)]
-            rows += [Row(f.name, px, "fp8", ckpt, False) for px in f.sizes if px != big for ckpt in SWITCH]
+            rows += [Row(f.name, big, base, ckpt, False) for base in BASES for ckpt in SWITCH]
+            rows += [Row(f.name, big, "bf16", ckpt, True) for ckpt in SWITCH]
+            rows += [Row(f.name, px, "fp8", True, False) for px in f.sizes if px != big]
             rows += [Row(f.name, big, "fp8", True, False, "both")] if f.name.startswith("wan") else []
     return rows
 
@@ -344,8 +355,11 @@ def config_of(row: Row):
     return TrainConfig(batch_size=1, rank=16, gradient_checkpointing=row.checkpointing, **LEVERS.get(row.lever, {}))
 
 
-def run(families: list[Family], log: Callable[[str], None] = print) -> dict:
-    """Every row of `grid(families)`: settings, the estimate's as_dict(), seconds, sdpa_calls."""
+def run(families: list[Family], full: bool = False, log: Callable[[str], None] = print,
+        progress: Callable[[dict], None] | None = None) -> dict:
+    """Every row of `grid(families, full)`: its settings, the estimate's as_dict(), the wall and CPU seconds
+    it took, and its SDPA calls; also the weights check and the cast check. `progress` gets the result so
+    far after each row. Each model is built once per base and shared by its rows."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     import comfy.model_management
@@ -355,19 +369,30 @@ def run(families: list[Family], log: Callable[[str], None] = print) -> dict:
     rebound = use_sdpa()
     comfy.model_management.in_training = True  # as nodes/comfy_train.py sets it while training
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    rows, checks, started = [], [], time.monotonic()
+    order = grid(families, full)
+    done: dict[Row, dict] = {}
+    checks: list[dict] = []
+    started, cpu_started = time.monotonic(), time.process_time()
+
+    def result() -> dict:
+        rows = [done[r] for r in order if r in done]
+        return {"rows": rows, "weights_check": checks, "cast_check": _cast_check(rows, checks),
+                "attention_names_rebound": rebound, "complete": len(rows) == len(order),
+                "seconds_total": round(time.monotonic() - started, 1),
+                "cpu_seconds_total": round(time.process_time() - cpu_started, 1)}
+
     for family in families:
-        for base in ("bf16", "fp8"):
-            todo = [r for r in grid([family]) if r.base == base]
+        for base in BASES:
+            todo = [r for r in order if r.model == family.name and r.base == base]
             if not todo:
                 continue
             with mode:
                 model = build(family, base)
             net = model.diffusion_model
             blocks = model_blocks(net)
-            info = _weights_info(net, blocks, family, base)
-            checks.append(info)
+            checks.append(_weights_info(net, blocks, family, base))
             for row in todo:
+                config = config_of(row)
                 with mode:
                     shape = family.latent(row.px)
                     latents = [torch.zeros(1, *shape)]
@@ -375,21 +400,24 @@ def run(families: list[Family], log: Callable[[str], None] = print) -> dict:
                                               **{k: torch.zeros(s) for k, s in family.conds.items()},
                                               **family.extra(row.px))
                 fns = model_fns(model, conds)
-                t0 = time.monotonic()
+                wall, cpu = time.monotonic(), time.process_time()
                 with offloaded(net, row.offload), counting_sdpa() as sdpa, mode:
-                    est = memory.estimate(net, fns, latents, config_of(row), checkpoint_blocks=blocks, device="cpu")
-                seconds = time.monotonic() - t0
-                entry = {"model": family.name, "label": family.label, "size": family.size_label(row.px),
-                         "px": row.px, "latent": list(shape), "base": row.base, "checkpointing": row.checkpointing,
-                         "offload": row.offload, "lever": row.lever, "rank": 16, "batch_size": 1,
-                         "optimizer": config_of(row).optimizer, "step_in_backward": config_of(row).step_in_backward,
-                         **est.as_dict(), "seconds": round(seconds, 2), "sdpa_calls": sdpa[0]}
-                rows.append(entry)
-                log(f"{family.name} {entry['size']} {base} ckpt={row.checkpointing} offload={row.offload}"
-                    f"{' ' + row.lever if row.lever else ''}: {est.describe()} [{seconds:.1f} s, {sdpa[0]} sdpa]")
+                    est = memory.estimate(net, fns, latents, config, checkpoint_blocks=blocks, device="cpu")
+                wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+                done[row] = {"model": family.name, "label": family.label, "size": family.size_label(row.px),
+                             "px": row.px, "latent": list(shape), "base": row.base,
+                             "checkpointing": row.checkpointing, "offload": row.offload, "lever": row.lever,
+                             "rank": config.rank, "target": config.target, "batch_size": config.batch_size,
+                             "optimizer": config.optimizer, "step_in_backward": config.step_in_backward,
+                             **est.as_dict(), "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                             "sdpa_calls": sdpa[0]}
+                log(f"{family.name} {family.size_label(row.px)} {base} checkpointing={row.checkpointing} "
+                    f"offload={row.offload}{' ' + row.lever if row.lever else ''}: {est.describe()} "
+                    f"[{wall:.1f} s, {cpu:.1f} s CPU, {sdpa[0]} SDPA calls]")
+                if progress is not None:
+                    progress(result())
             del model, net, blocks
-    return {"rows": rows, "weights_check": checks, "cast_check": _cast_check(rows, checks),
-            "attention_names_rebound": rebound, "seconds_total": round(time.monotonic() - started, 1)}
+    return result()
 
 
 def _weights_info(net, blocks, family: Family, base: str) -> dict:
@@ -434,20 +462,18 @@ def _cast_check(rows: list[dict], checks: list[dict]) -> list[dict]:
 
 # --- output ---------------------------------------------------------------------------------------
 
-def _gib(mib: float) -> str:
-    return f"{mib / 1024:.2f}"
-
-
-def table(rows: list[dict]) -> str:
-    head = ("| model | size | base | ckpt | offload | lever | total GiB | weights | adapters+grads+optim "
-            "| activations | transient |\n|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
-    lines = [head]
+def table(rows: list[dict], unit: int = GIB) -> str:
+    """The markdown table of `rows`, in GiB (or MiB)."""
+    name = "GiB" if unit == GIB else "MiB"
+    show = lambda mib: f"{mib * MIB / unit:.2f}"  # noqa: E731
+    lines = [f"| model | size | base | ckpt | offload | lever | total {name} | weights | adapters+grads+optim "
+             "| activations | transient |", "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         adapters = r["adapters_mib"] + r["gradients_mib"] + r["optimizer_mib"]
         lines.append(f"| {r['label']} | {r['size']} | {r['base']} | {'on' if r['checkpointing'] else 'off'} "
-                     f"| {'on' if r['offload'] else 'off'} | {r['lever'] or '-'} | {_gib(r['total_mib'])} "
-                     f"| {_gib(r['weights_mib'])} | {_gib(adapters)} | {_gib(r['activations_mib'])} "
-                     f"| {_gib(r['transient_mib'])} |")
+                     f"| {'on' if r['offload'] else 'off'} | {r['lever'] or '-'} | {show(r['total_mib'])} "
+                     f"| {show(r['weights_mib'])} | {show(adapters)} | {show(r['activations_mib'])} "
+                     f"| {show(r['transient_mib'])} |")
     return "\n".join(lines)
 
 
@@ -456,35 +482,44 @@ def weights_table(checks: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for c in checks:
         lines.append(f"| {c['model']} | {c['base']} | {c['params_b']:.3f} | {c['published_b'] or '-'} "
-                     f"| {c['ratio'] or '-'} | {_gib(c['weights_mib'])} | {c['bytes_per_param']:.3f} |")
+                     f"| {c['ratio'] or '-'} | {c['weights_mib'] / 1024:.2f} | {c['bytes_per_param']:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    parser.add_argument("--models", nargs="+", help=f"of {', '.join(FAMILIES)} (or the toys with --quick: "
-                                                    f"{', '.join(TINY)})")
-    parser.add_argument("--quick", action="store_true", help="toy widths of three families, in under a minute")
+    parser.add_argument("--models", nargs="+", help=f"of {', '.join(FAMILIES)} (default: all); with --quick, "
+                                                    f"of {', '.join(TINY)} (default: {', '.join(QUICK_DEFAULT)})")
+    parser.add_argument("--quick", action="store_true", help="toy widths of two families, in under a minute")
+    parser.add_argument("--full-grid", action="store_true",
+                        help="every size × base × checkpointing × offloading for every model, not only Flux")
     args = parser.parse_args(argv)
-    comfy_dir = start_comfyui()
-    import torch
-
     table_of = TINY if args.quick else FAMILIES
-    names = args.models or list(table_of)
+    names = args.models or list(QUICK_DEFAULT if args.quick else FAMILIES)
     unknown = [n for n in names if n not in table_of]
     if unknown:
         parser.error(f"unknown models {unknown}; choose of {', '.join(table_of)}")
-    result = run([table_of[n] for n in names], log=lambda line: print(line, flush=True))
-    result = {"quick": args.quick, "torch": torch.__version__, "comfyui": _comfyui_version(comfy_dir),
-              "device": "cpu (fake tensors)", "attention": "torch.nn.functional.scaled_dot_product_attention",
-              **result}
+    comfy_dir = start_comfyui()
+    import torch
+
+    head = {"quick": args.quick, "full_grid": args.full_grid, "torch": torch.__version__,
+            "comfyui": _comfyui_version(comfy_dir), "device": "cpu (fake tensors)",
+            "attention": "torch.nn.functional.scaled_dot_product_attention (ComfyUI's attention_pytorch)"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result["rows"]))
+
+    def write(result: dict) -> None:
+        args.json.write_text(json.dumps({**head, **result}, indent=1) + "\n")
+
+    result = run([table_of[n] for n in names], args.full_grid, log=lambda line: print(line, flush=True),
+                 progress=write)
+    write(result)
+    unit = MIB if args.quick else GIB
+    print(table(result["rows"], unit))
     print()
     print(weights_table(result["weights_check"]))
-    print(f"\n{len(result['rows'])} rows in {result['seconds_total']:.0f} s; JSON: {args.json}")
+    print(f"\n{len(result['rows'])} rows in {result['seconds_total']:.0f} s "
+          f"({result['cpu_seconds_total']:.0f} s CPU); JSON: {args.json}")
     return result
 
 
