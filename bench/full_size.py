@@ -11,11 +11,12 @@ shape, dtype and device and no memory, so a 20B model is built in a second on a 
 are stored in bf16 (ComfyUI's `disable_weight_init` layers, computing in bf16) or fp8_e4m3fn
 (`set_inference_dtype(fp8, bf16)`: `pick_operations` gives the `manual_cast` layers, which cast each
 weight to bf16 in forward, as ComfyUI does where the device has no fp8 matmul). The step is the
-engine's own (training/memory.py `estimate`: adapters injected, noise draw, forward under the run's
-checkpointing (`model_blocks`), backward, optimizer step; run twice, the second one counted),
+engine's own (training/memory.py `estimate`: adapters injected, the optimizer's state made, then one
+step: noise draw, forward under the run's checkpointing (`model_blocks`), backward, optimizer step),
 driven through `BaseModel.apply_model` with the conditioning each family's `extra_conds` builds from
 fake text-encoder outputs of the right shapes (see `FAMILIES`), as nodes/comfy_train.py drives it
-through the guider (`ModelFns` from `model_sampling`). The count is on the CPU device.
+through the guider (`ModelFns` from `model_sampling`). The count is on the CPU device; as Train LoRA
+does, the latent and the conditioning are added (`latents and captions`).
 
 Attention: the count takes attention to be PyTorch's fused `scaled_dot_product_attention`
 (memory.py: the output and the log-sum-exp, never the L×L scores; flash on the CPU, flash or
@@ -43,7 +44,8 @@ when resident (manual_cast), so offloading it adds only the fp8 staging copy of 
 Settings: batch 1, LoRA rank 16, TrainConfig's other defaults (target "all", AdamW, bf16 training
 dtype); 512 and 1024 px (Wan 2.1: 832×480, 33 frames = 9 latent frames); bf16 against fp8 weights,
 gradient checkpointing on and off, offloading on and off; the levers step_in_backward and AdamW8bit
-(bitsandbytes), alone and together, on the Flux 1024 px fp8 checkpointed case. A full-size fake step
+(bitsandbytes), alone and together, on the Flux 1024 px fp8 checkpointed case (optimizer_on_cpu is
+left out: with the CPU as the compute device there is no other memory to move the state to). A full-size fake step
 costs tens of CPU seconds (every op goes through FakeTensorMode and memory.py's counting dispatch
 mode in Python), so only Flux.1-dev runs the whole grid by default; the others run a trimmed one
 (`grid`; `--full-grid` runs the whole grid for every model). `--quick` runs toy-width configs of two
@@ -403,6 +405,7 @@ def run(families: list[Family], full: bool = False, log: Callable[[str], None] =
                 wall, cpu = time.monotonic(), time.process_time()
                 with offloaded(net, row.offload), counting_sdpa() as sdpa, mode:
                     est = memory.estimate(net, fns, latents, config, checkpoint_blocks=blocks, device="cpu")
+                    est.extra["latents and captions"] = memory.tensor_bytes([latents, conds], "cpu")
                 wall, cpu = time.monotonic() - wall, time.process_time() - cpu
                 done[row] = {"model": family.name, "label": family.label, "size": family.size_label(row.px),
                              "px": row.px, "latent": list(shape), "base": row.base,

@@ -11,7 +11,8 @@ def test_offload_and_checkpointing_lower_the_memory_and_the_estimate_holds():
     base, lean, everything = (runs[n]["estimate"] for n in ("base", "offload+checkpointing", "all"))
     assert lean["weights_mib"] < 0.1 * base["weights_mib"]  # only the norms stay on the device
     assert lean["activations_mib"] < base["activations_mib"] / 2
-    assert everything["optimizer_mib"] < base["optimizer_mib"] / 2  # 8-bit moments
+    # 8-bit moments (at this width most adapter tensors are under bitsandbytes' 4096 elements and keep fp32)
+    assert everything["optimizer_mib"] < base["optimizer_mib"]
     assert everything["total_mib"] < lean["total_mib"] < base["total_mib"]
 
 
