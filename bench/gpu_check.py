@@ -34,7 +34,8 @@ Measured per run:
   `estimate` (the first MemoryEstimate of the run; its own fake run is kept out of the peak). Where the
   sampler makes none, the bench makes it with the engine's arguments just before `train()`
   (`estimate_source` says which). `estimate_mib` is `.total` on CUDA (the resident weights counted, as
-  max_memory_allocated counts them) and `.step` on the CPU (above the weights, as the live bytes are);
+  max_memory_allocated counts them) and `.total − .weights` on the CPU (the step, the latents and captions
+  on the device and the preview VAE: everything above the weights, as the live bytes are);
   `measured_step_mib` is the peak above what was held when `train()` began, beside the estimate's step.
 Each run sits in try/except: an error (out of memory, say) is recorded and the next run goes on. No
 run starts after `--budget` seconds (420), nor one that would likely end past `--limit` (450: judged
@@ -478,7 +479,7 @@ def run_ours(harness: Harness, patcher, case: Case, toy: bool, steps: int) -> di
     out["estimate_source"] = probe.estimate_source
     out["estimate_s"] = probe.estimate_s
     if estimate is not None:
-        comparable = estimate.total if harness.cuda else estimate.step
+        comparable = estimate.total if harness.cuda else estimate.total - estimate.weights
         out.update(estimate_mib=comparable / MIB, estimate_total_mib=estimate.total / MIB,
                    estimate_over_peak=comparable / peak if peak else None, estimate=estimate.as_dict())
         if probe.held_at_train is not None and peak > probe.held_at_train:
@@ -636,7 +637,7 @@ def notes(cuda: bool) -> list[str]:
         return common + ["peak: max_memory_allocated with the weights resident; our sampler resets it once more "
                          "before its estimate, the weights loaded", "estimate_mib: estimate.total (weights included)"]
     return common + ["peak: live bytes of the storages each run makes; weights made before are not counted",
-                     "estimate_mib: estimate.step (above the weights)",
+                     "estimate_mib: estimate.total - estimate.weights (above the weights)",
                      "s_per_step on the CPU includes LiveBytes' per-op Python work (both trainers)"]
 
 
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(cuda), "torch": torch.__version__, "toy": args.toy, "steps": args.steps,
         "dtype": args.dtype, "memory": "cuda max_memory_allocated" if cuda else "live bytes (cpu)",
         "estimate_compared": ("estimate.total (weights included) vs max_memory_allocated" if cuda else
-                              "estimate.step (above the weights) vs the run's live bytes"),
+                              "estimate.total - estimate.weights (above the weights) vs the run's live bytes"),
         "estimates": args.estimates, "notes": notes(cuda), "comfyui": str(comfy_dir), "budget_s": args.budget,
         "limit_s": args.limit, "complete": False, "elapsed_s": 0.0, "families": {}, "cases": [], "skipped": [],
     }
