@@ -34,6 +34,15 @@ from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 PACK_ROOT = HERE.parents[1]  # the repository root is the package ComfyUI imports
+
+
+def importable_pack(root: Path) -> Path:
+    """A new folder `root/path` whose `comfyui_lora_trainer` is this checkout: put it on PYTHONPATH to run
+    `python -m comfyui_lora_trainer …` with ComfyUI's Python."""
+    importable = root / "path"
+    importable.mkdir()
+    (importable / "comfyui_lora_trainer").symlink_to(PACK_ROOT)
+    return importable
 PACK_FOLDER_NAME = "comfyui-lora-trainer"  # the folder name users clone into custom_nodes/
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 HOST = "127.0.0.1"

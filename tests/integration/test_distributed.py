@@ -44,9 +44,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     server = sys.modules["lora_trainer_it_server"]
     comfy_dir, python = server.comfyui_or_skip()
     root = tmp_path_factory.mktemp("distributed")
-    importable = root / "path"
-    importable.mkdir()
-    (importable / "comfyui_lora_trainer").symlink_to(server.PACK_ROOT)
+    importable = server.importable_pack(root)
     workflow = root / "workflow.json"
     workflow.write_text(json.dumps(WORKFLOW))
     outputs = {}

@@ -27,9 +27,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     server = sys.modules["lora_trainer_it_server"]
     comfy_dir, python = server.comfyui_or_skip()
     root = tmp_path_factory.mktemp("gpu_check")
-    importable = root / "path"
-    importable.mkdir()
-    (importable / "comfyui_lora_trainer").symlink_to(server.PACK_ROOT)
+    importable = server.importable_pack(root)
     out = root / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(importable), "COMFYUI_DIR": str(comfy_dir), "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
