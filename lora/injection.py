@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -117,6 +117,17 @@ class LoraNetwork(nn.Module):
     def weights(self) -> dict[str, LayerWeights]:
         """module path → the fp32 master tensors (detached views, not copies)."""
         return {self.paths[k]: a.export() for k, a in self.adapters.items()}
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Every adapter off inside the block: the model computes exactly as the base (preservation's target)."""
+        for adapter in self.adapters.values():
+            adapter.bypass = True
+        try:
+            yield
+        finally:
+            for adapter in self.adapters.values():
+                adapter.bypass = False
 
     def difference_share(self) -> float:
         """The diff / diff_b tensors' share of the whole weight change, by squared Frobenius norm

@@ -147,6 +147,7 @@ class LayerAdapter(nn.Module):
     """
 
     skip: Callable[[], bool] | None = None  # training-time module dropout: True skips the adapter for this call
+    bypass: bool = False  # the adapter is off: the layer computes as the base's (LoraNetwork.bypassed)
 
     def __init__(self, algo: Algorithm | None, diff: DiffAdapter | None, name: str = ""):
         super().__init__()
@@ -155,7 +156,7 @@ class LayerAdapter(nn.Module):
         self.name = name  # the layer's module path, for errors
 
     def run(self, module: nn.Module, base_forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        if self.skip is not None and self.algo is not None and self.skip():
+        if self.bypass or self.skip is not None and self.algo is not None and self.skip():
             return base_forward(x)
         if self.algo is None:
             # the module's own forward on weight + diff (torch.func.functional_call would call the

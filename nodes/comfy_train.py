@@ -141,7 +141,8 @@ def _existing(name: str, base_model) -> Existing:
 
 class Extras(NamedTuple):
     """What Train LoRA does besides training: previews, validation (latents, the conditioning entries of
-    each image), checkpoints and resume."""
+    each image), checkpoints and resume; preservation: each image's preservation caption entries (the
+    regularisation images' own captions), or None; the regularisation set's latents and caption entries."""
 
     preview: PreviewSettings | None = None
     validation: ValidationSettings | None = None
@@ -149,6 +150,9 @@ class Extras(NamedTuple):
     validation_captions: list[list[int]] = []
     checkpoints: CheckpointWriter | None = None
     resume: TrainState | None = None
+    preservation: list[list[int]] | None = None
+    regular_latents: list[torch.Tensor] = []
+    regular_captions: list[list[int]] = []
 
 
 class TrainSampler(comfy.samplers.Sampler):
@@ -185,11 +189,12 @@ class TrainSampler(comfy.samplers.Sampler):
             if id(x) not in processed:
                 processed[id(x)] = base.process_latent_in(x.to(device).float()[None]).to(x.dtype)
         latents = [processed[id(x)] for x in self.latents]
+        regular = [base.process_latent_in(x.to(device).float()[None]).to(x.dtype) for x in self.extras.regular_latents]
         # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
         self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
                                  self.config.seed)
-        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, self.captions,
-                              [x.shape for x in self.latents])
+        fns = self._model_fns(model_wrap, base.model_sampling, extra_args, self.captions + self.extras.regular_captions,
+                              [x.shape for x in self.latents + self.extras.regular_latents], self.extras.preservation)
         validator = self._validator(model_wrap, extra_args, device)
         self.hooks = self._hooks(model_wrap, validator is not None)
         if device.type == "cuda":
@@ -202,7 +207,7 @@ class TrainSampler(comfy.samplers.Sampler):
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
-                                    validator=validator, samples=self.samples)
+                                    validator=validator, samples=self.samples, regularization=regular or None)
         finally:
             self.hooks.close()
         if distributed.is_main():
@@ -279,9 +284,11 @@ class TrainSampler(comfy.samplers.Sampler):
             interrupt=comfy.model_management.InterruptProcessingException,
             interrupted_flag=comfy.model_management.processing_interrupted)
 
-    def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]], shapes: list) -> ModelFns:
-        """The engine's model callables for images of `shapes` with `captions`; every caption is prepared at
-        its image's shape here, before training (a caption that cannot fit fails now, not at some step)."""
+    def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]], shapes: list,
+                   preservation: list[list[int]] | None = None) -> ModelFns:
+        """The engine's model callables for images of `shapes` with `captions` (and `preservation` captions);
+        every caption is prepared at its image's shape here, before training (a caption that cannot fit
+        fails now, not at some step)."""
         def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
             p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
@@ -297,6 +304,9 @@ class TrainSampler(comfy.samplers.Sampler):
         predict = guider_predict(model_wrap, conds.entries, extra_args)  # the very list the preparing grows
         denoise = grouped_denoise(predict, prepared)
         denoise_bare = grouped_denoise(predict, bare) if bare is not None else None
+        denoise_preserve = None
+        if preservation is not None and self.config.dop_multiplier:
+            denoise_preserve = grouped_denoise(predict, [tuple(c) for c in conds.captions(preservation, shapes)])
         denoise_uncond = (lambda noisy, sigma: predict(noisy, sigma, tuple(conds.index(e, noisy.shape[1:])
                                                                           for e in uncond))) if uncond else None
 
@@ -308,6 +318,7 @@ class TrainSampler(comfy.samplers.Sampler):
             denoise_uncond=denoise_uncond,
             flow=isinstance(sampling, comfy.model_sampling.CONST),
             denoise_bare=denoise_bare,
+            denoise_preserve=denoise_preserve,
         )
 
 
@@ -324,6 +335,8 @@ class _Captions(NamedTuple):
     training: list[list[int]]  # per training image
     uncond: tuple[int, ...] | None  # the empty caption's entries (caption dropout), or None
     validation: list[list[int]]  # per validation image
+    preservation: list[list[int]] | None = None  # per training image, its preservation caption (LoRA Preservation)
+    regular: list[list[int]] = []  # per regularisation image
 
 
 def _captions(positive: list, latents: list[dict], n_images: int, options: TrainingOptions | None,
@@ -349,7 +362,25 @@ def _captions(positive: list, latents: list[dict], n_images: int, options: Train
                                                                 "validation positive"))
         per_validation = [[len(entries) + i for i in c] for c in caption_entries(val_counts, n_validation)]
         entries = entries + val_entries
-    return _Captions(entries, training, uncond, per_validation)
+    preservation, regular = None, []
+    if options is not None and options.preservation is not None and options.values.get("dop_multiplier"):
+        counts = [len(c) for c in options.preservation]
+        if len(counts) not in (1, n_images):
+            raise ValueError(f"captions: LoRA Preservation got {len(counts)} captions for {n_images} training images; "
+                             "connect the captions output of the node that gives Train LoRA its latents, one per image")
+        preservation = [[len(entries) + i for i in c] for c in caption_entries(counts, n_images)]
+        entries = entries + list(_clone_tree([e for c in options.preservation for e in c]))
+    if options is not None and options.regularization is not None:
+        reg = options.regularization
+        reg_entries, reg_counts = flat_conditioning(captions_of(_clone_tree(reg.positive), _batch_sizes(reg.latents),
+                                                                None, "regularization_positive"))
+        n_regular = sum(_batch_sizes(reg.latents))
+        if len(reg_counts) not in (1, n_regular):
+            raise ValueError(f"regularization_positive: got {len(reg_counts)} captions for {n_regular} regularisation "
+                             "images; give 1 for all, or one per image")
+        regular = [[len(entries) + i for i in c] for c in caption_entries(reg_counts, n_regular)]
+        entries = entries + reg_entries
+    return _Captions(entries, training, uncond, per_validation, preservation, regular)
 
 
 def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None,
@@ -362,14 +393,19 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         images = _latents(latents, model.model, "latents")
         val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
         captions = _captions(positive, latents, len(images), options, validation, len(val_latents), positive_source)
-        used = {e for c in captions.training + captions.validation for e in c}
+        regular = (_latents(options.regularization.latents, model.model, "regularization_latents")
+                   if captions.regular else [])
+        used = {e for c in captions.training + captions.validation + captions.regular + (captions.preservation or [])
+                for e in c}
         used |= set(captions.uncond or ()) if config.caption_dropout else set()
-        check_conditioned(model.model, images + val_latents, captions.entries, used)
+        check_conditioned(model.model, images + val_latents + regular, captions.entries, used)
         data = expand(images, captions.training, captions.entries, latents)
         _log_samples(len(images), data)
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
-        writer = CheckpointWriter(folder_paths.get_output_directory(), config, data.images, len(captions.entries))
-        extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume())
+        writer = CheckpointWriter(folder_paths.get_output_directory(), config, data.images + regular,
+                                  len(captions.entries))
+        extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume(),
+                        _preservation_of(captions, data), regular, captions.regular)
         given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
         sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held)
         patcher = model.clone()
@@ -387,6 +423,18 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
             _log_cancel(sampler.steps_done, config.steps, None)
             raise
     return _outputs(model, sampler, existing, config)
+
+
+def _preservation_of(captions: _Captions, data: Expanded) -> list[list[int]] | None:
+    """Each engine image's preservation caption: an alternative (flipped copy, caption variant) takes its
+    original image's; a regularisation image keeps its own caption."""
+    if captions.preservation is None:
+        return None
+    origin = {}
+    for alternatives in data.samples.alternatives:
+        for image in alternatives:
+            origin[image] = alternatives[0]
+    return [captions.preservation[origin[i]] for i in range(len(data.images))] + captions.regular
 
 
 def _offload(patcher) -> None:

@@ -10,6 +10,7 @@ from inside `update_absolute` on a cancel and clears its flag; such a raise insi
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 from ..training.loop import Hooks, TrainState
@@ -80,7 +81,8 @@ class TrainingHooks:
         return (self.step_times[-1] - self.step_times[0]) / (len(self.step_times) - 1), len(self.step_times) - 1
 
     def _preview(self, state: TrainState) -> None:
-        self.previewer.take(state.step)
+        with state.shown() if state.shown is not None else nullcontext():  # the EMA's weights, if it is asked
+            self.previewer.take(state.step)
         self.reporter.event("preview", state)
 
     def _guarded(self, hook: Callable[[TrainState], None]) -> Callable[[TrainState], None]:

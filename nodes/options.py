@@ -16,21 +16,35 @@ from .widgets import widgets
 OPTIONS_TYPE = "LORA_TRAINING_OPTIONS"  # this node's output, Train LoRA's `options` input
 
 
+class Regularization(NamedTuple):
+    """A regularisation set as it came in (LoRA Preservation): its LATENTs and CONDITIONINGs."""
+
+    latents: list
+    positive: list
+
+
 class TrainingOptions(NamedTuple):
-    """The value on the wire: the fields set away from their defaults, and the empty caption's
-    CONDITIONING for caption dropout (None when not connected)."""
+    """The value on the wire: the fields set away from their defaults, the empty caption's CONDITIONING
+    for caption dropout (None when not connected), and from LoRA Preservation (nodes/preservation.py)
+    the preservation captions (one CONDITIONING per training image, or one for all) and the
+    regularisation set."""
 
     values: dict[str, Any]
     unconditional: list | None = None
+    preservation: list | None = None
+    regularization: Regularization | None = None
 
 
-def merged(upstream: TrainingOptions | None, values: dict[str, Any], unconditional: list | None) -> TrainingOptions:
-    """This node's non-default fields over the upstream node's; its unconditional, else upstream's.
+def merged(upstream: TrainingOptions | None, values: dict[str, Any], unconditional: list | None,
+           preservation: list | None = None, regularization: Regularization | None = None) -> TrainingOptions:
+    """This node's non-default fields over the upstream node's; its inputs, else upstream's.
     Raises ValueError naming a field that is out of range or inconsistent with another."""
     defaults = {name: default for name, (default, _) in settings().items()}
     base = upstream or TrainingOptions({})
     ours = {k: v for k, v in values.items() if v != defaults[k]}
-    result = TrainingOptions({**base.values, **ours}, unconditional if unconditional is not None else base.unconditional)
+    result = TrainingOptions({**base.values, **ours}, unconditional if unconditional is not None else base.unconditional,
+                             preservation if preservation is not None else base.preservation,
+                             regularization if regularization is not None else base.regularization)
     TrainConfig(**result.values)  # every range and cross-field rule, checked once
     if result.values.get("caption_dropout", 0.0) > 0 and result.unconditional is None:
         raise ValueError("caption_dropout: got {}, but no unconditional CONDITIONING is connected; connect one (a text "

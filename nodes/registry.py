@@ -12,6 +12,7 @@ from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
 from .lora_io import LoadLoRAModel, SaveLoRA
 from .options import TrainingOptionsNode
 from .plot import PlotLossGraph
+from .preservation import LoRAPreservation
 from .preview import TrainingPreview
 from .train import TrainLoRA
 from .validation import ValidationSet
@@ -19,6 +20,7 @@ from .validation import ValidationSet
 NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_TrainLoRA": (TrainLoRA, "Train LoRA"),
     "LoRATrainer_TrainingOptions": (TrainingOptionsNode, "LoRA Training Options"),
+    "LoRATrainer_Preservation": (LoRAPreservation, "LoRA Preservation"),
     "LoRATrainer_TrainingPreview": (TrainingPreview, "LoRA Training Preview"),
     "LoRATrainer_ValidationSet": (ValidationSet, "LoRA Validation Set"),
     "LoRATrainer_SaveLoRA": (SaveLoRA, "Save LoRA"),

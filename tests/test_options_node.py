@@ -8,10 +8,12 @@ import pytest
 
 from comfyui_lora_trainer.nodes.options import TrainingOptions, TrainingOptionsNode, merged
 from comfyui_lora_trainer.nodes.options import OPTIONS_TYPE
+from comfyui_lora_trainer.nodes.preservation import LoRAPreservation
 from comfyui_lora_trainer.nodes.train import TrainLoRA
-from comfyui_lora_trainer.training.config import MAIN, OPTIONS, TrainConfig, settings
+from comfyui_lora_trainer.training.config import MAIN, OPTIONS, PRESERVATION, TrainConfig, settings
 
-NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional", "preview", "validation"}
+NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional", "preview", "validation",
+              "clip", "captions", "regularization_latents", "regularization_positive"}
 
 
 def node_inputs(cls) -> dict[str, tuple]:
@@ -20,12 +22,13 @@ def node_inputs(cls) -> dict[str, tuple]:
 
 
 def test_every_field_is_an_input_of_exactly_one_node_with_its_default_and_range():
-    main, options = node_inputs(TrainLoRA), node_inputs(TrainingOptionsNode)
-    assert not (set(main) & set(options)) - {"options"}
+    main, options, preservation = (node_inputs(TrainLoRA), node_inputs(TrainingOptionsNode),
+                                   node_inputs(LoRAPreservation))
+    assert not (set(main) & set(options)) - {"options"} and not (set(preservation) & set(options)) - {"options"}
     for f in fields(TrainConfig):
         spec = f.metadata["setting"]
-        node = main if spec.node == MAIN else options
-        assert spec.node in (MAIN, OPTIONS) and f.name in node, f.name
+        node = {MAIN: main, OPTIONS: options, PRESERVATION: preservation}[spec.node]
+        assert f.name in node, f.name
         kind, widget = node[f.name]
         assert widget["default"] == f.default and widget["tooltip"] == spec.tooltip, f.name
         if spec.choices:
@@ -35,10 +38,11 @@ def test_every_field_is_an_input_of_exactly_one_node_with_its_default_and_range(
         if spec.low is not None:
             assert (widget["min"], widget["max"]) == (spec.low, spec.high), f.name
             assert spec.low <= f.default <= spec.high, f.name
-    for name in (*main, *options):
+    for name in (*main, *options, *preservation):
         assert name in NOT_FIELDS or name in settings(), f"input {name} is no TrainConfig field"
     assert main["options"][0] == OPTIONS_TYPE and options["options"][0] == OPTIONS_TYPE
-    assert TrainingOptionsNode.RETURN_TYPES == (OPTIONS_TYPE,)
+    assert TrainingOptionsNode.RETURN_TYPES == LoRAPreservation.RETURN_TYPES == (OPTIONS_TYPE,)
+    assert preservation["options"][0] == OPTIONS_TYPE
 
 
 def test_out_of_range_values_name_the_field():

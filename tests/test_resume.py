@@ -5,6 +5,7 @@ resumed N/2 — the LoRA bit-identical; also after a cancel in the middle, and a
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import replace
@@ -28,17 +29,24 @@ CONFIG = TrainConfig(steps=8, batch_size=2, learning_rate=2e-3, lr_schedule="cos
                      batch_order="epoch", rank_dropout=0.2, noise_offset=0.05, **FAST)
 
 
-def setup(n: int = 5):
+def setup(n: int = 5, regular: int = 0):
+    """The tiny model, its callables (captions for `n` images and `regular` regularisation images, the empty
+    caption, the preservation caption) and the training latents."""
     model = build_tiny("eps")
-    contexts = encode_captions(["a ramp, lrtstyle"], model.net.config.context_dim)
+    dim = model.net.config.context_dim
+    contexts = encode_captions(["a ramp, lrtstyle"] * n + ["a ramp"] * regular, dim)
+    fns = tiny_fns(model, contexts, encode_captions([""], dim), encode_captions(["a ramp"], dim))
     latents = torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    return model, tiny_fns(model, contexts), latents
+    return model, fns, latents
 
 
-def run(tmp_path, config, *, cancel_at=None, validate_every=None):
+REGULAR = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(5))  # a regularisation set
+
+
+def run(tmp_path, config, *, cancel_at=None, validate_every=None, regular=False):
     """train() with a CheckpointWriter on `tmp_path` as the output folder; cancel before step `cancel_at`+1;
-    with `validate_every`, a validation loss on two held-out latents."""
-    model, fns, latents = setup()
+    with `validate_every`, a validation loss on two held-out latents; `regular`: with a regularisation set."""
+    model, fns, latents = setup(regular=len(REGULAR) if regular else 0)
     writer = CheckpointWriter(tmp_path, config, list(latents.unbind(0)), 1)
     resume = writer.resume()
     held_out = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(11))
@@ -47,7 +55,8 @@ def run(tmp_path, config, *, cancel_at=None, validate_every=None):
     hooks = Hooks(on_step=lambda s: seen.append(s.step),
                   should_cancel=(lambda: bool(seen) and seen[-1] == cancel_at) if cancel_at else None,
                   save=writer.save)
-    return train(model.net, fns, latents, config, hooks=hooks, resume=resume, validator=validator), writer
+    return train(model.net, fns, latents, config, hooks=hooks, resume=resume, validator=validator,
+                 regularization=REGULAR if regular else None), writer
 
 
 def assert_same_lora(a, b):
@@ -57,12 +66,24 @@ def assert_same_lora(a, b):
 
 
 # the memory levers keep their state in the same files: 8-bit moments (bitsandbytes' nested quantization
-# state), and one optimizer per parameter stepped in the backward pass
+# state), and one optimizer per parameter stepped in the backward pass; the EMA's averages; the optional
+# optimizers' states (schedule-free's z, Lion's and CAME's moments); preservation and the regularisation set
+# draw from the run's generator
+PRESERVING = {"ema_decay": 0.9, "ema_every": 2, "dop_multiplier": 1.0, "trigger_word": "lrtstyle",
+              "blank_prompt_multiplier": 0.5, "regular": True}
+
+
 @pytest.mark.parametrize("lever", [{}, {"optimizer": "AdamW8bit"}, {"step_in_backward": True},
-                                   {"step_in_backward": True, "optimizer_on_cpu": True}],
-                         ids=["plain", "AdamW8bit", "step_in_backward", "optimizer_on_cpu"])
+                                   {"step_in_backward": True, "optimizer_on_cpu": True}, PRESERVING,
+                                   {"optimizer": "AdamWScheduleFree", "lr_schedule": "constant", "ema_decay": 0.9},
+                                   {"optimizer": "Lion"}, {"optimizer": "CAME"}],
+                         ids=["plain", "AdamW8bit", "step_in_backward", "optimizer_on_cpu", "ema_dop_prior",
+                              "schedule_free_ema", "Lion", "CAME"])
 def test_half_then_resumed_half_is_bit_identical_to_one_run(tmp_path, lever):
+    lever = dict(lever)
+    regular = lever.pop("regular", False)
     config = replace(CONFIG, **lever)
+    run = functools.partial(globals()["run"], regular=regular)
     straight, _ = run(tmp_path / "one", config)
     first, writer = run(tmp_path / "two", replace(config, save_every=4))
     assert writer.written == ["loras/checkpoints/lora_4_steps_00001_.safetensors",

@@ -16,7 +16,8 @@ from typing import NamedTuple
 from ..lora.algos import ALGORITHMS, effective_alpha
 from ..lora.targets import TARGETS
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy", "AdamW8bit")  # core's four first (docs/options.md#optimizers)
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "Prodigy", "AdamW8bit", "Lion", "CAME",
+              "AdamWScheduleFree")  # core's four first (docs/options.md#optimizers)
 LOSSES = ("MSE", "L1", "Huber", "SmoothL1")
 DTYPE_NAMES = ("bf16", "fp32")
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts")
@@ -27,10 +28,13 @@ FLOW_SHIFTS = ("model", "fixed", "resolution")  # resolution: Flux's shift from 
 LOSS_WEIGHTINGS = ("none", "min_snr", "debiased")
 RANK_ALGORITHMS = ("lora", "dora")  # the algorithms with a rank-wide activation and an `up` matrix
 
-OPTIMIZER_PATHS = {"Prodigy": "prodigyopt.Prodigy", "AdamW8bit": "bitsandbytes.optim.AdamW8bit"}  # the rest: torch.optim
+OPTIMIZER_PATHS = {"Prodigy": "prodigyopt.Prodigy", "AdamW8bit": "bitsandbytes.optim.AdamW8bit",
+                   "Lion": "pytorch_optimizer.Lion", "CAME": "pytorch_optimizer.CAME",
+                   "AdamWScheduleFree": "schedulefree.AdamWScheduleFree"}  # the rest: torch.optim
 MAX_SEED = 2**64 - 1
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
-MAIN, OPTIONS = "main", "options"  # the node a field is an input of: Train LoRA, LoRA Training Options
+# the node a field is an input of: Train LoRA, LoRA Training Options, LoRA Preservation
+MAIN, OPTIONS, PRESERVATION = "main", "options", "preservation"
 
 
 _KOHYA_LOSSES = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}  # sd-scripts --loss_type
@@ -89,8 +93,11 @@ class TrainConfig:
     steps: int = setting(16, "Optimizer steps.", low=1, high=100000)
     learning_rate: float = setting(0.0005, "Learning rate.", low=1e-7, high=1.0, step=1e-6)
     rank: int = setting(8, "LoRA rank.", low=1, high=128)
-    optimizer: str = setting("AdamW", "Optimizer (torch defaults besides the learning rate). AdamW8bit: AdamW with its "
-                            "two moments in 8 bits (bitsandbytes), a quarter of AdamW's optimizer memory.",
+    optimizer: str = setting("AdamW", "Optimizer (its defaults besides the learning rate). AdamW8bit: AdamW with its "
+                            "two moments in 8 bits (bitsandbytes), a quarter of AdamW's optimizer memory. Adafactor: "
+                            "the step is the learning rate, not relative to the weights. Lion (about a third of "
+                            "AdamW's LR), CAME: pytorch_optimizer. AdamWScheduleFree: no LR decay needed (schedule "
+                            "constant); previews, validation and files use its averaged weights.",
                             choices=OPTIMIZERS)
     loss_function: str = setting("MSE", "Loss function.", choices=LOSSES)
     seed: int = setting(0, "Makes LoRA init, batch choice and noise reproducible.", low=0, high=MAX_SEED)
@@ -225,6 +232,39 @@ class TrainConfig:
                           "'latest' = the newest state under checkpoint_prefix (none yet: start fresh), or a state "
                           "file's path relative to the output folder. Empty = start fresh.", node=OPTIONS)
 
+    # EMA of the adapters (training/ema.py); after resume, so saved workflows keep their widget order
+    ema_decay: float = setting(0.0, "Keep an exponential moving average of the LoRA weights with this decay per step "
+                               "(0.999 typical for 1000s of steps); 0 = off.", node=OPTIONS, low=0.0, high=0.99999,
+                               step=0.0001)
+    ema_warmup: bool = setting(True, "EMA: the decay at step t is min((1 + t) / (10 + t), ema_decay), so early "
+                               "steps are not averaged with the untrained start (OneTrainer's warm-up).",
+                               node=OPTIONS)
+    ema_every: int = setting(1, "EMA: update the average every this many steps (decay^n for n steps, so the "
+                             "averaging horizon stays in steps).", node=OPTIONS, low=1, high=1000)
+    ema_on_cpu: bool = setting(False, "EMA: keep the average in RAM instead of on the compute device.", node=OPTIONS)
+    ema_evaluate: bool = setting(True, "EMA: previews and the validation loss use the averaged weights.",
+                                 node=OPTIONS)
+    ema_save: bool = setting(True, "EMA: the LoRA output and checkpoints are the averaged weights (off: the "
+                             "raw ones); the file's metadata says which.", node=OPTIONS)
+    # LoRA Preservation (training/objective.py `Objective.preservation`, loop.py `GradientPass`): what the LoRA must not change
+    trigger_word: str = setting("", "The word in the captions that names what the LoRA teaches (e.g. 'sks woman').",
+                                node=PRESERVATION)
+    class_word: str = setting("", "What the trigger is an instance of (e.g. 'woman'): differential output "
+                              "preservation trains the class caption to predict what the base predicts.",
+                              node=PRESERVATION)
+    dop_multiplier: float = setting(0.0, "Differential output preservation (ai-toolkit): each image's caption with "
+                                    "trigger_word replaced by class_word, LoRA on, is trained towards the base's "
+                                    "prediction (LoRA off) at the same noise; this weight on that loss. 0 = off.",
+                                    node=PRESERVATION, low=0.0, high=100.0, step=0.05)
+    blank_prompt_multiplier: float = setting(0.0, "Blank-prompt preservation: the same with the empty caption "
+                                             "(the options node's unconditional input); this weight. 0 = off.",
+                                             node=PRESERVATION, low=0.0, high=100.0, step=0.05)
+    prior_ratio: float = setting(0.5, "Regularisation set: the share of each batch's rows drawn from it "
+                                 "(DreamBooth's prior preservation; kohya pairs them 1:1, 0.5).",
+                                 node=PRESERVATION, low=0.0, high=0.95, step=0.05)
+    prior_loss_weight: float = setting(1.0, "Regularisation set: the loss weight of its images (kohya's "
+                                       "prior_loss_weight).", node=PRESERVATION, low=0.0, high=100.0, step=0.05)
+
     def __post_init__(self) -> None:
         for name, (default, spec) in settings().items():
             _check(name, getattr(self, name), default, spec)
@@ -260,6 +300,17 @@ class TrainConfig:
         if self.optimizer_on_cpu and not self.step_in_backward:
             raise ValueError("optimizer_on_cpu: the optimizer steps in RAM as each gradient is made, which needs "
                              "step_in_backward; turn step_in_backward on, or optimizer_on_cpu off")
+        if self.optimizer == "AdamWScheduleFree":
+            if self.lr_schedule != "constant":
+                raise ValueError(f"lr_schedule: got {self.lr_schedule!r}, but AdamWScheduleFree averages its iterates "
+                                 "instead of decaying the LR; set lr_schedule to constant (warmup_steps still "
+                                 "applies), or choose another optimizer")
+            if self.step_in_backward:
+                raise ValueError("step_in_backward: AdamWScheduleFree switches every parameter between its training "
+                                 "and averaged point together; turn step_in_backward off, or choose another optimizer")
+        if self.dop_multiplier and not self.trigger_word.strip():
+            raise ValueError(f"trigger_word: is empty, but dop_multiplier is {self.dop_multiplier}; give the word the "
+                             "captions use for the subject, or set dop_multiplier to 0")
         for name in ("network_dropout", "rank_dropout", "lora_plus_ratio"):
             off = 1.0 if name == "lora_plus_ratio" else 0.0
             if getattr(self, name) != off and self.algorithm not in RANK_ALGORITHMS:
@@ -276,12 +327,12 @@ class TrainConfig:
         dropout = {k: str(getattr(self, k)) for k in ("rank_dropout", "module_dropout") if getattr(self, k)}
         return {**conv, **({"factor": str(self.lokr_factor)} if self.algorithm == "lokr" else {}), **dropout}
 
-    def kohya_metadata(self, images: int, steps: int | None = None) -> dict[str, str]:
+    def kohya_metadata(self, images: int, steps: int | None = None, reg_images: int = 0) -> dict[str, str]:
         """These settings under kohya-ss' `ss_*` keys (sd-scripts train_network.py), as strings; with
         `steps` (the LoRA's steps so far) also `ss_epoch`, the epoch they reach. An epoch is one pass
         over the `images` at this batch size: ceil(images / batch_size) batches
         (`ss_num_batches_per_epoch`), ceil(that / gradient_accumulation) optimizer steps; kohya counts
-        `ss_num_epochs` = ceil(max_train_steps / steps per epoch)."""
+        `ss_num_epochs` = ceil(max_train_steps / steps per epoch). `reg_images`: the regularisation set's size."""
         batches = -(-images // self.batch_size)
         per_epoch = max(1, -(-batches // self.gradient_accumulation))
         epochs = {"ss_num_batches_per_epoch": str(batches), "ss_num_epochs": str(-(-self.steps // per_epoch))}
@@ -307,5 +358,6 @@ class TrainConfig:
             "ss_debiased_estimation": str(self.loss_weighting == "debiased"),
             "ss_caption_dropout_rate": str(self.caption_dropout), "ss_network_dropout": str(self.network_dropout or None),
             "ss_min_timestep": str(self.min_timestep), "ss_max_timestep": str(self.max_timestep),
-            "ss_num_reg_images": "0", "ss_cache_latents": "True",  # no regularization set; trained from latents
+            "ss_num_reg_images": str(reg_images), "ss_prior_loss_weight": str(self.prior_loss_weight),
+            "ss_cache_latents": "True",  # trained from latents
         }

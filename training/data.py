@@ -171,8 +171,9 @@ class Samples:
         """(B, 1, …) masks of the images `group` (ones where an image has none), or None without masks."""
         if self.masks is None:
             return None
-        ones = torch.ones((1, *x0.shape[2:]))
-        return torch.stack([ones if self.masks[i] is None else self.masks[i].float().cpu() for i in group]).to(x0.device)
+        ones = torch.ones((1, *x0.shape[2:]))  # also for images after the masks' (a regularisation set's)
+        return torch.stack([ones if i >= len(self.masks) or self.masks[i] is None else self.masks[i].float().cpu()
+                            for i in group]).to(x0.device)
 
 
 def latent_mask(mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:

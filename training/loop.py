@@ -19,9 +19,9 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from .data import BatchOrder, Samples, flatten_latents, group_by_shape, oversize
 from .distributed import Shard, all_reduce_gradients, any_rank, sum_over_ranks
 from .distributed import current as current_shard
 from .dropout import Dropout, any_dropout
+from .ema import Ema
 from .objective import ModelFns, Objective, output_coefficient
 from .optim import lr_at, make_optimizer, set_lr
 
@@ -51,7 +52,9 @@ class TrainState:
     Tensors are the live ones (views, not copies): clone them to keep a checkpoint. `lora` maps
     module path → fp32 master weights; `optimizer` is `optimizer.state_dict()`; `rng` holds the
     run's generator state (batch choice, noise, levels, caption dropout) under "generator" and,
-    when dropout is on, the forward pass's RNG under "forward"; `pending` the rest of an epoch pass.
+    when dropout is on, the forward pass's RNG under "forward"; `pending` the rest of an epoch pass;
+    `ema` the EMA's averages by parameter name (training/ema.py), None without one. `shown` (not
+    saved): enter it to have the adapters hold the weights to evaluate (`Trainer.evaluation`).
     """
 
     step: int  # optimizer steps completed in this run
@@ -64,6 +67,8 @@ class TrainState:
     rng: dict[str, torch.Tensor]
     pending: list[int]
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    ema: dict[str, torch.Tensor] | None = None
+    shown: Callable[[], AbstractContextManager] | None = None
 
     @property
     def existing_steps(self) -> int:
@@ -116,14 +121,19 @@ class TrainingDiverged(FloatingPointError):
 class GradientPass:
     """The gradient of one optimizer step: `gradient_accumulation` micro-batches, each split into same-shape
     groups, each group's loss (training/objective.py) weighted by its share and backpropagated. `samples`
-    (training/data.py): what the batch order draws (None: each image a sample of its own, unmasked)."""
+    (training/data.py): what the batch order draws (None: each image a sample of its own, unmasked).
+    `regular`: the images of the regularisation set; each row of a batch is one of them, drawn uniformly,
+    with probability prior_ratio, its loss weighted by prior_loss_weight (DreamBooth's prior preservation).
+    `bypass`: a context with the adapters off, for the preservation losses."""
 
     def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator,
-                 shard: Shard | None = None, samples: Samples | None = None):
+                 shard: Shard | None = None, samples: Samples | None = None, regular: Sequence[int] = (),
+                 bypass: Callable[[], AbstractContextManager] | None = None):
         self.images, self.config, self.generator, self.shard = images, config, generator, shard
-        self.samples = samples or Samples.plain(len(images))
+        self.samples = samples or Samples.plain(len(images) - len(regular))
+        self.regular = list(regular)
         self.batches = BatchOrder(len(self.samples), config.batch_size, config.batch_order)
-        self.objective = Objective(fns, config, images[0].device)
+        self.objective = Objective(fns, config, images[0].device, bypass)
 
     def run(self, arm: Callable[[bool], None] | None = None) -> float:
         """Backward over the micro-batches; returns their mean loss (with a `shard`: this process's
@@ -133,6 +143,8 @@ class GradientPass:
         total, accum = 0.0, self.config.gradient_accumulation
         for _ in range(accum):
             indices = self.samples.pick(self.batches.next(self.generator), self.generator)
+            if self.regular:
+                indices = self.mix_regular(indices)
             groups = group_by_shape(indices, self.images)
             for n, group in enumerate(groups):
                 if arm is not None:
@@ -140,7 +152,8 @@ class GradientPass:
                 # weight each same-shape group by its share so the gradient is the batch mean
                 x0 = torch.stack([self.images[i] for i in group]).float()
                 rows = self.shard.rows(len(group)) if self.shard is not None else None
-                loss = self.objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0))
+                weights = self.image_weights(group) if self.regular else None
+                loss = self.objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0), weights)
                 if loss is not None:  # None: none of this group's rows are this process's
                     loss = loss * (len(group) / len(indices) / accum)
                     if self.config.step_in_backward:  # backward steps the adapters: check the loss before it
@@ -154,6 +167,16 @@ class GradientPass:
                     total += loss.item()
         return total
 
+    def mix_regular(self, indices: list[int]) -> list[int]:
+        """The batch with each row swapped, with probability prior_ratio, for a regularisation image."""
+        swap = (torch.rand(len(indices), generator=self.generator) < self.config.prior_ratio).tolist()
+        picks = torch.randint(len(self.regular), (len(indices),), generator=self.generator).tolist()
+        return [self.regular[p] if s else i for i, s, p in zip(indices, swap, picks)]
+
+    def image_weights(self, group: list[int]) -> torch.Tensor:
+        first = self.regular[0]
+        return torch.tensor([self.config.prior_loss_weight if i >= first else 1.0 for i in group])
+
 
 class Trainer:
     """One run over an injected network: `step()` trains one optimizer step, `state()` tells where it stands.
@@ -162,7 +185,8 @@ class Trainer:
     """
 
     def __init__(self, network: LoraNetwork, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig,
-                 existing_steps: int = 0, shard: Shard | None = None, samples: Samples | None = None):
+                 existing_steps: int = 0, shard: Shard | None = None, samples: Samples | None = None,
+                 regular: Sequence[int] = ()):
         self.network, self.config, self.existing_steps, self.shard = network, config, existing_steps, shard
         if config.step_in_backward and shard is not None:
             raise ValueError("step_in_backward: each process would step before the gradients are summed over the "
@@ -170,8 +194,9 @@ class Trainer:
         self.params = [p for p in network.parameters()]
         self.optimizer = make_optimizer(network.named_parameters(), config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.gradients = GradientPass(fns, images, config, self.generator, shard, samples)
+        self.gradients = GradientPass(fns, images, config, self.generator, shard, samples, regular, network.bypassed)
         self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
+        self.ema = Ema(dict(network.named_parameters()), config) if config.ema_decay else None
         self.losses: list[float] = []
         self.validation: list[tuple[int, float]] = []
         self.lr = lr_at(0, config)
@@ -213,6 +238,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss)
+        if self.ema is not None:
+            self.ema.update(self.step_count)
         return loss
 
     def _restore(self, before: tuple) -> None:
@@ -227,7 +254,32 @@ class Trainer:
             loss=self.losses[-1] if self.losses else math.nan, lr=self.lr, losses=self.losses,
             lora=self.network.weights(), optimizer=self.optimizer.state_dict(),
             rng={"generator": self.generator.get_state(), **(self.dropout.state if self.dropout else {})},
-            pending=list(self.gradients.batches.pending), validation=list(self.validation))
+            pending=list(self.gradients.batches.pending), validation=list(self.validation),
+            ema=self.ema.state() if self.ema is not None else None, shown=lambda: self.evaluation(saving=False))
+
+    @contextmanager
+    def evaluation(self, saving: bool) -> Iterator[None]:
+        """The adapters hold the weights to evaluate (`saving` False: previews, the validation loss) or to
+        save inside the block: the EMA's averages where ema_evaluate / ema_save asks for them, else
+        schedule-free's averaged point; the trained values are back, bit-exact, after it."""
+        config = self.config
+        if self.ema is not None and (config.ema_save if saving else config.ema_evaluate):
+            with self.ema.applied():
+                yield
+            return
+        if config.optimizer != "AdamWScheduleFree":
+            yield
+            return
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.params]
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()  # its flag; the values come back exactly from the copies, not its lerp back
+            with torch.no_grad():
+                for p, k in zip(self.params, kept):
+                    p.copy_(k)
 
     def load_state(self, state: TrainState) -> None:
         """Continue from `state` (of a run with the same config and images): the next step is
@@ -244,6 +296,8 @@ class Trainer:
         if self.dropout is not None:
             self.dropout.state = {k: v for k, v in state.rng.items() if k.startswith("forward")}
         self.gradients.batches.pending = list(state.pending)
+        if self.ema is not None:
+            self.ema.load(state.ema or {})
         self.losses = list(state.losses)
         self.validation = list(state.validation)
         self.lr = state.lr
@@ -263,6 +317,7 @@ def train(
     resume: TrainState | None = None,
     validator: Validator | None = None,
     samples: Samples | None = None,
+    regularization: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a LoRA on `net` and return it; `net` is left exactly as it was, also on error.
 
@@ -273,6 +328,8 @@ def train(
     `validator` measures a held-out loss before the first step and every `validator.every` steps.
     `samples` (training/data.py) groups the images into what a batch draws (kohya repeats, a flipped copy
     and caption variants as alternatives) and carries their masks; None: one sample per image, no mask.
+    `regularization`: the regularisation set's latents, mixed into the batches (`GradientPass`); the
+    host's `denoise` gets them as the image indices after the training latents'.
     Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32), after
     `hooks.save` wrote the last good state.
     """
@@ -280,6 +337,11 @@ def train(
     images = flatten_latents(latents)
     samples = samples or Samples.plain(len(images))
     samples.check(images)
+    regular: list[int] = []
+    if regularization is not None:
+        extra = flatten_latents(regularization, "regularization latents")
+        regular = list(range(len(images), len(images) + len(extra)))
+        images = images + extra
     Objective(fns, config, images[0].device)  # refuses options this model cannot take, before patching it
     note = oversized_batch_note(config.batch_size, len(samples), config.batch_order)
     if note:
@@ -289,7 +351,7 @@ def train(
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
         if resume is not None:
             existing_steps = resume.existing_steps
-        trainer = Trainer(network, fns, images, config, existing_steps, current_shard(), samples)
+        trainer = Trainer(network, fns, images, config, existing_steps, current_shard(), samples, regular)
         if resume is not None:
             trainer.load_state(resume)
         shown = [images[alternatives[0]] for alternatives in samples.alternatives]  # the file counts samples
@@ -342,8 +404,11 @@ class _Run:
         """The LoRA as of the last completed step, with its file metadata."""
         (images, base, started), trainer, config = self.describe, self.trainer, self.config
         total = trainer.existing_steps + trainer.step_count
-        sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
-        meta = _metadata(config, total, sd, images, base, trainer.network.difference_share(), started)
+        with trainer.evaluation(saving=True):
+            sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
+            sd = {k: v.clone() for k, v in sd.items()}  # fp32 on the CPU shares the adapters' storage
+            share = trainer.network.difference_share()
+        meta = _metadata(config, total, sd, images, base, share, started, len(trainer.gradients.regular))
         return TrainResult(LoraStateDict(sd, meta), list(trainer.losses), total, cancelled, meta,
                            list(trainer.validation), checkpoint)
 
@@ -369,7 +434,8 @@ class _Run:
     def validate(self) -> bool:
         """Measure the validation loss; False if a cancel came inside it (the step itself is complete)."""
         try:
-            loss = self.validator.loss()
+            with self.trainer.evaluation(saving=False):
+                loss = self.validator.loss()
         except self.hooks.cancel_errors:
             return False
         self.trainer.validation.append((self.trainer.step_count, loss))
@@ -402,14 +468,22 @@ def lora_config_of(config: TrainConfig) -> LoraConfig:
 
 
 def _metadata(config: TrainConfig, total_steps: int, sd: dict[str, torch.Tensor], images: Sequence[torch.Tensor],
-              base: BaseModel | None, difference_share: float, started: float) -> dict[str, str]:
+              base: BaseModel | None, difference_share: float, started: float, reg_images: int = 0) -> dict[str, str]:
     """What training knows for the file's metadata (lora/metadata.py states the keys): made when the
     LoRA is taken (the end of the run, or a checkpoint), which is its ss_training_finished_at. Image
     sizes are the latents' × the base model's pixel scale (without a base, the latents' own)."""
     sizes = [tuple(x.shape[-2:]) for x in images]
-    return {**config.kohya_metadata(len(images), total_steps), **network_metadata(sd, config.network_args()),
+    return {**config.kohya_metadata(len(images), total_steps, reg_images), **network_metadata(sd, config.network_args()),
             **(base.metadata() if base is not None else {}),
             **dataset_metadata(sizes, base.pixel_scale if base is not None else 1),
             **session_metadata(started, time.time()), "ss_steps": str(total_steps),
             PREFIX + "settings": json.dumps(config.as_metadata()), PREFIX + "lora_dtype": config.lora_dtype,
-            PREFIX + "difference_share": f"{difference_share:.6f}"}
+            PREFIX + "difference_share": f"{difference_share:.6f}", PREFIX + "weights": saved_weights(config)}
+
+
+def saved_weights(config: TrainConfig) -> str:
+    """Which weights a file of this run holds: "ema" (the EMA's averages, training/ema.py), "schedule-free
+    average" (AdamWScheduleFree's averaged point) or "trained" (the adapters as trained)."""
+    if config.ema_decay and config.ema_save:
+        return "ema"
+    return "schedule-free average" if config.optimizer == "AdamWScheduleFree" else "trained"

@@ -16,6 +16,7 @@ through sigma, never through a family's timestep table.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from typing import Callable, NamedTuple
 
 import torch
@@ -41,6 +42,8 @@ class ModelFns(NamedTuple):
         start frame, inpainting image); None when no caption has one (control dropout then refuses to run).
     flow: the model is a rectified-flow model (σ in (0, 1], x = (1 − σ)·x0 + σ·ε): a shift override
         applies to it only.
+    denoise_preserve: like denoise, with the images' preservation captions (the trigger word replaced by
+        the class word); None when the host has none (differential output preservation then refuses to run).
     """
 
     percent_to_sigma: Callable[[torch.Tensor], torch.Tensor]
@@ -50,6 +53,7 @@ class ModelFns(NamedTuple):
     denoise_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     flow: bool = False
     denoise_bare: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor] | None = None
+    denoise_preserve: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor] | None = None
 
 
 _LOSSES: dict[str, LossFn] = {
@@ -193,10 +197,18 @@ def loss_weights(fns: ModelFns, sigma: torch.Tensor, config: TrainConfig) -> tor
 
 
 class Objective:
-    """The loss of one same-shape group; `loss(x0, indices, generator)` draws from `generator` only."""
+    """The loss of one same-shape group; `loss(x0, indices, generator)` draws from `generator` only.
 
-    def __init__(self, fns: ModelFns, config: TrainConfig, device: torch.device):
-        """Raises ValueError for options this model or host cannot take (named by field)."""
+    Preservation (ai-toolkit's differential output and blank-prompt preservation): for the same noisy
+    latents and levels, the prediction with the preservation caption (`denoise_preserve`) or the empty
+    caption (`denoise_uncond`) and the adapters off (`bypass`, no gradient) is the target of the
+    prediction with the same caption and the adapters on; its loss, times `dop_multiplier` or
+    `blank_prompt_multiplier`, is added per image, so what the LoRA changes is kept to the trigger."""
+
+    def __init__(self, fns: ModelFns, config: TrainConfig, device: torch.device,
+                 bypass: Callable[[], AbstractContextManager] | None = None):
+        """`bypass`: a context in which the adapters are off (preservation needs it). Raises ValueError for
+        options this model or host cannot take (named by field)."""
         if config.flow_shift != "model" and not fns.flow:
             raise ValueError(f"flow_shift: got {config.flow_shift!r}, but this model is not a flow model (SD3, Flux, "
                              "...) and has no shift; set flow_shift to model")
@@ -208,12 +220,25 @@ class Objective:
             raise ValueError(f"control_dropout: got {config.control_dropout}, but no caption carries a condition image "
                              "to drop (a reference latent, a start frame, an inpainting image); give the captions one "
                              "(e.g. Encode Training Folder's control_folder), or set control_dropout to 0")
+        if config.dop_multiplier and fns.denoise_preserve is None:
+            raise ValueError(f"dop_multiplier: got {config.dop_multiplier}, but there are no preservation captions; "
+                             "connect the text encoder (clip) and the captions (as text) to the LoRA Preservation "
+                             "node, or set dop_multiplier to 0")
+        if config.blank_prompt_multiplier and fns.denoise_uncond is None:
+            raise ValueError(f"blank_prompt_multiplier: got {config.blank_prompt_multiplier}, but there is no empty "
+                             "caption; connect an empty-prompt CONDITIONING to the options node's unconditional "
+                             "input, or set blank_prompt_multiplier to 0")
+        self.preserved = [(m, call) for m, call in (
+            (config.dop_multiplier, fns.denoise_preserve),
+            (config.blank_prompt_multiplier, lambda n, s, _: fns.denoise_uncond(n, s))) if m]
+        self.bypass = bypass
         self.fns, self.config = fns, config
         self.loss_fn = loss_function(config.loss_function)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training_dtype == "bf16")
 
     def loss(self, x0: torch.Tensor, indices: list[int], generator: torch.Generator,
-             rows: list[int] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+             rows: list[int] | None = None, mask: torch.Tensor | None = None,
+             image_weights: torch.Tensor | None = None) -> torch.Tensor | None:
         """x0 (B, C, H, W), the latents of images `indices` → the mean loss (0-d, fp32, with grad).
 
         Draw order (all from `generator`): noise, its offset and pyramid, levels, input perturbation,
@@ -222,6 +247,7 @@ class Objective:
         as without it, but only these rows run through the model; the result is their share of the
         mean (their sum over B), so the shares of all processes add up to it; None if `rows` is empty.
         `mask` (B, 1, …) at the latents' size weighs the loss per element (`mask_weights`); it draws nothing.
+        `image_weights` (B,) weigh each image's loss (a regularisation image's prior_loss_weight).
         """
         cfg, fns = self.config, self.fns
         noise = self.noise(x0.shape, generator).to(x0.device, x0.dtype)
@@ -246,6 +272,7 @@ class Objective:
             indices = [indices[r] for r in rows]
             dropped = dropped[rows] if dropped is not None else None
             bare = bare[rows] if bare is not None else None
+            image_weights = image_weights[rows] if image_weights is not None else None
         with self.autocast:
             pred = self.predict(noisy, sigma, indices, dropped, bare)
         c = output_coefficient(fns, sigma, x0.dim()) if cfg.loss_space == "native" else 1.0
@@ -253,7 +280,25 @@ class Objective:
         per = space_loss(self.loss_fn, pred.float(), target, c, cfg.loss_space, weight)
         weights = loss_weights(fns, sigma, cfg)
         per = per if weights is None else per * weights
+        if image_weights is not None:
+            per = per * image_weights.to(per.device)
+        if self.preserved:
+            per = per + self.preservation(noisy, sigma, indices, c, weights)
         return per.mean() if rows is None else per.sum() / batch
+
+    def preservation(self, noisy: torch.Tensor, sigma: torch.Tensor, indices: list[int], c: torch.Tensor | float,
+                     weights: torch.Tensor | None) -> torch.Tensor:
+        """(B,) the preservation losses of these rows, each times its multiplier: the adapters' prediction
+        with the preservation (or empty) caption against the base's, at the same noisy latents and levels."""
+        total = torch.zeros((), device=noisy.device)
+        for multiplier, call in self.preserved:
+            with torch.no_grad(), self.bypass(), self.autocast:
+                target = call(noisy, sigma, indices).float()
+            with self.autocast:
+                pred = call(noisy, sigma, indices)
+            term = space_loss(self.loss_fn, pred.float(), target, c, self.config.loss_space)
+            total = total + multiplier * (term if weights is None else term * weights)
+        return total
 
     def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """ε ~ N(0, I) of `shape` (B, C, H, W) or (B, C, T, H, W) on the CPU, with the config's offset

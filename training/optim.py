@@ -5,15 +5,19 @@
 Hugging Face's `get_cosine_with_hard_restarts_schedule_with_warmup`), decaying to
 `min_learning_rate` (0 by default) over the remaining steps.
 
-`make_optimizer` builds torch's optimizer of the config's name (Adafactor is torch's own; Prodigy
-comes from the optional `prodigyopt` package, AdamW8bit from `bitsandbytes`: AdamW whose two moments
-are stored as 8-bit codes with a scale per block of 256, fp32 for tensors under 4096 elements) with its default hyper-parameters besides the LR and
-`weight_decay`. LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models")
+`make_optimizer` builds the optimizer of the config's name with its default hyper-parameters besides
+the LR and `weight_decay`. Adafactor is torch's own, with its step made absolute (`ADAFACTOR_EPS`).
+The optional ones come from maintained packages, imported only when chosen (`_OPTIONAL`): Prodigy
+from `prodigyopt`; AdamW8bit from `bitsandbytes` (AdamW whose two moments are stored as 8-bit codes
+with a scale per block of 256, fp32 for tensors under 4096 elements); Lion (Chen et al. 2023) and
+CAME (Luo et al. 2023) from `pytorch_optimizer`, one pure-torch package with both; AdamWScheduleFree
+(Defazio et al. 2024) from `schedulefree`, its authors' package. LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models")
 puts the `up` matrices in a parameter group whose LR is `lora_plus_ratio` times the base LR: each
 group's "lr_ratio" scales the schedule's LR.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Iterable
 
@@ -31,24 +35,30 @@ _TORCH_OPTIMIZERS = {
 UP_SUFFIX = "lora_up"  # the LoRA/DoRA parameter LoRA+ speeds up
 
 
+# optional optimizers: name → (module, class, the pip package that provides it)
+_OPTIONAL = {
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "Lion": ("pytorch_optimizer", "Lion", "pytorch_optimizer"),
+    "CAME": ("pytorch_optimizer", "CAME", "pytorch_optimizer"),
+    "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+}
+# Adafactor's eps2 bounds the weights' RMS its step is relative to: torch's 1e-3 gives a zero-initialised
+# up matrix steps of 1e-3·lr. At 1 the step is the LR for any weight of RMS ≤ 1 (every LoRA's), as
+# transformers' Adafactor with relative_step=False, scale_parameter=False (kohya's advice for LoRAs).
+ADAFACTOR_EPS = (None, 1.0)
+
+
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name == "AdamW8bit":
-        try:
-            from bitsandbytes.optim import AdamW8bit
-        except ImportError:
-            raise ImportError("optimizer: AdamW8bit needs the optional package bitsandbytes, which is not installed; "
-                              "install it with the Python that runs ComfyUI (python -m pip install bitsandbytes), or "
-                              "choose AdamW") from None
-        return AdamW8bit
-    if name != "Prodigy":
+    if name not in _OPTIONAL:
         return _TORCH_OPTIMIZERS[name]
+    module, attribute, package = _OPTIONAL[name]
     try:
-        from prodigyopt import Prodigy
+        return getattr(importlib.import_module(module), attribute)
     except ImportError:
-        raise ImportError("optimizer: Prodigy needs the optional package prodigyopt, which is not installed; install "
-                          "it with the Python that runs ComfyUI (python -m pip install prodigyopt), or choose another "
-                          "optimizer") from None
-    return Prodigy
+        raise ImportError(f"optimizer: {name} needs the optional package {package}, which is not installed; install "
+                          f"it with the Python that runs ComfyUI (python -m pip install {package}), or choose "
+                          "AdamW") from None
 
 
 def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> list[dict]:
@@ -73,6 +83,8 @@ def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: Trai
     fusable = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     if config.optimizer in ("AdamW", "Adam") and fusable:  # one fused kernel instead of a loop over tensors
         kwargs["fused"] = True
+    if config.optimizer == "Adafactor":
+        kwargs["eps"] = ADAFACTOR_EPS
     kind = _optimizer_class(config.optimizer)
     if config.step_in_backward:
         steps = []
@@ -82,7 +94,10 @@ def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: Trai
                 host = torch.nn.Parameter(p.detach().to("cpu", copy=True)) if config.optimizer_on_cpu else None
                 steps.append((p, host, kind([{**g, "params": [host if host is not None else p]}], **kwargs)))
         return BackwardSteps(steps)
-    return kind(groups, **kwargs)
+    optimizer = kind(groups, **kwargs)
+    if config.optimizer == "AdamWScheduleFree":  # schedule-free: steps only in its training mode (loop.py `evaluation`)
+        optimizer.train()
+    return optimizer
 
 
 class BackwardSteps:

@@ -3,7 +3,7 @@
 A state is what `Trainer.state()` returns (training/loop.py): the fp32 LoRA, the optimizer's
 state, the RNG states, the data order still pending, the step, the losses, the validation
 history. Two files share a stem: `<stem>.state.safetensors` (tensors under "lora/<module
-path>/<suffix>", "optimizer/<param index>/<name>", "rng/<name>") and `<stem>.state.json` (numbers,
+path>/<suffix>", "optimizer/<param index>/<name>", "rng/<name>", "ema/<parameter name>") and `<stem>.state.json` (numbers,
 the optimizer's param groups and non-tensor entries, the config and the run's fingerprint). Both
 are written atomically, the JSON last: a state whose JSON exists is complete.
 
@@ -101,6 +101,7 @@ def write_state(stem: str | os.PathLike, state: TrainState, config: TrainConfig,
     optimizer_tensors, optimizer_rest = _split_optimizer(state.optimizer)
     tensors.update(optimizer_tensors)
     tensors.update({f"rng/{name}": t.clone() for name, t in state.rng.items()})
+    tensors.update({f"ema/{name}": t.detach().clone().contiguous() for name, t in (state.ema or {}).items()})
     algorithms = {path: weights.algorithm for path, weights in state.lora.items()}
     record = {
         "kind": KIND, "version": VERSION, "step": state.step, "total_steps": state.total_steps, "loss": state.loss,
@@ -221,6 +222,7 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
     lora: dict[str, dict[str, torch.Tensor]] = {}
     optimizer_state: dict[int, dict[str, Any]] = {}
     rng: dict[str, torch.Tensor] = {}
+    ema: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "lora":
@@ -231,6 +233,8 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
             optimizer_state.setdefault(int(index), {})[name] = tensor
         elif kind == "rng":
             rng[rest] = tensor
+        elif kind == "ema":
+            ema[rest] = tensor
     for index, entries in record["optimizer"]["scalars"].items():
         optimizer_state.setdefault(int(index), {}).update(entries)
     optimizer_state = {index: _nest(entries) for index, entries in optimizer_state.items()}
@@ -239,7 +243,8 @@ def read_state(path: str | os.PathLike, config: TrainConfig, fingerprint: dict[s
         losses=list(record["losses"]),
         lora={p: LayerWeights(record["algorithms"].get(p), t) for p, t in lora.items()},
         optimizer={"state": optimizer_state, "param_groups": record["optimizer"]["param_groups"]},
-        rng=rng, pending=list(record["pending"]), validation=[tuple(v) for v in record["validation"]])
+        rng=rng, pending=list(record["pending"]), validation=[tuple(v) for v in record["validation"]],
+        ema=ema or None)
     return state, record
 
 
