@@ -56,15 +56,24 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lora_plus_ratio 16": {"lora_plus_ratio": 16.0},
     "optimizer Adafactor": {"optimizer": "Adafactor"},
     "optimizer Prodigy (lr 1)": {"optimizer": "Prodigy", "learning_rate": 1.0},
+    "optimizer Lion (lr / 3)": {"optimizer": "Lion", "learning_rate": LR / 3},
+    "optimizer CAME (lr / 10)": {"optimizer": "CAME", "learning_rate": LR / 10},
+    "optimizer AdamWScheduleFree": {"optimizer": "AdamWScheduleFree"},
+    "ema_decay 0.95": {"ema_decay": 0.95},
     "cosine_with_restarts × 3": {"lr_schedule": "cosine_with_restarts", "lr_restarts": 3},
     "cosine to min_learning_rate 10 %": {"lr_schedule": "cosine", "min_learning_rate": LR / 10},
 }
 
 
+PACKAGES = {"Prodigy": "prodigyopt", "Lion": "pytorch_optimizer", "CAME": "pytorch_optimizer",
+            "AdamWScheduleFree": "schedulefree"}
+
+
 def available(overrides: dict[str, object], kind: str) -> bool:
     if FLOW_ONLY & set(overrides) and kind != "flow":
         return False
-    return overrides.get("optimizer") != "Prodigy" or importlib.util.find_spec("prodigyopt") is not None
+    package = PACKAGES.get(str(overrides.get("optimizer")))
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 def measure(kind: str, overrides: dict[str, object], seed: int, steps: int) -> float:
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per option (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 seed, eps, a few options")
+    parser.add_argument("--only", nargs="+", default=None, metavar="OPTION", help="measure only these rows (names "
+                        "as in the table) and merge them into the results file")
     parser.add_argument("--json", type=Path, default=None, help=f"write the results here (default {RESULTS.name} "
                         "in bench/results for a full run, nothing for --quick)")
     args = parser.parse_args(argv)
@@ -127,10 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
         kinds, steps, seeds = ("eps",), 2, 1
         variants = {k: VARIANTS[k] for k in ("default", "loss_weighting min_snr (γ 5)", "rank_dropout 0.1",
                                              "flow_shift resolution (Flux)")}
+    merged_into = None
+    if args.only:
+        unknown = [name for name in args.only if name not in VARIANTS]
+        if unknown:
+            parser.error(f"--only: no option row named {unknown[0]!r}; the rows: {', '.join(VARIANTS)}")
+        merged_into = json.loads((args.json or RESULTS).read_text())
+        variants = {k: VARIANTS[k] for k in ("default", *args.only)}
     started = time.perf_counter()
     table = run(steps, seeds, kinds, variants)
+    if merged_into is not None:  # the rows measured now, in the table's order, beside the earlier ones
+        earlier = merged_into["table"]
+        table = {k: table[k] if k in table else earlier[k] for k in VARIANTS if k in table or k in earlier}
     settings = {"steps": steps, "seeds": seeds, "kinds": list(kinds), "size": SIZE, "learning_rate": LR,
                 "batch_size": 2, "seconds": round(time.perf_counter() - started, 1)}
+    if merged_into is not None:
+        settings["measured_now"] = list(variants)  # the other rows are the earlier run's
     print(f"Held-out native denoising loss after {steps} steps, mean ± std over {seeds} seed(s) "
           f"(change of the mean vs default); {settings['seconds']} s\n")
     print(markdown(table, kinds))

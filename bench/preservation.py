@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "blank-prompt × 1": {"blank_prompt_multiplier": 1.0},
     "regularisation set (ratio 0.5, weight 1)": {"regular": True},
     "DOP × 1 + regularisation set": {"dop_multiplier": 1.0, "trigger_word": TRIGGER, "regular": True},
+    "DOP × 0.3": {"dop_multiplier": 0.3, "trigger_word": TRIGGER},
+    "regularisation set (ratio 0.25)": {"regular": True, "prior_ratio": 0.25},
     "Lion (lr / 3)": {"optimizer": "Lion", "learning_rate": LR / 3},
     "CAME (lr / 10)": {"optimizer": "CAME", "learning_rate": LR / 10},
     "AdamWScheduleFree (constant)": {"optimizer": "AdamWScheduleFree", "lr_schedule": "constant"},
@@ -121,9 +123,12 @@ def run(data: Data, steps: int, seeds: int, variants: dict[str, dict]) -> dict:
     return table
 
 
-def markdown(table: dict) -> str:
-    lines = ["| variant | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 1) + "|"]
+def markdown(table: dict, base_style: float) -> str:
+    """The table; "style kept": the share of the first row's gain on the style loss over the base's that
+    a variant keeps ((base − variant) / (base − first row))."""
+    lines = ["| variant | " + " | ".join(SCORES) + " | style kept |", "|---" * (len(SCORES) + 2) + "|"]
     base = next(iter(table.values()))
+    gain = base_style - base["style"]["mean"]
     for name, row in table.items():
         cells = []
         for score in SCORES:
@@ -131,6 +136,7 @@ def markdown(table: dict) -> str:
             if row is not base:
                 text += f" ({100 * (row[score]['mean'] / base[score]['mean'] - 1):+.0f} %)"
             cells.append(text)
+        cells.append(f"{100 * (base_style - row['style']['mean']) / gain:.0f} %")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 seed, three variants")
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="measure only these rows (names as "
+                        "in the table) and merge them into the results file")
     parser.add_argument("--json", type=Path, default=None, help=f"write the results here (default {RESULTS.name} "
                         "in bench/results for a full run, nothing for --quick)")
     args = parser.parse_args(argv)
@@ -147,15 +155,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         steps, seeds = 2, 1
         variants = {k: VARIANTS[k] for k in ("default (AdamW)", "DOP × 1 + regularisation set", "EMA 0.99")}
+    earlier = None
+    if args.only:
+        unknown = [name for name in args.only if name not in VARIANTS]
+        if unknown:
+            parser.error(f"--only: no variant named {unknown[0]!r}; the variants: {', '.join(VARIANTS)}")
+        earlier = json.loads((args.json or RESULTS).read_text())
+        variants = {k: VARIANTS[k] for k in args.only}
     started = time.perf_counter()
     data = Data()
     table = run(data, steps, seeds, variants)
+    if earlier is not None:  # the rows measured now beside the earlier run's, in the table's order
+        table = {k: table[k] if k in table else earlier["table"][k] for k in VARIANTS
+                 if k in table or k in earlier["table"]}
     settings = {"steps": steps, "seeds": seeds, "size": SIZE, **BASE, "held_out": list(HELD_OUT),
                 "base": {"style": data.base_style, "fresh shapes": data.base_fresh},
-                "seconds": round(time.perf_counter() - started, 1)}
+                "seconds": round(time.perf_counter() - started, 1),
+                **({"measured_now": list(variants)} if earlier is not None else {})}
     print(f"After {steps} steps, mean ± std over {seeds} seed(s) (change of the mean vs the first row); the base: "
           f"style {data.base_style:.4f}, fresh shapes {data.base_fresh:.4f}; {settings['seconds']} s\n")
-    print(markdown(table))
+    print(markdown(table, data.base_style))
     report = {"settings": settings, "table": table}
     out = args.json if args.json is not None else (None if args.quick else RESULTS)
     if out is not None:

@@ -36,8 +36,8 @@ class TrainLoRA:
             },
             "optional": {**_main_inputs(), "options": (OPTIONS_TYPE, {
                 "tooltip": "Advanced settings from a LoRA Training Options node (noise levels, loss weighting, "
-                           "noise, dropout, optimizer extras, checkpoints and resume); unset, every one keeps its "
-                           "default."}),
+                           "noise, dropout, optimizer extras, checkpoints and resume, EMA) and a LoRA Preservation "
+                           "node (preservation losses, a regularisation set); unset, every one keeps its default."}),
                 "preview": (PREVIEW_TYPE, {"tooltip": "Sample previews while training, from a LoRA Training "
                                                       "Preview node."}),
                 "validation": (VALIDATION_TYPE, {"tooltip": "Held-out images whose loss is measured while training, "

@@ -64,6 +64,15 @@ def _adapters(model, config):
         return [(n, p.detach().clone()) for n, p in network.named_parameters()]
 
 
+def test_the_ema_averages_count_as_kept_state():
+    model, fns, latents = setup()
+    config = TrainConfig(batch_size=1, ema_decay=0.99, **FAST)
+    guess = estimate(model.net, fns, latents, config, checkpoint_blocks=list(model.net.blocks))
+    adapters = _adapters(model, config)
+    lora = sum(p.numel() for n, p in adapters) * 4
+    assert guess.optimizer == 3 * lora + 4 * len(adapters)  # AdamW's two moments and steps, and the fp32 average
+
+
 def test_checkpointing_and_releasing_gradients_each_lower_the_estimate():
     model, fns, latents = setup(torch.bfloat16)
     blocks = list(model.net.blocks)

@@ -154,7 +154,7 @@ class MemoryEstimate:
     weights: int  # frozen weights and buffers resident on the compute device
     adapters: int  # the adapters' fp32 master weights
     gradients: int  # their gradients, as held at the peak
-    optimizer: int  # the optimizer's state
+    optimizer: int  # the optimizer's state (and the EMA's averages on the device)
     activations: int  # saved by the forward pass for backward, as held at the peak
     transient: int  # everything else at the peak: attention, weight casts, recomputation, the loss
     device: str = "cpu"
@@ -263,6 +263,8 @@ def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[tor
         adapter_keys = {counter.serial_of(p) for p in adapters}
         state_keys = {counter.serial_of(t) for s in trainer.optimizer.state.values() for t in tree_flatten(s)[0]
                       if isinstance(t, torch.Tensor)}
+        if trainer.ema is not None:  # the EMA's averages (on the device unless ema_on_cpu): kept state, as the optimizer's
+            state_keys |= {counter.serial_of(t) for t in trainer.ema.averages}
         del trainer, network, adapters
     return _composition(counter, weights, adapter_keys, grads, state_keys, device,
                         (config.batch_size, *images[drawn.alternatives[0][0]].shape))
