@@ -26,6 +26,7 @@ from ..tiny.host import tiny_fns
 from ..tiny.model import build_tiny, encode_images
 from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
+from . import rows
 from ..training.evaluate import heldout_loss
 from ..training.images import load_image_folder
 from ..training.loop import train
@@ -128,28 +129,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per option (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 seed, eps, a few options")
-    parser.add_argument("--only", nargs="+", default=None, metavar="OPTION", help="measure only these rows (names "
-                        "as in the table) and merge them into the results file")
-    parser.add_argument("--json", type=Path, default=None, help=f"write the results here (default {RESULTS.name} "
-                        "in bench/results for a full run, nothing for --quick)")
+    rows.add_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     kinds, variants, steps, seeds = KINDS, VARIANTS, args.steps, args.seeds
     if args.quick:
         kinds, steps, seeds = ("eps",), 2, 1
         variants = {k: VARIANTS[k] for k in ("default", "loss_weighting min_snr (γ 5)", "rank_dropout 0.1",
                                              "flow_shift resolution (Flux)")}
-    merged_into = None
     if args.only:
-        unknown = [name for name in args.only if name not in VARIANTS]
-        if unknown:
-            parser.error(f"--only: no option row named {unknown[0]!r}; the rows: {', '.join(VARIANTS)}")
-        merged_into = json.loads((args.json or RESULTS).read_text())
-        variants = {k: VARIANTS[k] for k in ("default", *args.only)}
+        variants, merged_into = rows.selected(parser, args, VARIANTS, RESULTS, ("default",))
+    else:
+        merged_into = None
     started = time.perf_counter()
     table = run(steps, seeds, kinds, variants)
-    if merged_into is not None:  # the rows measured now, in the table's order, beside the earlier ones
-        earlier = merged_into["table"]
-        table = {k: table[k] if k in table else earlier[k] for k in VARIANTS if k in table or k in earlier}
+    table = rows.merged(table, merged_into, VARIANTS)
     settings = {"steps": steps, "seeds": seeds, "kinds": list(kinds), "size": SIZE, "learning_rate": LR,
                 "batch_size": 2, "seconds": round(time.perf_counter() - started, 1)}
     if merged_into is not None:

@@ -37,6 +37,7 @@ from ..tiny.pretrained import load_pretrained
 from ..tiny.procedural import fresh_set
 from ..tiny.text import encode_captions
 from ..training.config import TrainConfig
+from . import rows
 from ..training.evaluate import colour_distance, heldout_loss
 from ..training.images import load_image_folder
 from ..training.loop import train
@@ -146,28 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 seed, three variants")
-    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="measure only these rows (names as "
-                        "in the table) and merge them into the results file")
-    parser.add_argument("--json", type=Path, default=None, help=f"write the results here (default {RESULTS.name} "
-                        "in bench/results for a full run, nothing for --quick)")
+    rows.add_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     variants, steps, seeds = VARIANTS, args.steps, args.seeds
     if args.quick:
         steps, seeds = 2, 1
         variants = {k: VARIANTS[k] for k in ("default (AdamW)", "DOP × 1 + regularisation set", "EMA 0.99")}
-    earlier = None
     if args.only:
-        unknown = [name for name in args.only if name not in VARIANTS]
-        if unknown:
-            parser.error(f"--only: no variant named {unknown[0]!r}; the variants: {', '.join(VARIANTS)}")
-        earlier = json.loads((args.json or RESULTS).read_text())
-        variants = {k: VARIANTS[k] for k in args.only}
+        variants, earlier = rows.selected(parser, args, VARIANTS, RESULTS)
+    else:
+        earlier = None
     started = time.perf_counter()
     data = Data()
     table = run(data, steps, seeds, variants)
-    if earlier is not None:  # the rows measured now beside the earlier run's, in the table's order
-        table = {k: table[k] if k in table else earlier["table"][k] for k in VARIANTS
-                 if k in table or k in earlier["table"]}
+    table = rows.merged(table, earlier, VARIANTS)
     settings = {"steps": steps, "seeds": seeds, "size": SIZE, **BASE, "held_out": list(HELD_OUT),
                 "base": {"style": data.base_style, "fresh shapes": data.base_fresh},
                 "seconds": round(time.perf_counter() - started, 1),

@@ -53,23 +53,29 @@ def merged(upstream: TrainingOptions | None, values: dict[str, Any], uncondition
     return result
 
 
-class TrainingOptionsNode:
-    DESCRIPTION = ("Advanced settings for Train LoRA: noise-level sampling, loss weighting, noise, dropout and "
-                   "optimizer extras. Plug into Train LoRA's options input; chain several to combine. Fields left at "
-                   "their defaults change nothing.")
+class ChainedOptions:
+    """What every options node is: one options value out, an upstream one in (`CHAIN`)."""
+
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     RETURN_TYPES = (OPTIONS_TYPE,)
     RETURN_NAMES = ("options",)
     OUTPUT_TOOLTIPS = ("The settings, for Train LoRA's options input (or another options node's).",)
+    CHAIN = {"options": (OPTIONS_TYPE, {"tooltip": "Settings from another options node; fields set on this node win, "
+                                        "fields left at their defaults keep the upstream values."})}
+
+
+class TrainingOptionsNode(ChainedOptions):
+    DESCRIPTION = ("Advanced settings for Train LoRA: noise-level sampling, loss weighting, noise, dropout and "
+                   "optimizer extras. Plug into Train LoRA's options input; chain several to combine. Fields left at "
+                   "their defaults change nothing.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {},
             "optional": {
-                "options": (OPTIONS_TYPE, {"tooltip": "Settings from another options node; fields set on this node "
-                                           "win, fields left at their defaults keep the upstream values."}),
+                **cls.CHAIN,
                 "unconditional": ("CONDITIONING", {"tooltip": "The empty caption (a text encode of an empty "
                                                    "prompt): what caption_dropout trains the dropped images with."}),
                 **widgets(OPTIONS),

@@ -17,8 +17,7 @@ import re
 from typing import Any
 
 from ..training.config import PRESERVATION
-from .common import CATEGORY
-from .options import OPTIONS_TYPE, Regularization, TrainingOptions, merged
+from .options import ChainedOptions, Regularization, TrainingOptions, merged
 from .widgets import widgets
 
 log = logging.getLogger(__name__)
@@ -51,25 +50,19 @@ def class_captions(captions: list[str], trigger: str, class_word: str) -> list[s
     return out
 
 
-class LoRAPreservation:
+class LoRAPreservation(ChainedOptions):
     DESCRIPTION = ("Keeps a LoRA from changing what it should not: differential output preservation (the captions "
                    "with the trigger replaced by the class word keep the base's predictions), blank-prompt "
                    "preservation, and a regularisation set of class images. Chain with LoRA Training Options into "
                    "Train LoRA's options input.")
-    CATEGORY = CATEGORY
-    FUNCTION = "execute"
     INPUT_IS_LIST = True  # the captions and the regularisation set come as lists
-    RETURN_TYPES = (OPTIONS_TYPE,)
-    RETURN_NAMES = ("options",)
-    OUTPUT_TOOLTIPS = ("The settings, for Train LoRA's options input (or another options node's).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {},
             "optional": {
-                "options": (OPTIONS_TYPE, {"tooltip": "Settings from another options node; fields set on this node "
-                                           "win, fields left at their defaults keep the upstream values."}),
+                **cls.CHAIN,
                 "clip": ("CLIP", {"tooltip": "The model's text encoder: encodes the preservation captions "
                                   "(differential output preservation)."}),
                 "captions": ("STRING", {"forceInput": True, "tooltip": "The training captions as text, one per "
@@ -86,23 +79,22 @@ class LoRAPreservation:
                 regularization_latents: list | None = None, regularization_positive: list | None = None,
                 **values: Any) -> tuple[TrainingOptions]:
         values = {k: v[0] for k, v in values.items()}
-        upstream = options[0] if options else None
-        preservation = None
-        if values.get("dop_multiplier", 0.0):
-            if not clip:
-                raise ValueError("clip: no text encoder connected, but dop_multiplier is above 0; connect the model's "
-                                 "CLIP (it encodes the captions with the class word)")
-            from .comfy_io import encode_captions  # ComfyUI glue, imported only when the node runs
-
-            texts = class_captions(list(captions or []), values.get("trigger_word", ""), values.get("class_word", ""))
-            preservation = encode_captions(clip[0], texts)
-            log.info("LoRA Preservation: %d preservation captions, e.g. %r", len(texts), texts[0][:80])
-        regularization = None
         if bool(regularization_latents) != bool(regularization_positive):
             given, missing = (("regularization_latents", "regularization_positive") if regularization_latents
                               else ("regularization_positive", "regularization_latents"))
             raise ValueError(f"{missing}: not connected, but {given} is; a regularisation set needs both its latents "
                              "and their captions")
-        if regularization_latents:
-            regularization = Regularization(list(regularization_latents), list(regularization_positive))
-        return (merged(upstream, values, None, preservation, regularization),)
+        regularization = (Regularization(list(regularization_latents), list(regularization_positive))
+                          if regularization_latents else None)
+        result = merged(options[0] if options else None, values, None, None, regularization)  # checks every field
+        settings = result.values
+        if not settings.get("dop_multiplier", 0.0) or not (clip or captions) and result.preservation is not None:
+            return (result,)  # no preservation captions wanted, or the upstream node's kept
+        if not clip:
+            raise ValueError("clip: no text encoder connected, but dop_multiplier is above 0; connect the model's "
+                             "CLIP (it encodes the captions with the class word)")
+        from .comfy_io import encode_captions  # ComfyUI glue, imported only when the node runs
+
+        texts = class_captions(list(captions or []), settings.get("trigger_word", ""), settings.get("class_word", ""))
+        log.info("LoRA Preservation: %d preservation captions, e.g. %r", len(texts), texts[0][:80])
+        return (result._replace(preservation=encode_captions(clip[0], texts)),)

@@ -93,3 +93,25 @@ def test_options_node_errors_name_the_field():
         node.execute(noise_offset=2.0)
     with pytest.raises(ValueError, match="min_timestep: got 900, not below max_timestep 500"):
         node.execute(min_timestep=900, max_timestep=500)
+
+
+def test_the_preservation_node_chains_and_carries_its_regularisation_set():
+    upstream, = TrainingOptionsNode().execute(ema_decay=0.99, unconditional=[["empty", {}]])
+    latents, positive = [{"samples": "latents"}], [[["a picture", {}]]]
+    # INPUT_IS_LIST: every input arrives as a list
+    out, = LoRAPreservation().execute(options=[upstream], regularization_latents=latents,
+                                      regularization_positive=positive, prior_ratio=[0.25], prior_loss_weight=[1.0])
+    assert out.values == {"ema_decay": 0.99, "prior_ratio": 0.25} and out.unconditional == [["empty", {}]]
+    assert out.regularization.latents == latents and out.regularization.positive == positive
+    assert out.preservation is None
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"dop_multiplier": [1.0], "trigger_word": ["ohwx"]}, "^clip: no text encoder connected, but dop_multiplier"),
+    ({"dop_multiplier": [1.0]}, "^trigger_word: is empty, but dop_multiplier is 1.0"),
+    ({"regularization_latents": [{"samples": "x"}]}, "^regularization_positive: not connected, but "
+                                                     "regularization_latents is"),
+])
+def test_the_preservation_node_names_what_is_missing(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRAPreservation().execute(**inputs)

@@ -96,8 +96,8 @@ class TrainConfig:
     optimizer: str = setting("AdamW", "Optimizer (its defaults besides the learning rate). AdamW8bit: AdamW with its "
                             "two moments in 8 bits (bitsandbytes), a quarter of AdamW's optimizer memory. Adafactor: "
                             "the step is the learning rate, not relative to the weights. Lion (about a third of "
-                            "AdamW's LR), CAME: pytorch_optimizer. AdamWScheduleFree: no LR decay needed (schedule "
-                            "constant); previews, validation and files use its averaged weights.",
+                            "AdamW's LR), CAME (about a tenth): pytorch_optimizer. AdamWScheduleFree: no LR decay "
+                            "needed (schedule constant); previews, validation and files use its averaged weights.",
                             choices=OPTIMIZERS)
     loss_function: str = setting("MSE", "Loss function.", choices=LOSSES)
     seed: int = setting(0, "Makes LoRA init, batch choice and noise reproducible.", low=0, high=MAX_SEED)
