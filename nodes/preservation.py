@@ -1,4 +1,5 @@
-"""LoRA Preservation: what a LoRA must leave as the base had it (docs/nodes.md#lora-preservation).
+"""LoRA Preservation: what a LoRA must leave as the base had it
+(docs/nodes.md#lora-preservation-loratrainer_preservation).
 
 A second options node, chained like LoRA Training Options (its `options` output goes to Train LoRA's
 `options` input, or to another options node). Its widgets are TrainConfig's "preservation" fields

@@ -1,4 +1,4 @@
-"""Training that keeps the base's knowledge (issue 28) on the tiny model: the EMA of the adapters,
+"""Training that keeps the base's knowledge, on the tiny model: the EMA of the adapters,
 differential output and blank-prompt preservation, the regularisation set, and the optimizers users
 ask for. Bit-exact resume with each is in tests/test_resume.py."""
 from __future__ import annotations
