@@ -110,7 +110,7 @@ def _run(config, steps=4, lr=2e-3):
 
 
 @pytest.mark.parametrize("on_cpu", [False, True], ids=["on_device", "optimizer_on_cpu"])
-@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "AdamW8bit"])
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "AdamW8bit", "Lion", "CAME"])
 def test_stepping_in_backward_is_bit_identical_to_the_plain_step(optimizer, on_cpu):
     # batch 3 over three latent sizes: three backward passes per step, the gradients summed before the step
     config = TrainConfig(batch_size=3, steps=4, optimizer=optimizer, lora_plus_ratio=4.0,
