@@ -106,8 +106,8 @@ class BackwardSteps:
     the step never holds every gradient at once (kohya's --fused_backward_pass, PyTorch's "optimizer in
     backward" recipe). For an optimizer whose update of a parameter reads only that parameter (AdamW, Adam,
     SGD, RMSprop, Adafactor, AdamW8bit, Lion, CAME) the result is bit-identical to one step over all of
-    them; a rule that needs every gradient first (clipping the total norm, summing micro-batches, averaging over processes,
-    Prodigy's shared step size) cannot run this way (TrainConfig and Trainer refuse those).
+    them; a rule that needs every gradient first (clipping the total norm, summing micro-batches, averaging
+    over processes, Prodigy's shared step size) cannot run this way (TrainConfig and Trainer refuse those).
 
     Presents the optimizer interface the Trainer uses: `param_groups` (each parameter's group, so the
     schedule's LR reaches them), `step()` (nothing left to do), `zero_grad`, `state`, and a
