@@ -100,6 +100,21 @@ def test_previews_and_validation_see_the_average_and_training_resumes_exactly():
     assert seen and all(seen)
 
 
+def test_the_validation_loss_is_the_averages_when_asked():
+    """Same training either way; the validation loss measures the average (ema_evaluate) or the trained weights."""
+    from comfyui_lora_trainer.training.validation import Validation
+
+    results = {}
+    for evaluate in (True, False):
+        model, fns, latents = setup()
+        config = TrainConfig(steps=4, ema_decay=0.9, ema_evaluate=evaluate, **FAST)
+        held_out = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+        results[evaluate] = train(model.net, fns, latents, config, validator=Validation(fns, held_out, config, 2, 2))
+    assert results[True].losses == results[False].losses
+    assert results[True].validation[0] == results[False].validation[0]  # step 0: the average is the start
+    assert results[True].validation[1:] != results[False].validation[1:]
+
+
 # --- preservation -----------------------------------------------------------------------------------------
 
 
