@@ -185,11 +185,11 @@ class TrainSampler(comfy.samplers.Sampler):
         # every latent through process_latent_in (in fp32, kept in its storage dtype); the engine takes
         # batches, so each image is a batch of 1; a latent shared by several alternatives is processed once
         processed: dict[int, torch.Tensor] = {}
-        for x in self.latents:
+        for x in self.latents + self.extras.regular_latents:
             if id(x) not in processed:
                 processed[id(x)] = base.process_latent_in(x.to(device).float()[None]).to(x.dtype)
         latents = [processed[id(x)] for x in self.latents]
-        regular = [base.process_latent_in(x.to(device).float()[None]).to(x.dtype) for x in self.extras.regular_latents]
+        regular = [processed[id(x)] for x in self.extras.regular_latents]
         # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
         self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
                                  self.config.seed)
@@ -355,32 +355,28 @@ def _captions(positive: list, latents: list[dict], n_images: int, options: Train
         extra = list(_clone_tree(options.unconditional))
         uncond = tuple(range(len(entries), len(entries) + len(extra)))
         entries = entries + extra
+    # the validation set's, the preservation captions and the regularisation set's join after the training ones
     per_validation: list[list[int]] = []
-    if validation is not None:  # its captions join the guider's entries after the training ones
-        val_entries, val_counts = flat_conditioning(captions_of(_clone_tree(validation.positive),
-                                                                _batch_sizes(validation.latents), validation.source,
-                                                                "validation positive"))
-        per_validation = [[len(entries) + i for i in c] for c in caption_entries(val_counts, n_validation)]
-        entries = entries + val_entries
+    if validation is not None:
+        entries, per_validation = _appended(entries, captions_of(
+            _clone_tree(validation.positive), _batch_sizes(validation.latents), validation.source,
+            "validation positive"), n_validation)
     preservation, regular = None, []
     if options is not None and options.preservation is not None and options.values.get("dop_multiplier"):
-        counts = [len(c) for c in options.preservation]
-        if len(counts) not in (1, n_images):
-            raise ValueError(f"captions: LoRA Preservation got {len(counts)} captions for {n_images} training images; "
-                             "connect the captions output of the node that gives Train LoRA its latents, one per image")
-        preservation = [[len(entries) + i for i in c] for c in caption_entries(counts, n_images)]
-        entries = entries + list(_clone_tree([e for c in options.preservation for e in c]))
+        entries, preservation = _appended(entries, _clone_tree(options.preservation), n_images, "captions")
     if options is not None and options.regularization is not None:
         reg = options.regularization
-        reg_entries, reg_counts = flat_conditioning(captions_of(_clone_tree(reg.positive), _batch_sizes(reg.latents),
-                                                                None, "regularization_positive"))
-        n_regular = sum(_batch_sizes(reg.latents))
-        if len(reg_counts) not in (1, n_regular):
-            raise ValueError(f"regularization_positive: got {len(reg_counts)} captions for {n_regular} regularisation "
-                             "images; give 1 for all, or one per image")
-        regular = [[len(entries) + i for i in c] for c in caption_entries(reg_counts, n_regular)]
-        entries = entries + reg_entries
+        entries, regular = _appended(entries, captions_of(_clone_tree(reg.positive), _batch_sizes(reg.latents), None,
+                                                          "regularization_positive"),
+                                     sum(_batch_sizes(reg.latents)), "regularization_positive")
     return _Captions(entries, training, uncond, per_validation, preservation, regular)
+
+
+def _appended(entries: list, conditionings: list, n_images: int, what: str = "positive") -> tuple[list, list[list[int]]]:
+    """`entries` with these CONDITIONINGs' entries after them, and the indices into it of each of the
+    `n_images` images' caption (one CONDITIONING for all, or one per image; else a ValueError naming `what`)."""
+    extra, counts = flat_conditioning(conditionings)
+    return entries + extra, [[len(entries) + i for i in c] for c in caption_entries(counts, n_images, what)]
 
 
 def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None,

@@ -89,8 +89,10 @@ class LoRAPreservation(ChainedOptions):
                           if regularization_latents else None)
         result = merged(options[0] if options else None, values, None, None, regularization)  # checks every field
         settings = result.values
-        if not settings.get("dop_multiplier", 0.0) or not (clip or captions) and result.preservation is not None:
-            return (result,)  # no preservation captions wanted, or the upstream node's kept
+        if not settings.get("dop_multiplier", 0.0):
+            return (result,)
+        if not clip and not captions and result.preservation is not None:
+            return (result,)  # the upstream preservation node's captions
         if not clip:
             raise ValueError("clip: no text encoder connected, but dop_multiplier is above 0; connect the model's "
                              "CLIP (it encodes the captions with the class word)")

@@ -44,21 +44,23 @@ def model_latents(batches: Sequence[torch.Tensor], channels: int | None, dimensi
     return images
 
 
-def check_caption_count(n_captions: int, n_images: int) -> None:
-    """One caption for all images, or one per image; anything else names both counts and the fix."""
+def check_caption_count(n_captions: int, n_images: int, what: str = "positive") -> None:
+    """One caption for all images, or one per image; anything else names the input (`what`), both
+    counts and the fix."""
     if n_captions not in (1, n_images):
-        raise ValueError(f"positive: got {n_captions} captions for {n_images} images; "
+        raise ValueError(f"{what}: got {n_captions} captions for {n_images} images; "
                          "give 1 for all images, or one per image")
 
 
-def caption_entries(entry_counts: Sequence[int], n_images: int) -> list[list[int]]:
+def caption_entries(entry_counts: Sequence[int], n_images: int, what: str = "positive") -> list[list[int]]:
     """Which conditioning entries each image trains with: one list of entry indices per image.
 
     `entry_counts[i]` is how many entries the i-th CONDITIONING holds: 1 for a text encode, several
     for a ConditioningCombine, whose prompts are one combined caption, as when sampling with it.
-    One CONDITIONING serves every image; otherwise there must be one per image.
+    One CONDITIONING serves every image; otherwise there must be one per image (else a ValueError
+    naming `what`).
     """
-    check_caption_count(len(entry_counts), n_images)
+    check_caption_count(len(entry_counts), n_images, what)
     starts = [sum(entry_counts[:i]) for i in range(len(entry_counts))]
     combined = [list(range(start, start + count)) for start, count in zip(starts, entry_counts)]
     return combined * n_images if len(combined) == 1 else combined

@@ -60,13 +60,21 @@ class Ema:
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The averages in the adapters inside the block; the trained values back, bit-exact, after it."""
-        with torch.no_grad():
-            kept = [p.detach().clone() for p in self.params]
-            for p, a in zip(self.params, self.averages):
-                p.copy_(a)
-        try:
-            yield
-        finally:
+        with restored(self.params):
             with torch.no_grad():
-                for p, k in zip(self.params, kept):
-                    p.copy_(k)
+                for p, a in zip(self.params, self.averages):
+                    p.copy_(a)
+            yield
+
+
+@contextmanager
+def restored(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """`params` get back, bit-exact, the values they had when the block began, whatever it did to them."""
+    with torch.no_grad():
+        kept = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)

@@ -35,7 +35,7 @@ from .data import BatchOrder, Samples, flatten_latents, group_by_shape, oversize
 from .distributed import Shard, all_reduce_gradients, any_rank, sum_over_ranks
 from .distributed import current as current_shard
 from .dropout import Dropout, any_dropout
-from .ema import Ema
+from .ema import Ema, restored
 from .objective import ModelFns, Objective, output_coefficient
 from .optim import lr_at, make_optimizer, set_lr
 
@@ -270,16 +270,12 @@ class Trainer:
         if config.optimizer != "AdamWScheduleFree":
             yield
             return
-        with torch.no_grad():
-            kept = [p.detach().clone() for p in self.params]
-        self.optimizer.eval()
-        try:
-            yield
-        finally:
-            self.optimizer.train()  # its flag; the values come back exactly from the copies, not its lerp back
-            with torch.no_grad():
-                for p, k in zip(self.params, kept):
-                    p.copy_(k)
+        with restored(self.params):  # exactly, not through its lerp back
+            self.optimizer.eval()
+            try:
+                yield
+            finally:
+                self.optimizer.train()  # its flag
 
     def load_state(self, state: TrainState) -> None:
         """Continue from `state` (of a run with the same config and images): the next step is
