@@ -21,7 +21,7 @@ from .algos import ALGORITHMS, AlgoOptions, Algorithm, LayerShape, effective_alp
 from .keys import kohya_name
 from .layers import LayerAdapter, LayerWeights, build_adapter, readable_weight
 from .patching import swapped_forwards
-from .targets import TARGETS, in_target
+from .targets import TARGETS, TEXT_ENCODER_TARGET, in_target
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class LoraConfig:
             raise ValueError(f"conv_rank: got {self.conv_rank!r}; give an integer of 1 or more, or None (= rank)")
         if self.conv_alpha is not None and self.conv_alpha < 0:
             raise ValueError(f"conv_alpha: got {self.conv_alpha}; give 0 or more (0 means conv_alpha = conv_rank)")
-        if self.target not in TARGETS:
+        if self.target not in (*TARGETS, TEXT_ENCODER_TARGET):
             raise ValueError(f"target: got {self.target!r}; choose one of {', '.join(TARGETS)}")
         AlgoOptions(factor=self.factor)  # validates factor
         for name in ("include", "exclude"):
@@ -112,7 +112,27 @@ class LoraNetwork(nn.Module):
         self._forwards = ExitStack()
         self._saved_grad = {id(p): p.requires_grad for p in model.parameters()}
         self._model_params = list(model.parameters())
+        self._joined: set[int] = set()
         self.active = False
+
+    def join(self, other: LoraNetwork) -> None:
+        """Take over the adapters of another model's network (a text encoder's, injected with a `prefix`): one
+        network to train, save and remove; `joined_parameters()` are theirs. Their paths must differ from ours."""
+        shared = sorted(set(self.adapters) & set(other.adapters))
+        if shared:
+            raise ValueError(f"join: both networks have the layer {other.paths[shared[0]]}; inject one with a prefix")
+        self.paths.update(other.paths)
+        self.adapters.update(other.adapters)
+        self._joined.update(id(p) for p in other.parameters())
+        self._targets.update(other._targets)
+        self._forwards.enter_context(other._forwards.pop_all())  # removed with ours
+        self._saved_grad.update(other._saved_grad)
+        self._model_params += other._model_params
+        other.active = False
+
+    def joined_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the adapters taken over by `join` (a text encoder's)."""
+        return [p for p in self.parameters() if id(p) in self._joined]
 
     def weights(self) -> dict[str, LayerWeights]:
         """module path → the fp32 master tensors (detached views, not copies)."""
@@ -181,8 +201,9 @@ def is_injected(module: nn.Module) -> bool:
     return getattr(module.__dict__.get("forward"), _MARK, False)
 
 
-def eligible_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
-    """Modules that own a `weight` or `bias` parameter and pass the config's target and name filter."""
+def eligible_modules(model: nn.Module, config: LoraConfig, prefix: str = "") -> dict[str, nn.Module]:
+    """Modules that own a `weight` or `bias` parameter and pass the config's target and name filter, by their
+    path with `prefix` before it (the name filter sees that)."""
     found = {}
     for path, module in model.named_modules():
         own = module._parameters
@@ -190,8 +211,8 @@ def eligible_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Modul
             if path and own:
                 log.debug("no adapter for %s: parameters %s are not weight/bias", path, list(own))
             continue
-        if config.selects(path, module):
-            found[path] = module
+        if config.selects(prefix + path, module):
+            found[prefix + path] = module
     return found
 
 
@@ -201,6 +222,7 @@ def inject(
     seed: int = 0,
     weights: dict[str, LayerWeights] | None = None,
     device: torch.device | str | None = None,
+    prefix: str = "",
 ) -> LoraNetwork:
     """Wrap every selected layer of `model` as `base(x) + h(x)` (the config's algorithm) and freeze it.
 
@@ -209,7 +231,9 @@ def inject(
     rank and alpha win over the config's. `device` is where the layers compute (under ComfyUI's
     offloading not where their weights rest), chosen by `adapter_device`. Raises ValueError if the
     model is already injected, or a layer whose weight must be read (DoRA, a weight difference)
-    has one that cannot be (meta, quantized): the error names the layer.
+    has one that cannot be (meta, quantized): the error names the layer. `prefix` goes before every
+    module path (in the patterns, `weights` and the network's paths): a second model's layers, such as a
+    text encoder's (`text_encoder.`), stay apart from the first's once joined (`LoraNetwork.join`).
     """
     if any(is_injected(m) for m in model.modules()):
         raise ValueError("model: already has LoRA adapters injected; remove() them before injecting again")
@@ -217,7 +241,7 @@ def inject(
     generator = torch.Generator().manual_seed(seed)
     at = adapter_device(model, device)
     targets, adapters = {}, {}
-    for path, module in eligible_modules(model, config).items():
+    for path, module in eligible_modules(model, config, prefix).items():
         loaded = weights.get(path)
         make = _maker(path, module, config, generator, at, loaded)
         # a continued file's differences are continued with it, whatever train_norms / train_biases say
@@ -232,7 +256,7 @@ def inject(
             _load_diffs(adapter, loaded)
         targets[path], adapters[path] = module, adapter
     if not adapters:
-        raise ValueError(_nothing_selected(config))
+        raise ValueError(_nothing_selected(config, prefix))
     _log_continued(weights, adapters, config)
     network = LoraNetwork(model, targets, adapters)
     network._patch()
@@ -278,8 +302,12 @@ def _maker(path: str, module: nn.Module, config: LoraConfig, generator: torch.Ge
     return make
 
 
-def _nothing_selected(config: LoraConfig) -> str:
+def _nothing_selected(config: LoraConfig, prefix: str = "") -> str:
     """The error for a selection that leaves nothing to train, in the node's input names."""
+    if prefix:  # a second model's layers: a text encoder's
+        return (f"include_layers / exclude_layers: {config.include or ''!r} / {config.exclude or ''!r} select no layer of "
+                f"the text encoder (paths such as '{prefix}text_model.encoder.layers.0.mlp.fc1'); widen include_layers, "
+                "narrow exclude_layers, or set text_encoder_lr to 0")
     chosen = [f"target {config.target!r}"]
     chosen += [f"{name} {value!r}" for name, value in (("include_layers", config.include),
                                                         ("exclude_layers", config.exclude)) if value]

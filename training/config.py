@@ -33,8 +33,8 @@ OPTIMIZER_PATHS = {"Prodigy": "prodigyopt.Prodigy", "AdamW8bit": "bitsandbytes.o
                    "AdamWScheduleFree": "schedulefree.AdamWScheduleFree"}  # the rest: torch.optim
 MAX_SEED = 2**64 - 1
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
-# the node a field is an input of: Train LoRA, LoRA Training Options, LoRA Preservation
-MAIN, OPTIONS, PRESERVATION = "main", "options", "preservation"
+# the node a field is an input of: Train LoRA, LoRA Training Options, LoRA Preservation, LoRA Text Encoder
+MAIN, OPTIONS, PRESERVATION, TEXT_ENCODER = "main", "options", "preservation", "text_encoder"
 
 
 _KOHYA_LOSSES = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}  # sd-scripts --loss_type
@@ -264,6 +264,11 @@ class TrainConfig:
                                  node=PRESERVATION, low=0.0, high=0.95, step=0.05)
     prior_loss_weight: float = setting(1.0, "Regularisation set: the loss weight of its images (kohya's "
                                        "prior_loss_weight).", node=PRESERVATION, low=0.0, high=100.0, step=0.05)
+    # LoRA Text Encoder (nodes/text_encoder.py)
+    text_encoder_lr: float = setting(0.0, "The text encoder's learning rate (kohya's text_encoder_lr; the schedule "
+                                     "scales it as it scales learning_rate): above 0, LoRA adapters on the CLIP "
+                                     "(SD1.x) or both CLIPs (SDXL) train with the diffusion model's. 0 = off.",
+                                     node=TEXT_ENCODER, low=0.0, high=1.0, step=1e-6)
 
     def __post_init__(self) -> None:
         for name, (default, spec) in settings().items():
@@ -342,6 +347,8 @@ class TrainConfig:
             **epochs,
             "ss_network_dim": str(self.rank), "ss_network_alpha": _number(effective_alpha(self.network_alpha, self.rank)),
             "ss_learning_rate": str(self.learning_rate), "ss_unet_lr": str(self.learning_rate),
+            "ss_text_encoder_lr": str(self.text_encoder_lr or None),
+            "ss_network_train_unet_only": str(not self.text_encoder_lr),
             "ss_optimizer": OPTIMIZER_PATHS.get(self.optimizer, f"torch.optim.{self.optimizer}"), "ss_lr_scheduler": self.lr_schedule,
             "ss_lr_warmup_steps": str(self.warmup_steps), "ss_max_train_steps": str(self.steps),
             "ss_batch_size_per_device": str(self.batch_size),

@@ -20,15 +20,16 @@ import logging
 import math
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraNetwork, LoraStateDict, inject,
-                    network_metadata, to_state_dict)
+from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraNetwork, LoraStateDict, Naming,
+                    inject, network_metadata, to_state_dict)
 from ..lora.metadata import PREFIX, dataset_metadata, session_metadata
+from ..lora.targets import TEXT_ENCODER_TARGET
 from .checkpointing import training_forward
 from .config import TrainConfig
 from .data import BatchOrder, Samples, flatten_latents, group_by_shape, oversized_batch_note
@@ -41,8 +42,8 @@ from .optim import lr_at, make_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GradientPass", "Hooks", "ModelFns", "TrainResult", "TrainState", "Trainer", "TrainingDiverged",
-           "Validator", "lora_config_of", "output_coefficient", "train"]
+__all__ = ["GradientPass", "Hooks", "ModelFns", "TextEncoderPart", "TrainResult", "TrainState", "Trainer",
+           "TrainingDiverged", "Validator", "lora_config_of", "output_coefficient", "train"]
 
 
 @dataclass
@@ -108,6 +109,17 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)  # for the file: lora/metadata.py
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     checkpoint: str | None = None  # where a cancel wrote its checkpoint (Hooks.save's answer)
+
+
+@dataclass(frozen=True)
+class TextEncoderPart:
+    """A text encoder trained beside the network (kohya's text-encoder LoRA): its module, the prefix its layers'
+    paths get (lora/naming.py `TEXT_ENCODER_PARTS`: `text_encoder.`, `text_encoder_2.`) and the device its
+    layers compute on (None: where its weights are). The host's `denoise` runs it on each step's captions."""
+
+    module: nn.Module
+    prefix: str
+    device: torch.device | None = None
 
 
 class TrainingDiverged(FloatingPointError):
@@ -192,7 +204,8 @@ class Trainer:
             raise ValueError("step_in_backward: each process would step before the gradients are summed over the "
                              "processes; turn step_in_backward off under torchrun")
         self.params = [p for p in network.parameters()]
-        self.optimizer = make_optimizer(network.named_parameters(), config)
+        self.optimizer = make_optimizer(network.named_parameters(), config,
+                                        {id(p) for p in network.joined_parameters()})
         self.generator = torch.Generator().manual_seed(config.seed)
         self.gradients = GradientPass(fns, images, config, self.generator, shard, samples, regular, network.bypassed)
         self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
@@ -314,6 +327,7 @@ def train(
     validator: Validator | None = None,
     samples: Samples | None = None,
     regularization: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    text_encoders: Sequence[TextEncoderPart] = (),
 ) -> TrainResult:
     """Train a LoRA on `net` and return it; `net` is left exactly as it was, also on error.
 
@@ -326,6 +340,9 @@ def train(
     and caption variants as alternatives) and carries their masks; None: one sample per image, no mask.
     `regularization`: the regularisation set's latents, mixed into the batches (`GradientPass`); the
     host's `denoise` gets them as the image indices after the training latents'.
+    `text_encoders`: trained too, at text_encoder_lr (which must be above 0 exactly when some are given),
+    their layers named as kohya names them in the file and restored exactly as `net` is; `existing` and
+    `resume` may hold their layers (paths with the part's prefix).
     Raises TrainingDiverged when the loss turns NaN/inf (suggesting a lower LR or fp32), after
     `hooks.save` wrote the last good state.
     """
@@ -342,16 +359,31 @@ def train(
     note = oversized_batch_note(config.batch_size, len(samples), config.batch_order)
     if note:
         log.warning(note)
+    if bool(config.text_encoder_lr) != bool(text_encoders):
+        raise ValueError(f"text_encoder_lr: got {config.text_encoder_lr}, but "
+                         f"{'no text encoder is' if config.text_encoder_lr else 'text encoders are'} given to train; "
+                         f"{'connect one or set text_encoder_lr to 0' if config.text_encoder_lr else 'set it above 0'}")
+    existing = existing or {}
+    prefixes = tuple(part.prefix for part in text_encoders)
+    ours = {path: w for path, w in existing.items() if not path.startswith(prefixes)} if prefixes else existing
+    naming = base.naming if base is not None else MODULE_PATHS
+    if text_encoders:
+        naming = naming.with_text_encoders(len(text_encoders))
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
-    with inject(net, lora_config_of(config), seed=config.seed, weights=existing, device=images[0].device) as network, \
+    with inject(net, lora_config_of(config), seed=config.seed, weights=ours, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
+        for part in text_encoders:
+            te_config = replace(lora_config_of(config), target=TEXT_ENCODER_TARGET, train_norms=False,
+                                train_biases=False)
+            network.join(inject(part.module, te_config, seed=config.seed, weights=existing, device=part.device,
+                                prefix=part.prefix))
         if resume is not None:
             existing_steps = resume.existing_steps
         trainer = Trainer(network, fns, images, config, existing_steps, current_shard(), samples, regular)
         if resume is not None:
             trainer.load_state(resume)
         shown = [images[alternatives[0]] for alternatives in samples.alternatives]  # the file counts samples
-        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0, (shown, base, started))
+        run = _Run(trainer, hooks or Hooks(), validator, resume.step if resume is not None else 0, (shown, base, started, naming))
         return run.loop(forward)
 
 
@@ -359,8 +391,9 @@ class _Run:
     """One call of `train()` over a Trainer: the loop, the validation loss, checkpoints, cancel."""
 
     def __init__(self, trainer: Trainer, hooks: Hooks, validator: Validator | None, resumed_at: int,
-                 describe: tuple[list[torch.Tensor], BaseModel | None, float]) -> None:
-        """`describe`: what the file's metadata needs beside the run (the images, the base, the start time)."""
+                 describe: tuple[list[torch.Tensor], BaseModel | None, float, Naming]) -> None:
+        """`describe`: what the file's metadata needs beside the run (the images, the base, the start time, the
+        layers' naming)."""
         self.trainer, self.hooks, self.validator, self.resumed_at = trainer, hooks, validator, resumed_at
         self.config, self.describe = trainer.config, describe
         self.start = trainer.step_count
@@ -398,10 +431,10 @@ class _Run:
 
     def result(self, cancelled: bool = False, checkpoint: str | None = None) -> TrainResult:
         """The LoRA as of the last completed step, with its file metadata."""
-        (images, base, started), trainer, config = self.describe, self.trainer, self.config
+        (images, base, started, naming), trainer, config = self.describe, self.trainer, self.config
         total = trainer.existing_steps + trainer.step_count
         with trainer.evaluation(saving=True):
-            sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], base.naming if base else MODULE_PATHS)
+            sd = to_state_dict(trainer.network.weights(), DTYPES[config.lora_dtype], naming)
             sd = {k: v.clone() for k, v in sd.items()}  # fp32 on the CPU shares the adapters' storage
             share = trainer.network.difference_share()
         meta = _metadata(config, total, sd, images, base, share, started, len(trainer.gradients.regular))

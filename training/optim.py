@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Iterable
+from typing import Collection, Iterable
 
 import torch
 
@@ -61,21 +61,32 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
                           "AdamW") from None
 
 
-def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> list[dict]:
-    """One group, or with LoRA+ two: the rest (lr_ratio 1) and the up matrices (lr_ratio = lora_plus_ratio)."""
+def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig,
+                 text_encoder: Collection[int] = ()) -> list[dict]:
+    """One group, or with LoRA+ two: the rest (lr_ratio 1) and the up matrices (lr_ratio = lora_plus_ratio).
+    The parameters whose id is in `text_encoder` (a trained text encoder's) get groups of their own after
+    those, their lr_ratio times text_encoder_lr / learning_rate."""
     named = list(named)
-    if config.lora_plus_ratio == 1.0:
-        return [{"params": [p for _, p in named], "lr_ratio": 1.0}]
-    up = [p for n, p in named if n.endswith(UP_SUFFIX)]
-    rest = [p for n, p in named if not n.endswith(UP_SUFFIX)]
-    return [{"params": rest, "lr_ratio": 1.0}, {"params": up, "lr_ratio": config.lora_plus_ratio}]
+    ratio = config.text_encoder_lr / config.learning_rate
+    groups = []
+    for ours, scale in ((False, 1.0), (True, ratio)):
+        part = [(n, p) for n, p in named if (id(p) in text_encoder) == ours]
+        if ours and not part:
+            continue
+        if config.lora_plus_ratio == 1.0:
+            groups.append({"params": [p for _, p in part], "lr_ratio": scale})
+            continue
+        groups.append({"params": [p for n, p in part if not n.endswith(UP_SUFFIX)], "lr_ratio": scale})
+        groups.append({"params": [p for n, p in part if n.endswith(UP_SUFFIX)], "lr_ratio": scale * config.lora_plus_ratio})
+    return groups
 
 
-def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig
-                   ) -> torch.optim.Optimizer | BackwardSteps:
-    """The config's optimizer over `named` (name, parameter) pairs, at the config's LR; with
-    `step_in_backward`, one per parameter, stepped in the backward pass (BackwardSteps)."""
-    groups = param_groups(named, config)
+def make_optimizer(named: Iterable[tuple[str, torch.nn.Parameter]], config: TrainConfig,
+                   text_encoder: Collection[int] = ()) -> torch.optim.Optimizer | BackwardSteps:
+    """The config's optimizer over `named` (name, parameter) pairs, at the config's LR (`text_encoder`: the
+    ids of a text encoder's, at text_encoder_lr: `param_groups`); with `step_in_backward`, one per parameter,
+    stepped in the backward pass (BackwardSteps)."""
+    groups = param_groups(named, config, text_encoder)
     params = [p for g in groups for p in g["params"]]
     kwargs: dict[str, object] = {"lr": config.learning_rate}
     if config.weight_decay >= 0:  # -1: the optimizer's own default
