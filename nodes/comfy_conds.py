@@ -42,6 +42,11 @@ class ShapedConds:
         self.held = held
         self.base, self.device, self.prepared_at, self.seed = base_model, device, tuple(prepared_at), seed
         self._copies: dict[tuple[int, tuple[int, ...], bool], int] = {}
+        self._copied_from: dict[int, tuple[int, tuple[int, ...]]] = {}  # copy → (its entry, its shape)
+
+    def source(self, index: int) -> tuple[int, tuple[int, ...]]:
+        """(the entry, the latent shape) that the prepared entry at `index` is."""
+        return self._copied_from.get(index, (index, self.prepared_at))
 
     def index(self, entry: int, shape: Sequence[int], bare: bool = False) -> int:
         """The index of `entry` prepared for latents of `shape` (C, …), preparing it on first use; `bare`:
@@ -66,6 +71,7 @@ class ShapedConds:
                     "conditioning made from it (for example its own WanImageToVideo or InpaintModelConditioning "
                     "at its size and length)") from e
             self._copies[key] = len(self.entries)
+            self._copied_from[len(self.entries)] = (entry, shape)
             self.entries.append(prepared)
         return self._copies[key]
 

@@ -5,6 +5,7 @@ atomically with ComfyUI's output permissions (lora/files.py); prefixes follow no
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import comfy.sd
@@ -18,10 +19,13 @@ from ..lora.files import steps_name, write_atomically
 from ..lora.metadata import output_name
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
+from .conditioning import with_caption
 from .lora_file import file_contents
 from .paths import PrefixInput, next_free, output_target
 from .loss_map import validation_points
 
+
+log = logging.getLogger(__name__)
 
 SAVE_LORA_PREFIX = PrefixInput("prefix", "ComfyUI_trained_lora", "loras/my_lora")
 PLOT_PREFIX = PrefixInput("filename_prefix", "loss_graph", "loss_graphs/my_run")
@@ -43,13 +47,18 @@ def save_lora(lora: dict, prefix: str, steps: int | None, file_format: str = "po
     return path.relative_to(_output_dir()).as_posix()
 
 
-def apply_lora(model, lora: dict, strength: float):
-    """ComfyUI's normal LoRA patching on a clone; strength 0 passes the model through."""
-    if strength == 0:
-        return model
-    unet, _ = split_text_encoder(lora)  # a text-encoder part (kept from a continued kohya LoRA) needs a CLIP
-    patched, _ = comfy.sd.load_lora_for_models(model, None, unet, strength, 0)
-    return patched
+def apply_lora(model, lora: dict, strength: float, clip=None, strength_clip: float = 1.0) -> tuple:
+    """(model, clip) with ComfyUI's normal LoRA patching on clones: the diffusion-model part on the model, the
+    text-encoder part (`lora_te_…`) on the CLIP; strength 0 passes either through."""
+    unet, text_encoder = split_text_encoder(lora)
+    if text_encoder and clip is None:
+        log.warning("Load LoRA Model: the LoRA has %d text-encoder tensors but no clip is connected; connect the "
+                    "CLIP to apply them", len(text_encoder))
+    if strength != 0:
+        model, _ = comfy.sd.load_lora_for_models(model, None, unet, strength, 0)
+    if clip is not None and text_encoder and strength_clip != 0:
+        _, clip = comfy.sd.load_lora_for_models(None, clip, text_encoder, 0, strength_clip)
+    return model, clip
 
 
 def save_loss_graph(loss: dict, prefix: str) -> tuple[torch.Tensor, dict]:
@@ -88,11 +97,12 @@ def load_input_folder(folder: str, resize_method: str, width: int, height: int) 
 
 
 def encode_captions(clip, captions: list[str]) -> list:
-    """One CONDITIONING per caption (the same encoding CLIPTextEncode does)."""
+    """One CONDITIONING per caption (the same encoding CLIPTextEncode does), each entry marked with its text
+    (a trained text encoder encodes it again: nodes/conditioning.py `with_caption`)."""
     if clip is None:
         raise ValueError("clip: no text encoder connected; connect the CLIP output of a checkpoint loader")
     out = []
     for caption in captions:
         tokens = clip.tokenize(caption)
-        out.append(clip.encode_from_tokens_scheduled(tokens))
+        out.append(with_caption(clip.encode_from_tokens_scheduled(tokens), caption))
     return out

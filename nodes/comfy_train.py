@@ -41,6 +41,7 @@ from . import families
 from .checkpoints import CheckpointWriter
 from .common import ESTIMATE_MODE, ESTIMATE_OUT, NONE_LORA
 from .comfy_conds import ShapedConds, check_conditioned
+from .comfy_text_encoder import LiveEntries, TrainedTextEncoder, continued_text_encoder, trained_text_encoder
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning, hold_latent_inputs
 from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
@@ -120,7 +121,8 @@ def _existing(name: str, base_model) -> Existing:
     """The LoRA to continue (any format the LoRA core reads) and its earlier steps: its `ss_steps`
     metadata, else the steps in its name (lora/metadata.py `steps_of`).
 
-    A text-encoder part (kohya `lora_te_…`) is not trained; it is returned to go into the output unchanged.
+    A text-encoder part (kohya `lora_te_…`) is returned apart: it continues training with a trained text
+    encoder (nodes/comfy_text_encoder.py), else it goes into the output unchanged.
     """
     if name in (None, "", NONE_LORA):
         return Existing()
@@ -131,8 +133,8 @@ def _existing(name: str, base_model) -> Existing:
     unet, text_encoder = split_text_encoder(sd)
     if text_encoder:
         kinds = sorted({p for k in text_encoder for p in TEXT_ENCODER_PREFIXES if k.startswith(p)})
-        log.info("Train LoRA: existing_lora %r has %d text-encoder tensors (%s); they go into the output LoRA "
-                 "unchanged and untrained, only the diffusion-model part is trained", name, len(text_encoder),
+        log.info("Train LoRA: existing_lora %r has %d text-encoder tensors (%s); unless LoRA Text Encoder trains "
+                 "the text encoder, they go into the output LoRA unchanged", name, len(text_encoder),
                  ", ".join(f"{k}…" for k in kinds))
     aliases = Naming("kohya-diffusers", _diffusers_paths(base_model)).aliases()  # either naming reads back
     weights = resolve_state_dict(unet, base_model.diffusion_model, aliases, label=f"existing_lora {name!r}")
@@ -160,7 +162,7 @@ class TrainSampler(comfy.samplers.Sampler):
 
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
                  uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None,
-                 held: dict[int, dict] | None = None):
+                 held: dict[int, dict] | None = None, text_encoder: TrainedTextEncoder | None = None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
         self.samples = samples  # alternatives (flipped copies, caption variants), repeats and masks (nodes/samples.py)
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
@@ -171,6 +173,8 @@ class TrainSampler(comfy.samplers.Sampler):
         self.conds: ShapedConds | None = None  # the guider's caption entries, prepared per latent size
         self.hooks: TrainingHooks | None = None
         self.memory: memory.MemoryEstimate | None = None  # the step's estimate, made before training
+        self.text_encoder = text_encoder  # trained too (LoRA Text Encoder), or None
+        self.live: LiveEntries | None = None  # the entries as predictions read them, with a trained text encoder
 
     @property
     def steps_done(self) -> int:
@@ -193,6 +197,9 @@ class TrainSampler(comfy.samplers.Sampler):
         # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
         self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
                                  self.config.seed)
+        if self.text_encoder is not None:
+            self.text_encoder.release(_release_inference_tensors)
+            self.live = LiveEntries(self.text_encoder, self.conds)
         fns = self._model_fns(model_wrap, base.model_sampling, extra_args, self.captions + self.extras.regular_captions,
                               [x.shape for x in self.latents + self.extras.regular_latents], self.extras.preservation)
         validator = self._validator(model_wrap, extra_args, device)
@@ -207,7 +214,8 @@ class TrainSampler(comfy.samplers.Sampler):
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
-                                    validator=validator, samples=self.samples, regularization=regular or None)
+                                    validator=validator, samples=self.samples, regularization=regular or None,
+                                    text_encoders=self.text_encoder.parts if self.text_encoder is not None else ())
         finally:
             self.hooks.close()
         if distributed.is_main():
@@ -301,7 +309,8 @@ class TrainSampler(comfy.samplers.Sampler):
             bare = [tuple(c) for c in conds.captions(captions, shapes, bare=True)]
         if uncond:  # caption dropout's empty caption at every shape, prepared now too
             conds.captions([uncond] * len(set(shapes)), list(set(shapes)))
-        predict = guider_predict(model_wrap, conds.entries, extra_args)  # the very list the preparing grows
+        # the very list the preparing grows (with a trained text encoder, read through it)
+        predict = guider_predict(model_wrap, self.live if self.live is not None else conds.entries, extra_args)
         denoise = grouped_denoise(predict, prepared)
         denoise_bare = grouped_denoise(predict, bare) if bare is not None else None
         denoise_preserve = None
@@ -398,12 +407,19 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         data = expand(images, captions.training, captions.entries, latents)
         _log_samples(len(images), data)
         existing = _existing(inputs.get("existing_lora", NONE_LORA), model.model)
+        text_encoder = trained_text_encoder(options.text_encoder if options is not None else None,
+                                            config.text_encoder_lr, captions.entries, data.captions)
+        if text_encoder is not None and existing.text_encoder:  # its text-encoder layers continue training
+            layers, kept = continued_text_encoder(existing.text_encoder, text_encoder.parts,
+                                                  inputs.get("existing_lora", NONE_LORA))
+            existing = existing._replace(weights={**(existing.weights or {}), **layers}, text_encoder=kept)
         writer = CheckpointWriter(folder_paths.get_output_directory(), config, data.images + regular,
                                   len(captions.entries))
         extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume(),
                         _preservation_of(captions, data), regular, captions.regular)
         given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
-        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held)
+        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held,
+                               text_encoder)
         patcher = model.clone()
         if config.offload:
             _offload(patcher)
@@ -466,8 +482,9 @@ def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConf
                     None if result is None else result.checkpoint)
         # ComfyUI's cancel: its flag is cleared once a progress hook raised, so raise its exception here
         raise comfy.model_management.InterruptProcessingException()
-    model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
-    # the text-encoder part of a continued LoRA goes into the output untouched
+    unet, _ = split_text_encoder(result.lora)  # a trained text encoder's part applies to a CLIP (Load LoRA Model)
+    model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, unet, 1.0, 0)
+    # the text-encoder part of a continued LoRA that is not trained goes into the output untouched
     lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, result.lora.metadata)
     loss = {"loss": result.losses}
     if result.validation:

@@ -25,6 +25,16 @@ PER_IMAGE_ENTRIES = ("ResolutionBucket", "LoadTrainingDataset")
 REFERENCE_KEY = "reference_latents"
 
 
+# the text an entry was encoded from, which this pack's encoders keep on it: a trained text encoder
+# (nodes/text_encoder.py) encodes it again each step
+CAPTION_KEY = "lora_trainer_caption"
+
+
+def with_caption(conditioning: list, text: str) -> list:
+    """`conditioning` with every entry marked as encoded from `text` (`CAPTION_KEY`); the entries are copies."""
+    return [[tensor, {**options, CAPTION_KEY: text}] for tensor, options in conditioning]
+
+
 # an inpainting (or image-to-video) model's image beside the latent and its mask, as core's
 # InpaintModelConditioning and WanImageToVideo set them
 CONCAT_KEY = "concat_latent_image"

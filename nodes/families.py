@@ -36,6 +36,9 @@ FAMILIES: dict[str, Family] = {
     "FluxSchnell": Family("flux1", "flux-1-schnell", IMPL_FLUX, "1024x1024", "kohya-original"),
     "SD3": Family("sd3", "stable-diffusion-3", IMPL_SGM, "1024x1024", "kohya-original"),
 }
+# ComfyUI's text-encoder class → its CLIPs that train with a LoRA, in kohya's order (lora_te1_, lora_te2_);
+# a family not here refuses text_encoder_lr (nodes/comfy_text_encoder.py)
+TEXT_ENCODERS: dict[str, tuple[str, ...]] = {"SD1ClipModel": ("clip_l",), "SDXLClipModel": ("clip_l", "clip_g")}
 _PREDICTION = {"EPS": "epsilon", "V_PREDICTION": "v"}  # ComfyUI ModelType → ModelSpec; flow models: none
 
 

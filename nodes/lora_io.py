@@ -36,12 +36,15 @@ class SaveLoRA:
 
 
 class LoadLoRAModel:
-    DESCRIPTION = "Applies a LORA_MODEL to a model at a strength (negative allowed; 0 passes the model through)."
+    DESCRIPTION = ("Applies a LORA_MODEL to a model, and its text-encoder part (LoRA Text Encoder) to a CLIP, each "
+                   "at a strength (negative allowed; 0 passes it through).")
     CATEGORY = CATEGORY
     FUNCTION = "execute"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",)
+    RETURN_TYPES = ("MODEL", "CLIP")
+    RETURN_NAMES = ("model", "clip")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",
+                       "The CLIP with the LoRA's text-encoder part applied (the clip input as it is when the LoRA has "
+                       "none; nothing when no clip is connected).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -51,9 +54,13 @@ class LoadLoRAModel:
                 "lora": ("LORA_MODEL", {"tooltip": "The LoRA weights, e.g. from Train LoRA."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "How strongly to apply it; negative inverts it."}),
             },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The text encoder, for a LoRA that trained it too (LoRA Text Encoder)."}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "How strongly to apply the text-encoder part."}),
+            },
         }
 
-    def execute(self, model, lora: dict, strength_model: float) -> tuple:
+    def execute(self, model, lora: dict, strength_model: float, clip=None, strength_clip: float = 1.0) -> tuple:
         from .comfy_io import apply_lora
 
-        return (apply_lora(model, lora, strength_model),)
+        return apply_lora(model, lora, strength_model, clip, strength_clip)

@@ -23,20 +23,30 @@ class Regularization(NamedTuple):
     positive: list
 
 
+class TextEncoderInput(NamedTuple):
+    """What LoRA Text Encoder hands over: the CLIP to train, and the captions as text (None: the texts the
+    captions' conditioning carries, nodes/text_encoder.py)."""
+
+    clip: Any
+    captions: list[str] | None = None
+
+
 class TrainingOptions(NamedTuple):
     """The value on the wire: the fields set away from their defaults, the empty caption's CONDITIONING
-    for caption dropout (None when not connected), and from LoRA Preservation (nodes/preservation.py)
+    for caption dropout (None when not connected), from LoRA Preservation (nodes/preservation.py)
     the preservation captions (one CONDITIONING per training image, or one for all) and the
-    regularisation set."""
+    regularisation set, and from LoRA Text Encoder the text encoder to train."""
 
     values: dict[str, Any]
     unconditional: list | None = None
     preservation: list | None = None
     regularization: Regularization | None = None
+    text_encoder: TextEncoderInput | None = None
 
 
 def merged(upstream: TrainingOptions | None, values: dict[str, Any], unconditional: list | None,
-           preservation: list | None = None, regularization: Regularization | None = None) -> TrainingOptions:
+           preservation: list | None = None, regularization: Regularization | None = None,
+           text_encoder: TextEncoderInput | None = None) -> TrainingOptions:
     """This node's non-default fields over the upstream node's; its inputs, else upstream's.
     Raises ValueError naming a field that is out of range or inconsistent with another."""
     defaults = {name: default for name, (default, _) in settings().items()}
@@ -44,7 +54,8 @@ def merged(upstream: TrainingOptions | None, values: dict[str, Any], uncondition
     ours = {k: v for k, v in values.items() if v != defaults[k]}
     result = TrainingOptions({**base.values, **ours}, unconditional if unconditional is not None else base.unconditional,
                              preservation if preservation is not None else base.preservation,
-                             regularization if regularization is not None else base.regularization)
+                             regularization if regularization is not None else base.regularization,
+                             text_encoder if text_encoder is not None else base.text_encoder)
     TrainConfig(**result.values)  # every range and cross-field rule, checked once
     if result.values.get("caption_dropout", 0.0) > 0 and result.unconditional is None:
         raise ValueError("caption_dropout: got {}, but no unconditional CONDITIONING is connected; connect one (a text "

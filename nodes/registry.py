@@ -14,6 +14,7 @@ from .options import TrainingOptionsNode
 from .plot import PlotLossGraph
 from .preservation import LoRAPreservation
 from .preview import TrainingPreview
+from .text_encoder import LoRATextEncoder
 from .train import TrainLoRA
 from .validation import ValidationSet
 
@@ -21,6 +22,7 @@ NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_TrainLoRA": (TrainLoRA, "Train LoRA"),
     "LoRATrainer_TrainingOptions": (TrainingOptionsNode, "LoRA Training Options"),
     "LoRATrainer_Preservation": (LoRAPreservation, "LoRA Preservation"),
+    "LoRATrainer_TextEncoder": (LoRATextEncoder, "LoRA Text Encoder"),
     "LoRATrainer_TrainingPreview": (TrainingPreview, "LoRA Training Preview"),
     "LoRATrainer_ValidationSet": (ValidationSet, "LoRA Validation Set"),
     "LoRATrainer_SaveLoRA": (SaveLoRA, "Save LoRA"),

@@ -9,8 +9,9 @@ import pytest
 from comfyui_lora_trainer.nodes.options import TrainingOptions, TrainingOptionsNode, merged
 from comfyui_lora_trainer.nodes.options import OPTIONS_TYPE
 from comfyui_lora_trainer.nodes.preservation import LoRAPreservation
+from comfyui_lora_trainer.nodes.text_encoder import DEFAULT_TEXT_ENCODER_LR, LoRATextEncoder
 from comfyui_lora_trainer.nodes.train import TrainLoRA
-from comfyui_lora_trainer.training.config import MAIN, OPTIONS, PRESERVATION, TrainConfig, settings
+from comfyui_lora_trainer.training.config import MAIN, OPTIONS, PRESERVATION, TEXT_ENCODER, TrainConfig, settings
 
 NOT_FIELDS = {"model", "latents", "positive", "existing_lora", "options", "unconditional", "preview", "validation",
               "clip", "captions", "regularization_latents", "regularization_positive"}
@@ -24,13 +25,15 @@ def node_inputs(cls) -> dict[str, tuple]:
 def test_every_field_is_an_input_of_exactly_one_node_with_its_default_and_range():
     main, options, preservation = (node_inputs(TrainLoRA), node_inputs(TrainingOptionsNode),
                                    node_inputs(LoRAPreservation))
+    text_encoder = node_inputs(LoRATextEncoder)
     assert not (set(main) & set(options)) - {"options"} and not (set(preservation) & set(options)) - {"options"}
     for f in fields(TrainConfig):
         spec = f.metadata["setting"]
-        node = {MAIN: main, OPTIONS: options, PRESERVATION: preservation}[spec.node]
+        node = {MAIN: main, OPTIONS: options, PRESERVATION: preservation, TEXT_ENCODER: text_encoder}[spec.node]
         assert f.name in node, f.name
         kind, widget = node[f.name]
-        assert widget["default"] == f.default and widget["tooltip"] == spec.tooltip, f.name
+        default = DEFAULT_TEXT_ENCODER_LR if f.name == "text_encoder_lr" else f.default  # the node's, to train
+        assert widget["default"] == default and widget["tooltip"] == spec.tooltip, f.name
         if spec.choices:
             assert kind == list(spec.choices) and f.default in spec.choices, f.name
         else:
@@ -38,7 +41,7 @@ def test_every_field_is_an_input_of_exactly_one_node_with_its_default_and_range(
         if spec.low is not None:
             assert (widget["min"], widget["max"]) == (spec.low, spec.high), f.name
             assert spec.low <= f.default <= spec.high, f.name
-    for name in (*main, *options, *preservation):
+    for name in (*main, *options, *preservation, *text_encoder):
         assert name in NOT_FIELDS or name in settings(), f"input {name} is no TrainConfig field"
     assert main["options"][0] == OPTIONS_TYPE and options["options"][0] == OPTIONS_TYPE
     assert TrainingOptionsNode.RETURN_TYPES == LoRAPreservation.RETURN_TYPES == (OPTIONS_TYPE,)

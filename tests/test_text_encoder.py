@@ -15,6 +15,10 @@ from comfyui_lora_trainer.lora.injection import is_injected
 from comfyui_lora_trainer.lora.naming import text_encoder_prefixes
 from comfyui_lora_trainer.lora.targets import TEXT_ENCODER_TARGET
 from comfyui_lora_trainer.nodes.checkpoints import STATES_FOLDER, CheckpointWriter
+from comfyui_lora_trainer.nodes.conditioning import CAPTION_KEY
+from comfyui_lora_trainer.nodes.lora_io import LoadLoRAModel
+from comfyui_lora_trainer.nodes.options import TrainingOptionsNode
+from comfyui_lora_trainer.nodes.text_encoder import LoRATextEncoder, entry_texts
 from comfyui_lora_trainer.tiny.model import build_tiny
 from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
@@ -149,3 +153,34 @@ def test_half_then_resumed_half_is_bit_identical_with_the_encoder(tmp_path, leve
     assert second.losses == straight.losses and second.lora.keys() == straight.lora.keys()
     assert any(k.startswith("lora_te_") for k in second.lora)
     assert all(torch.equal(second.lora[k], straight.lora[k]) for k in straight.lora)
+
+
+# --- the node and the captions' texts (no ComfyUI needed) -------------------------------------------------
+
+
+def test_each_entry_is_encoded_from_its_own_text_else_the_captions_input():
+    tagged = [[None, {CAPTION_KEY: "a dog, sks"}], [None, {CAPTION_KEY: "a dog, sks, grass"}], [None, {}]]
+    # two images with a caption variant each: their entries' own texts; the untagged one is not a training entry
+    assert entry_texts(tagged, [[0], [1]], None) == {0: "a dog, sks", 1: "a dog, sks, grass"}
+    plain = [[None, {}], [None, {}]]  # CLIPTextEncode: one per image
+    assert entry_texts(plain, [[0], [1]], ["one", "two"]) == {0: "one", 1: "two"}
+    assert entry_texts(plain, [[0], [1]], ["both"]) == {0: "both", 1: "both"}
+    with pytest.raises(ValueError, match="captions: the text encoder trains on each caption's text, but image 1"):
+        entry_texts(plain, [[0], [1]], None)
+    with pytest.raises(ValueError, match="captions: images share one positive but have different captions"):
+        entry_texts([[None, {}]], [[0], [0]], ["one", "two"])
+    with pytest.raises(ValueError, match="captions: got 3 captions for 2 images"):
+        entry_texts(plain, [[0], [1]], ["a", "b", "c"])
+
+
+def test_the_node_hands_over_its_clip_captions_and_learning_rate():
+    spec = LoRATextEncoder.INPUT_TYPES()
+    assert spec["required"]["clip"][0] == "CLIP" and spec["optional"]["text_encoder_lr"][1]["default"] == 5e-5
+    options, = LoRATextEncoder().execute(clip=["the clip"], captions=["a", "b"], text_encoder_lr=[2e-5])
+    assert options.values == {"text_encoder_lr": 2e-5} and options.text_encoder == ("the clip", ["a", "b"])
+    chained, = TrainingOptionsNode().execute(options=options, caption_dropout=0.0)
+    assert chained.text_encoder == options.text_encoder  # an options node after it keeps it
+    off, = LoRATextEncoder().execute(clip=["the clip"], text_encoder_lr=[0.0])
+    assert "text_encoder_lr" not in off.values  # 0: the field's default, nothing trains
+    load = LoadLoRAModel.INPUT_TYPES()
+    assert load["optional"]["clip"][0] == "CLIP" and LoadLoRAModel.RETURN_TYPES == ("MODEL", "CLIP")

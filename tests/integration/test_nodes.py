@@ -40,7 +40,7 @@ PACK_NODES = {  # id -> (required inputs, optional inputs, output types), as doc
          "training_dtype", "lora_dtype", "existing_lora"],
         ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]),
     "LoRATrainer_SaveLoRA": (["lora", "prefix"], ["steps"], None),
-    "LoRATrainer_LoadLoRAModel": (["model", "lora", "strength_model"], [], ["MODEL"]),
+    "LoRATrainer_LoadLoRAModel": (["model", "lora", "strength_model"], ["clip", "strength_clip"], ["MODEL", "CLIP"]),
     "LoRATrainer_PlotLossGraph": (["loss", "filename_prefix"], [], None),
     "LoRATrainer_LoadImageSet": (["image"], ["resize_method"], ["IMAGE"]),
     "LoRATrainer_LoadImageSetFromFolder": (["folder"], ["resize_method"], ["IMAGE"]),
