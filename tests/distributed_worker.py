@@ -31,27 +31,33 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from comfyui_lora_trainer.nodes.checkpoints import CheckpointWriter  # noqa: E402
+from comfyui_lora_trainer.tiny.clip import TinyTextEncoder, live_fns  # noqa: E402
 from comfyui_lora_trainer.tiny.host import tiny_fns  # noqa: E402
 from comfyui_lora_trainer.tiny.model import build_tiny  # noqa: E402
 from comfyui_lora_trainer.tiny.text import encode_captions  # noqa: E402
 from comfyui_lora_trainer.training.config import TrainConfig  # noqa: E402
-from comfyui_lora_trainer.training.loop import Hooks, TrainingDiverged, train  # noqa: E402
+from comfyui_lora_trainer.training.loop import Hooks, TextEncoderPart, TrainingDiverged, train  # noqa: E402
 
 IMAGES = 6
 
 
-def setup():
-    """The tiny model, one caption per image (so each process's share must pick the right one), 6 latents."""
+def setup(text_encoder: bool = False):
+    """The tiny model, one caption per image (so each process's share must pick the right one), 6 latents;
+    with `text_encoder`, the captions go through a tiny CLIP-shaped encoder that trains too (tiny/clip.py).
+    (model, callables, latents, the text encoders to train)."""
     model = build_tiny("eps")
     contexts = encode_captions([f"image {i}, lrtstyle" for i in range(IMAGES)], model.net.config.context_dim)
     latents = torch.randn(IMAGES, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    return model, tiny_fns(model, contexts), latents
+    if not text_encoder:
+        return model, tiny_fns(model, contexts), latents, ()
+    encoder = TinyTextEncoder(model.net.config.context_dim, seed=7)
+    return model, live_fns(model, contexts, [encoder]), latents, (TextEncoderPart(encoder, "text_encoder."),)
 
 
 def run(out: Path, config: TrainConfig, nan_at_call: int = 0, cancel_after: int = 0) -> dict[str, torch.Tensor]:
     """This process's training; with `nan_at_call`, its model's output turns NaN at that call (of this
     process); with `cancel_after`, this process asks to cancel once that many steps are done."""
-    model, fns, latents = setup()
+    model, fns, latents, text_encoders = setup(bool(config.text_encoder_lr))
     steps_done = []
     if nan_at_call:
         calls = iter(range(1, 10 ** 6))
@@ -61,7 +67,7 @@ def run(out: Path, config: TrainConfig, nan_at_call: int = 0, cancel_after: int 
     writer = CheckpointWriter(out / "output", config, list(latents.unbind(0)), IMAGES)
     hooks = Hooks(on_step=lambda state: steps_done.append(state.step), save=writer.save if main else None,
                   should_cancel=(lambda: len(steps_done) >= cancel_after) if cancel_after else None)
-    result = train(model.net, fns, latents, config, hooks=hooks, resume=writer.resume())
+    result = train(model.net, fns, latents, config, hooks=hooks, resume=writer.resume(), text_encoders=text_encoders)
     if result.cancelled:
         (out / f"rank{dist.get_rank() if dist.is_initialized() else 0}.cancelled").write_text(str(len(result.losses)))
     return dict(result.lora)

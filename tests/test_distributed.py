@@ -34,6 +34,8 @@ CASES = {
                                 "noise_offset": 0.05, "loss_weighting": "min_snr", **FAST},
     # batch 1: the second process has no rows at all in every step and still takes each step
     "batch 1": {"steps": 4, "batch_size": 1, **FAST},
+    # a text encoder trained too (its adapters' gradients summed with the rest)
+    "text encoder": {"steps": 4, "batch_size": 4, "text_encoder_lr": 1e-3, **FAST},
 }
 
 
@@ -67,6 +69,7 @@ def test_two_gloo_processes_train_the_single_process_lora(tmp_path, case):
     assert ranks[0].keys() == single.keys()
     trained = [k for k in single if k.endswith("lora_up.weight")]
     assert trained and all(single[k].abs().max() > 0 for k in trained)  # the LoRA moved from its zero init
+    assert any(k.startswith("lora_te_") for k in trained) == bool(settings.get("text_encoder_lr"))
     # each layer's effect (up @ down, differences) equals the single run's up to float summation order
     # (measured: at most 3e-5 relative); training on half the batch moves every layer by 0.3 or more
     # (worker.lora_effects says why the factors themselves are not compared)
