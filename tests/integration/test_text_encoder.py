@@ -206,3 +206,24 @@ def test_a_caption_without_its_text_is_refused_naming_captions(comfy, dataset):
     assert "captions:" in error and "LoRA Text Encoder's captions input" in error, error
     g["te"]["inputs"]["captions"] = "a picture, lrtstyle"
     comfy.run(g)
+
+
+def test_continuing_a_file_trains_its_text_encoder_layers_on(comfy, runs):
+    """existing_lora with text-encoder layers and LoRA Text Encoder: they train on from the file (a few more
+    steps move them a little, where a fresh start would be far off), and the steps count on."""
+    g = graph(comfy, "loras/it_te_continued", TE_LR)
+    g[nodes_it.TRAIN_NODE]["inputs"].update(existing_lora=nodes_it.listed_name(runs.te.saved), steps=4)
+    mark = len(comfy.log())
+    entry = comfy.run(g, timeout=600)
+    log = comfy.log(mark)
+    assert "no memory estimate" not in log, log[-3000:]
+    saved = entry["outputs"][nodes_it.SAVE_NODE]["text"][0]
+    assert f"_{STEPS + 4}_steps_" in saved, saved
+    with safe_open(str(comfy.output_dir / runs.te.saved), "pt") as f:
+        before = {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("lora_te_")}
+    with safe_open(str(comfy.output_dir / saved), "pt") as f:
+        after = {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("lora_te_")}
+    assert after.keys() == before.keys()
+    ups = [k for k in before if k.endswith("lora_up.weight")]
+    change = sum(float((after[k] - before[k]).norm()) for k in ups) / sum(float(before[k].norm()) for k in ups)
+    assert 0 < change < 0.5, change
