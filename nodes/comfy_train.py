@@ -230,7 +230,8 @@ class TrainSampler(comfy.samplers.Sampler):
 
         def measure(config: TrainConfig, fake: bool = True) -> memory.MemoryEstimate:
             found = memory.estimate(net, fns, latents, config, checkpoint_blocks=model_blocks(net),
-                                    samples=self.samples, device=device, fake=fake)
+                                    samples=self.samples, device=device, fake=fake,
+                                    text_encoders=self.text_encoder.parts if self.text_encoder is not None else ())
             # the training data on the device for the whole run: every latent and every prepared caption
             found.extra["latents and captions"] = memory.tensor_bytes([latents, self.conds.entries], device)
             if self.previewer is not None:  # the VAE joins the model on the device to decode previews

@@ -9,10 +9,12 @@ import torch
 
 from comfyui_lora_trainer.bench.bases import cast_layers
 from comfyui_lora_trainer.lora import inject
+from comfyui_lora_trainer.lora.targets import TEXT_ENCODER_TARGET
+from comfyui_lora_trainer.tiny.clip import TinyTextEncoder, live_fns
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import TinyConfig, build_tiny
 from comfyui_lora_trainer.training.config import TrainConfig
-from comfyui_lora_trainer.training.loop import Trainer, lora_config_of
+from comfyui_lora_trainer.training.loop import TextEncoderPart, Trainer, lora_config_of
 from comfyui_lora_trainer.training.memory import LiveBytes, estimate
 from comfyui_lora_trainer.training.optim import BackwardSteps
 
@@ -71,6 +73,27 @@ def test_the_ema_averages_count_as_kept_state():
     adapters = _adapters(model, config)
     lora = sum(p.numel() for n, p in adapters) * 4
     assert guess.optimizer == 3 * lora + 4 * len(adapters)  # AdamW's two moments and steps, and the fp32 average
+
+
+def test_a_trained_text_encoder_counts_with_its_adapters_and_activations():
+    """With a text encoder trained too, the estimate holds its adapters (and their optimizer state) beside the
+    network's and still equals the real step within 5 %; the encoder is left as it was."""
+    model, _, latents = setup()
+    encoder = TinyTextEncoder(128, seed=3)
+    contexts = torch.randn(len(SIZES), 8, 128, generator=torch.Generator().manual_seed(1))
+    fns, parts = live_fns(model, contexts, [encoder]), [TextEncoderPart(encoder, "text_encoder.")]
+    config = TrainConfig(batch_size=2, text_encoder_lr=1e-4, **FAST)
+    before = weights_of(encoder)
+    guess = estimate(model.net, fns, latents, config, checkpoint_blocks=list(model.net.blocks), text_encoders=parts)
+    real = estimate(model.net, fns, latents, config, checkpoint_blocks=list(model.net.blocks), fake=False,
+                    text_encoders=parts)
+    assert abs(guess.step - real.step) <= 0.05 * real.step, (guess.describe(), real.describe())
+    with inject(encoder, replace(lora_config_of(config), target=TEXT_ENCODER_TARGET), device="cpu") as network:
+        encoder_lora = sum(p.numel() for p in network.parameters()) * 4
+    unet_lora = sum(p.numel() for n, p in _adapters(model, config)) * 4
+    assert guess.adapters == unet_lora + encoder_lora > unet_lora
+    after = weights_of(encoder)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_checkpointing_and_releasing_gradients_each_lower_the_estimate():

@@ -372,11 +372,7 @@ def train(
     # Adapters live where the layers compute (the latents' device), not where offloaded weights rest.
     with inject(net, lora_config_of(config), seed=config.seed, weights=ours, device=images[0].device) as network, \
             training_forward(net, checkpoint_blocks, config.gradient_checkpointing) as forward:
-        for part in text_encoders:
-            te_config = replace(lora_config_of(config), target=TEXT_ENCODER_TARGET, train_norms=False,
-                                train_biases=False)
-            network.join(inject(part.module, te_config, seed=config.seed, weights=existing, device=part.device,
-                                prefix=part.prefix))
+        join_text_encoders(network, text_encoders, config, existing)
         if resume is not None:
             existing_steps = resume.existing_steps
         trainer = Trainer(network, fns, images, config, existing_steps, current_shard(), samples, regular)
@@ -485,6 +481,16 @@ def _check_layers(saved: dict[str, LayerWeights], ours: dict[str, LayerWeights])
                 got = "missing" if mine is None else tuple(mine.shape)
                 raise ValueError(f"resume: {path}.{suffix} is {tuple(tensor.shape)} in the training state but {got} "
                                  f"here; {fix}")
+
+
+def join_text_encoders(network: LoraNetwork, parts: Sequence[TextEncoderPart], config: TrainConfig,
+                       existing: dict[str, LayerWeights] | None = None) -> None:
+    """Inject each text encoder's adapters (its CLIP layers' projections, `TEXT_ENCODER_TARGET`; the algorithm,
+    rank and patterns of the network's; `existing` layers continued) and join them to `network`."""
+    te_config = replace(lora_config_of(config), target=TEXT_ENCODER_TARGET, train_norms=False, train_biases=False)
+    for part in parts:
+        network.join(inject(part.module, te_config, seed=config.seed, weights=existing, device=part.device,
+                            prefix=part.prefix))
 
 
 def lora_config_of(config: TrainConfig) -> LoraConfig:

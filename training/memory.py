@@ -227,11 +227,12 @@ def worst_batch(images: Sequence[torch.Tensor], samples: Samples | None, batch_s
 
 def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[torch.Tensor], config: TrainConfig, *,
              checkpoint_blocks: Sequence[nn.Module] = (), samples: Samples | None = None,
-             device: torch.device | str | None = None, fake: bool = True, steps: int = 1) -> MemoryEstimate:
+             device: torch.device | str | None = None, fake: bool = True, steps: int = 1,
+             text_encoders: Sequence = ()) -> MemoryEstimate:
     """The peak memory of a training step of `config` on `net` (see the module docstring); `net` is left
     as it was. `fake=False` runs the same steps for real (tests compare the two); `device`: where the
-    step computes (default: the latents')."""
-    from .loop import Trainer, lora_config_of  # loop imports this module's users; keep the import light
+    step computes (default: the latents'); `text_encoders` (loop.py `TextEncoderPart`) train too."""
+    from .loop import Trainer, join_text_encoders, lora_config_of  # loop imports this module's users
     from ..lora import inject
 
     images = flatten_latents(latents)
@@ -247,6 +248,7 @@ def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[tor
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(counter)
         network = stack.enter_context(inject(net, lora_config_of(config), seed=config.seed, device=images[0].device))
+        join_text_encoders(network, text_encoders, config)
         stack.enter_context(training_forward(net, checkpoint_blocks, config.gradient_checkpointing))
         adapters = list(network.parameters())
         handles = [p.register_post_accumulate_grad_hook(lambda p: grads.add(counter.serial_of(p.grad))) for p in adapters]
