@@ -38,6 +38,12 @@ class TrainedTextEncoder(NamedTuple):
     parts: list[TextEncoderPart]
     texts: dict[int, str]
 
+    def load_with(self, patcher) -> None:
+        """Have ComfyUI load the CLIP with the model it trains (an additional model of the training patcher), so
+        neither pushes the other out of the GPU's memory; a ComfyUI without additional models loads it alone."""
+        if hasattr(patcher, "set_additional_models"):
+            patcher.set_additional_models("lora_trainer_text_encoder", [self.clip.patcher])
+
     def release(self, release_tensors) -> None:
         """Load the CLIP where it computes and make its weights usable by autograd (`release_tensors`, the
         host's per-tensor swap for inference tensors, values bit-identical)."""

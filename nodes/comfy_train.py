@@ -422,6 +422,8 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held,
                                text_encoder)
         patcher = model.clone()
+        if text_encoder is not None:
+            text_encoder.load_with(patcher)
         if config.offload:
             _offload(patcher)
         guider = Guider_Basic(patcher)

@@ -92,6 +92,7 @@ def test_a_trained_text_encoder_counts_with_its_adapters_and_activations():
         encoder_lora = sum(p.numel() for p in network.parameters()) * 4
     unet_lora = sum(p.numel() for n, p in _adapters(model, config)) * 4
     assert guess.adapters == unet_lora + encoder_lora > unet_lora
+    assert guess.weights == sum(t.nbytes for t in [*weights_of(model.net).values(), *before.values()])
     after = weights_of(encoder)
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -237,7 +237,7 @@ def estimate(net: nn.Module, fns: ModelFns, latents: torch.Tensor | Sequence[tor
 
     images = flatten_latents(latents)
     device = torch.device(device if device is not None else images[0].device)
-    weights = resident_bytes(net, device)
+    weights = resident_bytes(net, device) + sum(resident_bytes(part.module, device) for part in text_encoders)
     drawn = worst_batch(images, samples, config.batch_size)
     one_step = replace(config, steps=max(config.steps, steps), warmup_steps=0, gradient_accumulation=1,
                        batch_order="random")

@@ -227,3 +227,16 @@ def test_continuing_a_file_trains_its_text_encoder_layers_on(comfy, runs):
     ups = [k for k in before if k.endswith("lora_up.weight")]
     change = sum(float((after[k] - before[k]).norm()) for k in ups) / sum(float(before[k].norm()) for k in ups)
     assert 0 < change < 0.5, change
+
+
+def test_bf16_with_checkpointing_trains_the_text_encoder(comfy, dataset):
+    """The default compute (bf16 autocast, gradient checkpointing) over ComfyUI's CLIP, kept in fp16 on the CPU:
+    the run trains with finite losses and a file with text-encoder layers."""
+    g = graph(comfy, "loras/it_te_bf16", TE_LR)
+    g[nodes_it.TRAIN_NODE]["inputs"].update(steps=4, training_dtype="bf16", gradient_checkpointing=True)
+    entry = comfy.run(g, timeout=600)
+    losses = entry["outputs"][nodes_it.PLOT_NODE]["loss"]
+    assert len(losses) == 4 and all(np.isfinite(losses)), losses
+    with safe_open(str(comfy.output_dir / entry["outputs"][nodes_it.SAVE_NODE]["text"][0]), "pt") as f:
+        ups = [f.get_tensor(k) for k in f.keys() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert len(ups) == 72 and all(u.float().abs().max() > 0 for u in ups)
