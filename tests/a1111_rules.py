@@ -112,6 +112,27 @@ def compvis_module_names(modules: Mapping[str, str]) -> dict[str, str]:
             for path, kind in modules.items()}
 
 
+def text_encoder_module_names(layers: int, sdxl: bool) -> dict[str, str]:
+    """A1111's layer names → types of the CLIP text encoders' trainable layers (`layers` each), as
+    `assign_network_names_to_compvis_modules` names them: SD1.x `cond_stage_model.wrapped`'s modules
+    (`transformer_text_model_encoder_layers_0_self_attn_q_proj`, HF CLIP); SDXL the conditioner's
+    embedders, each under its index: 0 the HF CLIP-L (`0_transformer_text_model_…`), 1 OpenCLIP's bigG
+    (`1_model_transformer_resblocks_0_attn`, a MultiheadAttention with its `out_proj`, and `mlp_c_fc`,
+    `mlp_c_proj`)."""
+    names: dict[str, str] = {}
+    hf = "0_transformer_text_model" if sdxl else "transformer_text_model"
+    for i in range(layers):
+        for module in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj",
+                       "mlp_fc1", "mlp_fc2"):
+            names[f"{hf}_encoder_layers_{i}_{module}"] = "Linear"
+        names[f"{hf}_encoder_layers_{i}_layer_norm1"] = "LayerNorm"
+        if sdxl:
+            block = f"1_model_transformer_resblocks_{i}"
+            names.update({f"{block}_attn": "MultiheadAttention", f"{block}_attn_out_proj": "NonDynamicallyQuantizableLinear",
+                          f"{block}_mlp_c_fc": "Linear", f"{block}_mlp_c_proj": "Linear", f"{block}_ln_1": "LayerNorm"})
+    return names
+
+
 def _block_suffix(kind: str, suffix: str) -> str:
     return _RESNET_SUFFIX.get(suffix, suffix) if kind == "resnets" else suffix
 
@@ -234,12 +255,13 @@ def _is_text_encoder(layer_part: str) -> bool:
     return layer_part.startswith(("lora_te", "oft_te", "text_encoder"))
 
 
-def match(keys: Iterable[str], modules: Mapping[str, str]) -> Report:
+def match(keys: Iterable[str], modules: Mapping[str, str], text_encoders: Mapping[str, str] | None = None) -> Report:
     """Apply A1111's matching and reading rules to a LoRA file's keys.
 
     `modules`: LDM UNet path (as ComfyUI's `diffusion_model.named_modules()` gives it, e.g.
-    "input_blocks.1.1.proj_in") → type name ("Linear", "Conv2d", "GroupNorm", "LayerNorm", ...)."""
-    layers = compvis_module_names(modules)
+    "input_blocks.1.1.proj_in") → type name ("Linear", "Conv2d", "GroupNorm", "LayerNorm", ...).
+    `text_encoders`: A1111's text-encoder layer names → types (`text_encoder_module_names`), or None."""
+    layers = {**compvis_module_names(modules), **(text_encoders or {})}
     is_sd2 = "model_transformer_resblocks" in layers
     report = Report()
     groups: dict[str, dict[str, str]] = {}  # layer → network part → full key

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from comfyui_lora_trainer.lora.naming import Naming
+
 _NAME = "lora_trainer_a1111_rules"
 _spec = importlib.util.spec_from_file_location(_NAME, Path(__file__).with_name("a1111_rules.py"))
 rules = importlib.util.module_from_spec(_spec)
@@ -184,3 +186,21 @@ def test_dora_scale_fits_only_per_input_column():
     assert rules.dora_scale_fits((1, 320), (640, 320))
     assert rules.dora_scale_fits((1, 320, 1, 1), (640, 320, 3, 3))
     assert not rules.dora_scale_fits((640, 1), (640, 320))
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
+def test_our_text_encoder_keys_match_and_are_read(sdxl):
+    """Every text-encoder key our naming writes (lora/naming.py, on CLIP's module paths) lands on its A1111
+    layer and is read: SD1.x's `lora_te_` on the HF CLIP, SDXL's `lora_te1_` on CLIP-L and `lora_te2_` on
+    OpenCLIP's bigG (q/k/v on its MultiheadAttention, out_proj and the MLP as c_fc / c_proj)."""
+    naming = Naming().with_text_encoders(2 if sdxl else 1)
+    modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+    parts = ("text_encoder.", "text_encoder_2.") if sdxl else ("text_encoder.",)
+    layer_keys = [f"{naming.name(f'{part}text_model.encoder.layers.{i}.{m}')}.{suffix}"
+                  for part in parts for i in range(2) for m in modules for suffix in LORA]
+    report = rules.match(layer_keys, SD1_MODULES, rules.text_encoder_module_names(2, sdxl))
+    assert report.loads and not report.unmatched and not report.text_encoder and not report.unread, report
+    assert set(report.matched) == set(layer_keys) and set(report.claimed.values()) == {"lora"}
+    if sdxl:
+        assert report.matched["lora_te2_text_model_encoder_layers_1_mlp_fc2.alpha"] == \
+            "1_model_transformer_resblocks_1_mlp_c_proj"

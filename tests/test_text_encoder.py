@@ -124,6 +124,23 @@ def test_the_patterns_select_encoder_layers_too():
     assert not any(is_injected(m) for m in te.modules())  # the refused encoder is left as it was
 
 
+def test_an_error_inside_a_step_leaves_the_encoder_as_it_was():
+    model, (te,), fns, latents, captions = setup()
+    before, grads = snapshot(te)
+    calls = iter(range(10 ** 6))
+
+    def failing(noisy, sigma, indices):
+        if next(calls) == 3:
+            raise RuntimeError("out of memory (a stand-in)")
+        return fns.denoise(noisy, sigma, indices)
+
+    with pytest.raises(RuntimeError, match="stand-in"):
+        train(model.net, fns._replace(denoise=failing), latents, CONFIG, text_encoders=parts([te]))
+    after, grads_after = snapshot(te)
+    assert grads_after == grads and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(is_injected(m) for m in te.modules())
+
+
 def test_text_encoder_lr_and_the_encoders_go_together():
     model, (te,), fns, latents, _ = setup()
     with pytest.raises(ValueError, match="text_encoder_lr: got 0.001, but no text encoder"):

@@ -119,6 +119,8 @@ def move(image: np.ndarray, base: np.ndarray) -> float:
 
 def test_the_text_encoder_trains_and_its_file_is_kohyas(comfy, runs):
     assert "the text encoder trains too (clip_l" in runs.te.log
+    # step 0 runs the encoder's adapters at zero: the captions encoded anew equal CLIPTextEncode's, bit for bit
+    assert runs.te.losses[0] == runs.unet.losses[0] and runs.te.losses[1:] != runs.unet.losses[1:]
     assert np.mean(runs.te.losses[-5:]) < np.mean(runs.te.losses[:5]), runs.te.losses
     with safe_open(str(comfy.output_dir / runs.te.saved), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
@@ -129,6 +131,15 @@ def test_the_text_encoder_trains_and_its_file_is_kohyas(comfy, runs):
     assert json.loads(metadata["lora_trainer.settings"])["text_encoder_lr"] == TE_LR
     with safe_open(str(comfy.output_dir / runs.unet.saved), "pt") as f:
         assert not any(k.startswith("lora_te") for k in f.keys())
+    # A1111's key rules (tests/a1111_rules.py) on the text-encoder keys and its names of CLIP-L's layers
+    spec = importlib.util.spec_from_file_location("lora_trainer_a1111_rules", Path(__file__).parents[1] / "a1111_rules.py")
+    rules = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = rules
+        spec.loader.exec_module(rules)
+    te_keys = sorted(k for k in keys if k.startswith("lora_te"))
+    report = rules.match(te_keys, {}, rules.text_encoder_module_names(12, sdxl=False))
+    assert report.loads and set(report.matched) == set(te_keys) and not report.unread, report
 
 
 def test_the_trigger_word_moves_the_sample_more_with_the_text_encoder(comfy, runs, baseline):

@@ -16,6 +16,8 @@ from the tiny SD1.5 checkpoint's VAE; Train LoRA (fp32, seed 1) has LoRA Text En
   through the pooled output, the model's ADM input).
 - Core's LoraLoader (model and CLIP, strength 1/1) reads every key of it; a prompt encoded by the LoRA'd
   CLIP samples, and that CLIP encodes the prompt differently from the base CLIP.
+- At step 0 the loss equals the run's without the text encoder, bit for bit: the captions encoded anew
+  through the adapted CLIPs (penultimate layers, CLIP-G's pooled output into `y`) are CLIPTextEncode's.
 - The base CLIP is bit-identical after training: ITClipDigest (its weights and an encoding of a caption)
   gives the same sha256 before and after, on the same CLIP object (built once: ComfyUI's cache keeps it).
 Skips unless COMFYUI_DIR is set. Run with -s to see the losses.
@@ -82,10 +84,10 @@ def loaders() -> dict:
             "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
 
 
-def train_graph(prefix: str) -> dict:
+def train_graph(prefix: str, text_encoder: bool = True) -> dict:
     """Load Captioned Image Set (the toy CLIP) → VAEEncode → Train LoRA with LoRA Text Encoder in its options
-    → Save LoRA and Plot Loss Graph."""
-    return {
+    (`text_encoder` False: without) → Save LoRA and Plot Loss Graph."""
+    g = {
         **loaders(),
         "c": {"class_type": "LoRATrainer_LoadCaptionedImageSet", "inputs": {
             "folder": DATASET, "clip": ["clip", 0], "resize_method": "Stretch", "width": SIZE, "height": SIZE}},
@@ -98,6 +100,9 @@ def train_graph(prefix: str) -> dict:
         PLOT_NODE: {"class_type": "LoRATrainer_PlotLossGraph", "inputs": {
             "loss": [TRAIN_NODE, 2], "filename_prefix": "it_te_sdxl_loss/graph"}},
     }
+    if not text_encoder:
+        del g["te"], g[TRAIN_NODE]["inputs"]["options"]
+    return g
 
 
 class Digest(NamedTuple):
@@ -153,6 +158,7 @@ class Trained(NamedTuple):
     after: Digest
     builds_before: int  # CLIP builds when the digest before was taken
     builds_after: int  # … and when the digest after was
+    unet_only: list[float]  # the losses of the same run without the text encoder
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +170,10 @@ def trained(comfy_sdxl_te) -> Trained:
     entry = comfy.run(train_graph("loras/it_te_sdxl"), timeout=1200)
     log = comfy.log(mark)
     after = clip_digest(comfy)
+    builds_after = comfy.log().count(CLIP_BUILT)
+    unet_only = comfy.run(train_graph("loras/it_te_sdxl_unet_only", text_encoder=False), timeout=1200)
     run = Trained(entry["outputs"][SAVE_NODE]["text"][0], entry["outputs"][PLOT_NODE]["loss"], log, before, after,
-                  builds_before, comfy.log().count(CLIP_BUILT))
+                  builds_before, builds_after, unet_only["outputs"][PLOT_NODE]["loss"])
     print(f"\nsdxl text encoder: {STEPS} steps, losses {[round(x, 4) for x in run.losses]}; saved {run.saved}")
     return run
 
@@ -180,6 +188,9 @@ def file_of(comfy, saved: str) -> tuple[dict, dict]:
 def test_the_text_encoder_trains_both_clips(trained):
     assert "the text encoder trains too (clip_l and clip_g" in trained.log, trained.log[-3000:]
     assert len(trained.losses) == STEPS and all(np.isfinite(trained.losses)), trained.losses
+    # step 0 (adapters at zero): the captions encoded anew, CLIP-G's pooled output and the size values it
+    # goes into the model's `y` with, equal Load Captioned Image Set's encoding bit for bit
+    assert trained.losses[0] == trained.unet_only[0] and trained.losses[1:] != trained.unet_only[1:]
 
 
 def test_the_file_holds_both_text_encoders_in_kohyas_names(comfy_sdxl_te, trained):
