@@ -23,10 +23,9 @@ import torch
 from ..lora import LayerWeights, resolve_state_dict
 from ..lora.naming import TEXT_ENCODER_PARTS, text_encoder_prefixes
 from ..training.loop import TextEncoderPart
-from . import families
 from .comfy_conds import ShapedConds
 from .options import TextEncoderInput
-from .text_encoder import entry_texts
+from .text_encoder import entry_texts, trained_clips
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,7 @@ def trained_text_encoder(given: TextEncoderInput | None, lr: float, entries: lis
         raise ValueError(f"text_encoder_lr: got {lr}, but no text encoder is connected; connect the model's CLIP "
                          "to a LoRA Text Encoder node, or set text_encoder_lr to 0")
     model = given.clip.cond_stage_model
-    names = families.TEXT_ENCODERS.get(type(model).__name__)
-    if names is None:
-        raise ValueError(f"text_encoder_lr: got {lr}, but this model's text encoder ({type(model).__name__}) is not "
-                         f"trained here; text-encoder LoRAs train for SD1.x and SDXL (kohya's lora_te_ keys); set "
-                         "text_encoder_lr to 0")
+    names = trained_clips(type(model).__name__, lr)
     device = given.clip.patcher.load_device
     parts = [TextEncoderPart(getattr(model, name).transformer, prefix, device)
              for name, prefix in zip(names, TEXT_ENCODER_PARTS)]

@@ -16,10 +16,22 @@ from typing import Any
 
 from ..training.config import TEXT_ENCODER
 from .conditioning import CAPTION_KEY
+from .families import TEXT_ENCODERS
 from .options import ChainedOptions, TextEncoderInput, TrainingOptions, merged
 from .widgets import widgets
 
 DEFAULT_TEXT_ENCODER_LR = 5e-5  # the node's default, kohya's usual text_encoder_lr (the field's own 0 means off)
+
+
+def trained_clips(clip_class: str, lr: float) -> tuple[str, ...]:
+    """The CLIPs of a text encoder of class `clip_class` that train (nodes/families.py `TEXT_ENCODERS`); a
+    ValueError naming text_encoder_lr for any other text encoder."""
+    names = TEXT_ENCODERS.get(clip_class)
+    if names is None:
+        raise ValueError(f"text_encoder_lr: got {lr}, but this model's text encoder ({clip_class}) is not trained "
+                         "here; text-encoder LoRAs train for SD1.x and SDXL (kohya's lora_te_ keys); set "
+                         "text_encoder_lr to 0")
+    return names
 
 
 def entry_texts(entries: list, training: list[list[int]], captions: list[str] | None) -> dict[int, str]:

@@ -18,7 +18,7 @@ from comfyui_lora_trainer.nodes.checkpoints import STATES_FOLDER, CheckpointWrit
 from comfyui_lora_trainer.nodes.conditioning import CAPTION_KEY
 from comfyui_lora_trainer.nodes.lora_io import LoadLoRAModel
 from comfyui_lora_trainer.nodes.options import TrainingOptionsNode
-from comfyui_lora_trainer.nodes.text_encoder import LoRATextEncoder, entry_texts
+from comfyui_lora_trainer.nodes.text_encoder import LoRATextEncoder, entry_texts, trained_clips
 from comfyui_lora_trainer.tiny.model import build_tiny
 from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
@@ -201,3 +201,11 @@ def test_the_node_hands_over_its_clip_captions_and_learning_rate():
     assert "text_encoder_lr" not in off.values  # 0: the field's default, nothing trains
     load = LoadLoRAModel.INPUT_TYPES()
     assert load["optional"]["clip"][0] == "CLIP" and LoadLoRAModel.RETURN_TYPES == ("MODEL", "CLIP")
+
+
+def test_only_sd1_and_sdxl_text_encoders_train():
+    assert trained_clips("SD1ClipModel", 1e-4) == ("clip_l",)
+    assert trained_clips("SDXLClipModel", 1e-4) == ("clip_l", "clip_g")
+    for other in ("FluxClipModel", "SD3ClipModel", "SD2ClipModel", "SDXLRefinerClipModel", "WanT5Model"):
+        with pytest.raises(ValueError, match=rf"text_encoder_lr: got 0.0001, but this model's text encoder \({other}\)"):
+            trained_clips(other, 1e-4)
