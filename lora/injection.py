@@ -305,9 +305,9 @@ def _maker(path: str, module: nn.Module, config: LoraConfig, generator: torch.Ge
 def _nothing_selected(config: LoraConfig, prefix: str = "") -> str:
     """The error for a selection that leaves nothing to train, in the node's input names."""
     if prefix:  # a second model's layers: a text encoder's
-        return (f"include_layers / exclude_layers: {config.include or ''!r} / {config.exclude or ''!r} select no layer of "
-                f"the text encoder (paths such as '{prefix}text_model.encoder.layers.0.mlp.fc1'); widen include_layers, "
-                "narrow exclude_layers, or set text_encoder_lr to 0")
+        return (f"include_layers / exclude_layers: {config.include or ''!r} / {config.exclude or ''!r} select no "
+                f"layer of the text encoder (paths such as '{prefix}text_model.encoder.layers.0.mlp.fc1'); widen "
+                "include_layers, narrow exclude_layers, or set text_encoder_lr to 0")
     chosen = [f"target {config.target!r}"]
     chosen += [f"{name} {value!r}" for name, value in (("include_layers", config.include),
                                                         ("exclude_layers", config.exclude)) if value]

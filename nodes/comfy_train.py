@@ -419,8 +419,8 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume(),
                         _preservation_of(captions, data), regular, captions.regular)
         given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
-        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples, held,
-                               text_encoder)
+        sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples,
+                               held, text_encoder)
         patcher = model.clone()
         if text_encoder is not None:
             text_encoder.load_with(patcher)

@@ -36,8 +36,9 @@ class TrainLoRA:
             },
             "optional": {**_main_inputs(), "options": (OPTIONS_TYPE, {
                 "tooltip": "Advanced settings from a LoRA Training Options node (noise levels, loss weighting, "
-                           "noise, dropout, optimizer extras, checkpoints and resume, EMA) and a LoRA Preservation "
-                           "node (preservation losses, a regularisation set); unset, every one keeps its default."}),
+                           "noise, dropout, optimizer extras, checkpoints and resume, EMA), a LoRA Preservation "
+                           "node (preservation losses, a regularisation set) and a LoRA Text Encoder node (the "
+                           "CLIP trained too); unset, every one keeps its default."}),
                 "preview": (PREVIEW_TYPE, {"tooltip": "Sample previews while training, from a LoRA Training "
                                                       "Preview node."}),
                 "validation": (VALIDATION_TYPE, {"tooltip": "Held-out images whose loss is measured while training, "

@@ -128,8 +128,9 @@ def text_encoder_module_names(layers: int, sdxl: bool) -> dict[str, str]:
         names[f"{hf}_encoder_layers_{i}_layer_norm1"] = "LayerNorm"
         if sdxl:
             block = f"1_model_transformer_resblocks_{i}"
-            names.update({f"{block}_attn": "MultiheadAttention", f"{block}_attn_out_proj": "NonDynamicallyQuantizableLinear",
-                          f"{block}_mlp_c_fc": "Linear", f"{block}_mlp_c_proj": "Linear", f"{block}_ln_1": "LayerNorm"})
+            names.update({f"{block}_attn": "MultiheadAttention",
+                          f"{block}_attn_out_proj": "NonDynamicallyQuantizableLinear", f"{block}_mlp_c_fc": "Linear",
+                          f"{block}_mlp_c_proj": "Linear", f"{block}_ln_1": "LayerNorm"})
     return names
 
 

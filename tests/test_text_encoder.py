@@ -207,5 +207,6 @@ def test_only_sd1_and_sdxl_text_encoders_train():
     assert trained_clips("SD1ClipModel", 1e-4) == ("clip_l",)
     assert trained_clips("SDXLClipModel", 1e-4) == ("clip_l", "clip_g")
     for other in ("FluxClipModel", "SD3ClipModel", "SD2ClipModel", "SDXLRefinerClipModel", "WanT5Model"):
-        with pytest.raises(ValueError, match=rf"text_encoder_lr: got 0.0001, but this model's text encoder \({other}\)"):
+        with pytest.raises(ValueError, match=rf"text_encoder_lr: got 0.0001, but this model's text encoder "
+                                             rf"\({other}\)"):
             trained_clips(other, 1e-4)

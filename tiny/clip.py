@@ -1,8 +1,9 @@
-"""A tiny CLIP-shaped text encoder, to train the engine's text-encoder LoRA on the tiny model: the module paths of transformers'
-and ComfyUI's CLIPTextModel (`text_model.encoder.layers.N.self_attn.q_proj`, `…mlp.fc1`, layer norms,
-`final_layer_norm`, an embedding), at toy width, running on the tiny model's caption vectors
-(tiny/text.py) as its token embeddings (tests/test_text_encoder.py); and the tiny host's callables with the captions encoded through
-it at every call, as nodes/comfy_text_encoder.py does in ComfyUI."""
+"""A tiny CLIP-shaped text encoder, to train the engine's text-encoder LoRA on the tiny model
+(tests/test_text_encoder.py): the module paths of transformers' and ComfyUI's CLIPTextModel
+(`text_model.encoder.layers.N.self_attn.q_proj`, `…mlp.fc1`, layer norms, `final_layer_norm`, an
+embedding), at toy width, running on the tiny model's caption vectors (tiny/text.py) as its token
+embeddings; and the tiny host's callables with the captions encoded through it at every call, as
+nodes/comfy_text_encoder.py does in ComfyUI."""
 from __future__ import annotations
 
 import torch

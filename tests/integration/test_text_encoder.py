@@ -132,7 +132,8 @@ def test_the_text_encoder_trains_and_its_file_is_kohyas(comfy, runs):
     with safe_open(str(comfy.output_dir / runs.unet.saved), "pt") as f:
         assert not any(k.startswith("lora_te") for k in f.keys())
     # A1111's key rules (tests/a1111_rules.py) on the text-encoder keys and its names of CLIP-L's layers
-    spec = importlib.util.spec_from_file_location("lora_trainer_a1111_rules", Path(__file__).parents[1] / "a1111_rules.py")
+    spec = importlib.util.spec_from_file_location("lora_trainer_a1111_rules",
+                                                  Path(__file__).parents[1] / "a1111_rules.py")
     rules = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
     if spec.name not in sys.modules:
         sys.modules[spec.name] = rules
@@ -158,7 +159,8 @@ def test_the_trigger_word_moves_the_sample_more_with_the_text_encoder(comfy, run
     clip_only, log = core_sample(comfy, te_file, 0.0, 1.0, "clip_only")
     for log in logs + [log]:
         assert nodes_it.LORA_NOT_LOADED not in log, [l for l in log.splitlines() if nodes_it.LORA_NOT_LOADED in l][:3]
-    trigger = {name: move(samples[name, PROMPT], samples[name, PLAIN]) for name in ("unet only", "with the text encoder")}
+    trigger = {name: move(samples[name, PROMPT], samples[name, PLAIN])
+               for name in ("unet only", "with the text encoder")}
     alone = move(clip_only, base)
     print(f"mean |trigger - plain| (0-255): {trigger}; text-encoder part alone vs base: {alone:.3f}")
     assert alone > 0.5, alone
