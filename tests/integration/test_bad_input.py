@@ -123,7 +123,7 @@ def test_kohya_lora_with_text_encoder_keys_continues_and_keeps_them(comfy, datas
     mark = len(comfy.log())
     entry = comfy.run(g)
     assert ("Train LoRA: existing_lora 'it_kohya_te_3_steps_.safetensors' has 3 text-encoder tensors (lora_te_…); "
-            "they go into the output LoRA unchanged and untrained") in comfy.log(mark)
+            "unless LoRA Text Encoder trains the text encoder, they go into the output LoRA unchanged") in comfy.log(mark)
     saved = entry["outputs"][it.SAVE_NODE]["text"][0]
     assert saved.startswith("loras/it_kohya_te_5_steps_"), saved  # 3 earlier steps + 2
     out = _load(comfy.output_dir / saved)
