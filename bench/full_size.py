@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -527,12 +528,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _comfyui_version(comfy_dir: Path) -> str | None:
+    """ComfyUI's `__version__` (comfyui_version.py), read without running the file; None without one."""
     try:
-        namespace: dict = {}
-        exec((comfy_dir / "comfyui_version.py").read_text(), namespace)
-        return namespace.get("__version__")
+        text = (comfy_dir / "comfyui_version.py").read_text()
     except OSError:
         return None
+    found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
+    return found[1] if found else None
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ trap 'rm -rf "$WORK"' EXIT
 python3 -m venv "$WORK/venv"
 PIP="$WORK/venv/bin/pip"
 "$PIP" install -q --upgrade pip
-"$PIP" install -q "torch==2.13.0"   # CPU build; the wheel's unpinned torch is then satisfied
+"$PIP" install -q "torch==2.13.0"   # CPU build; the standalone extra's unpinned torch is then satisfied
 # built from a copy of the files git tracks (or would), so no build/ or egg-info lands in the checkout
 mkdir "$WORK/src"
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf -) | tar -xf - -C "$WORK/src"
 "$PIP" wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
-"$PIP" install -q "$WORK"/dist/comfyui_lora_trainer-*.whl
+WHEEL="$(ls "$WORK"/dist/comfyui_lora_trainer-*.whl)"
+"$PIP" install -q "$WHEEL[standalone]"   # outside ComfyUI: torch comes with the extra (here, the pin above)
 cd "$WORK"   # nothing of the checkout on the path: the import comes from site-packages
 "$WORK/venv/bin/python" - <<'PY'
 import importlib.resources, pathlib, comfyui_lora_trainer as pack
