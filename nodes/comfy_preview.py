@@ -33,6 +33,7 @@ from ..lora.files import steps_name, write_atomically
 from ..lora.patching import restoring
 from ..training.grid import labelled_grid
 from ..training.isolation import isolated
+from .compat import fitted_empty_latent, intermediate_dtype, latent_rgb_previewer
 from .paths import PrefixInput, next_free, output_target
 from .preview import PreviewSettings
 
@@ -46,8 +47,7 @@ def _latent_rgb(latent_format) -> latent_preview.LatentPreviewer:
     if latent_format.latent_rgb_factors is None:
         raise ValueError(f"vae: ComfyUI's latent previewer has no colours for this model's latents "
                          f"({type(latent_format).__name__}); connect a VAE to LoRA Training Preview's vae input")
-    return latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias,
-                                              latent_format.latent_rgb_factors_reshape)
+    return latent_rgb_previewer(latent_preview, latent_format)
 
 
 def _check_vae(vae, latent_format, model_name: str) -> None:
@@ -143,9 +143,9 @@ class Previewer:
         channels, downscale = _EMPTY_LATENT
         empty = torch.zeros([1, channels, s.height // downscale, s.width // downscale],
                             device=comfy.model_management.intermediate_device(),
-                            dtype=comfy.model_management.intermediate_dtype())
+                            dtype=intermediate_dtype(comfy.model_management))
         patcher = self.patcher.clone()  # sampled by a guider of its own: training's stays as it is
-        latent = comfy.sample.fix_empty_latent_channels(patcher, empty, downscale)
+        latent = fitted_empty_latent(comfy.sample, patcher, empty, downscale)
         noise = comfy.sample.prepare_noise(latent, s.seed)
         negative = s.negative if s.negative is not None else []
         return comfy.sample.sample(patcher, noise, s.steps, self.cfg, s.sampler_name, s.scheduler, s.positive,
