@@ -58,11 +58,8 @@ class ShapedConds:
             return entry  # the guider prepared it at this shape without the held inputs
         key = (entry, shape, bare and entry in self.held)
         if key not in self._copies:
-            noise = torch.zeros((1, *shape), device=self.device)
             try:
-                prepared, = comfy.samplers.encode_model_conds(
-                    self.base.extra_conds, [{**self.entries[entry], **held}], noise, self.device, "positive",
-                    latent_image=noise, denoise_mask=None, seed=self.seed)
+                prepared = self.prepare({**self.entries[entry], **held}, shape)
                 _check_noise_shaped(prepared, shape)
             except (RuntimeError, ValueError) as e:
                 raise ValueError(
@@ -74,6 +71,14 @@ class ShapedConds:
             self._copied_from[len(self.entries)] = (entry, shape)
             self.entries.append(prepared)
         return self._copies[key]
+
+    def prepare(self, entry: dict, shape: Sequence[int]) -> dict:
+        """`entry` prepared for the model at latents of `shape` (C, …), as the guider prepares its conds
+        (ComfyUI's `encode_model_conds` over the model's `extra_conds`)."""
+        noise = torch.zeros((1, *shape), device=self.device)
+        prepared, = comfy.samplers.encode_model_conds(self.base.extra_conds, [entry], noise, self.device, "positive",
+                                                      latent_image=noise, denoise_mask=None, seed=self.seed)
+        return prepared
 
     def captions(self, captions: Sequence[Sequence[int]], shapes: Sequence[Sequence[int]],
                  bare: bool = False) -> list[list[int]]:

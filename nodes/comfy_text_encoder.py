@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple, Sequence
 
-import comfy.samplers
 import torch
 
 from ..lora import LayerWeights, resolve_state_dict
@@ -96,13 +95,8 @@ class LiveEntries(Sequence):
         # backward: what backward needs is kept as it was when saved (activations only; weights are leaves)
         with torch.autograd.graph.saved_tensors_hooks(_kept, _same):
             encoded = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-        fresh = {**entry, "cross_attn": encoded["cond"], "pooled_output": encoded["pooled_output"]}
-        conds = self.conds
-        noise = torch.zeros((1, *shape), device=conds.device)
-        prepared, = comfy.samplers.encode_model_conds(conds.base.extra_conds, [fresh], noise, conds.device,
-                                                      "positive", latent_image=noise, denoise_mask=None,
-                                                      seed=conds.seed)
-        return prepared
+        return self.conds.prepare({**entry, "cross_attn": encoded["cond"], "pooled_output": encoded["pooled_output"]},
+                                  shape)
 
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,7 @@ class TrainSampler(comfy.samplers.Sampler):
         self.hooks: TrainingHooks | None = None
         self.memory: memory.MemoryEstimate | None = None  # the step's estimate, made before training
         self.text_encoder = text_encoder  # trained too (LoRA Text Encoder), or None
+        self.text_encoders = text_encoder.parts if text_encoder is not None else ()  # the engine's parts of it
         self.live: LiveEntries | None = None  # the entries as predictions read them, with a trained text encoder
 
     @property
@@ -215,7 +216,7 @@ class TrainSampler(comfy.samplers.Sampler):
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
                                     validator=validator, samples=self.samples, regularization=regular or None,
-                                    text_encoders=self.text_encoder.parts if self.text_encoder is not None else ())
+                                    text_encoders=self.text_encoders)
         finally:
             self.hooks.close()
         if distributed.is_main():
@@ -231,7 +232,7 @@ class TrainSampler(comfy.samplers.Sampler):
         def measure(config: TrainConfig, fake: bool = True) -> memory.MemoryEstimate:
             found = memory.estimate(net, fns, latents, config, checkpoint_blocks=model_blocks(net),
                                     samples=self.samples, device=device, fake=fake,
-                                    text_encoders=self.text_encoder.parts if self.text_encoder is not None else ())
+                                    text_encoders=self.text_encoders)
             # the training data on the device for the whole run: every latent and every prepared caption
             found.extra["latents and captions"] = memory.tensor_bytes([latents, self.conds.entries], device)
             if self.previewer is not None:  # the VAE joins the model on the device to decode previews
