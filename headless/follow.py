@@ -89,10 +89,15 @@ def training_node(state: RunState, node: Any) -> str:
 
 
 def handle_train_event(state: RunState, data: dict, bar: ProgressBar) -> None:
-    """Train LoRA's "lora_trainer.progress": step/total, loss, smoothed loss, lr, validation, ETA."""
+    """Train LoRA's "lora_trainer.progress": step/total, loss, smoothed loss, lr, validation, ETA; a phase (what
+    runs before the first step or during a validation or preview) as a passing status."""
     node = training_node(state, data.get("node"))
     step, total = int(data.get("step") or 0), int(data.get("total") or 0)
     state.event_nodes.add(node)
+    if data.get("event") == "phase":  # work besides the steps ("validation at step 0", 6 of 15)
+        done, of = data.get("done"), data.get("of")
+        bar.status(f"{label(state.workflow, node)}: {data.get('phase')}" + (f" {done}/{of}" if of else " ..."))
+        return
     state.progress[node] = (step, total)
     for name in ("loss", "validation_loss"):
         found = _float(data.get(name))

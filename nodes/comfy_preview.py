@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import comfy.model_management
 import comfy.sample
@@ -104,13 +105,19 @@ class Previewer:
         """Every `every` steps, and the last step."""
         return step % self.settings.every == 0 or step == self.total
 
-    def take(self, step: int) -> None:
-        """Sample, decode, show and save the preview after `step` steps. A cancel raises ComfyUI's
-        InterruptProcessingException (from the sampler's callback or the progress hook)."""
+    @property
+    def steps(self) -> int:
+        """The sampler steps of one preview."""
+        return self.settings.steps
+
+    def take(self, step: int, progress: Callable[[int], None] | None = None) -> None:
+        """Sample, decode, show and save the preview after `step` steps; `progress(i)` after sampler step i.
+        A cancel raises ComfyUI's InterruptProcessingException (from the sampler's callback or the
+        progress hook)."""
         base = self.patcher.model
         # training's guider set the base model's current_patcher; a nested guider's cleanup clears it
         with isolated(base), restoring(base.__dict__, ["current_patcher"]):
-            pixels = self._decode(self._sample(step))
+            pixels = self._decode(self._sample(step, progress))
         image = Image.fromarray(pixels)  # RGB: _decode checks the VAE's, the latent previewer's is converted
         path = next_free(self.folder, lambda n: steps_name(self.stem, step, n, ".png"))
         write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), "preview")
@@ -137,7 +144,7 @@ class Previewer:
                             "type": "output"})
         return entries
 
-    def _sample(self, step: int) -> torch.Tensor:
+    def _sample(self, step: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """The preview's latent (1, C, h, w), as comfy.sample.sample returns it (the VAE's space)."""
         s = self.settings
         channels, downscale = _EMPTY_LATENT
@@ -149,11 +156,14 @@ class Previewer:
         noise = comfy.sample.prepare_noise(latent, s.seed)
         negative = s.negative if s.negative is not None else []
         return comfy.sample.sample(patcher, noise, s.steps, self.cfg, s.sampler_name, s.scheduler, s.positive,
-                                   negative, latent, callback=self._callback(step), disable_pbar=True, seed=s.seed)
+                                   negative, latent, callback=self._callback(step, progress), disable_pbar=True,
+                                   seed=s.seed)
 
-    def _callback(self, step: int):
+    def _callback(self, step: int, progress: Callable[[int], None] | None = None):
         def callback(i: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()  # cancel during a long preview
+            if progress is not None:
+                progress(i + 1)
             if self.live is not None:
                 self.ui_bar.update_absolute(step, self.total, self.live.decode_latent_to_preview_image("JPEG", x0))
 

@@ -162,8 +162,10 @@ class TrainSampler(comfy.samplers.Sampler):
 
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
                  uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None,
-                 held: dict[int, dict] | None = None, text_encoder: TrainedTextEncoder | None = None):
+                 held: dict[int, dict] | None = None, text_encoder: TrainedTextEncoder | None = None,
+                 reporter: ProgressReporter | None = None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
+        self.reporter = reporter or ProgressReporter(config.steps, lambda payload: None)  # the progress event
         self.samples = samples  # alternatives (flipped copies, caption variants), repeats and masks (nodes/samples.py)
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
         self.extras = extras
@@ -190,11 +192,14 @@ class TrainSampler(comfy.samplers.Sampler):
         # every latent through process_latent_in (in fp32, kept in its storage dtype); the engine takes
         # batches, so each image is a batch of 1; a latent shared by several alternatives is processed once
         processed: dict[int, torch.Tensor] = {}
-        for x in self.latents + self.extras.regular_latents:
-            if id(x) not in processed:
+        unique = {id(x): x for x in self.latents + self.extras.regular_latents}
+        with self.reporter.working("latents", "preparing the latents", len(unique)) as phase:
+            for x in unique.values():
                 processed[id(x)] = base.process_latent_in(x.to(device).float()[None]).to(x.dtype)
+                phase.advance(len(processed))
         latents = [processed[id(x)] for x in self.latents]
         regular = [processed[id(x)] for x in self.extras.regular_latents]
+        self.reporter.phase("preparing the captions")
         # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
         self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
                                  self.config.seed)
@@ -211,12 +216,13 @@ class TrainSampler(comfy.samplers.Sampler):
             # ComfyUI's flag while training, as core's trainer sets it: some models pick autograd-capable
             # kernels by it (Flux's rope: comfy_kitchen's has no backward)
             with swapped_items(comfy.model_management.__dict__, {"in_training": True}):
+                self.reporter.phase("estimating memory")
                 self.memory = self._estimate(net, fns, latents, device)
                 self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
                                     existing=self.existing.weights, existing_steps=self.existing.steps,
                                     hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
-                                    validator=validator, samples=self.samples, regularization=regular or None,
-                                    text_encoders=self.text_encoders)
+                                    validator=validator and self.hooks.validator(validator), samples=self.samples,
+                                    regularization=regular or None, text_encoders=self.text_encoders)
         finally:
             self.hooks.close()
         if distributed.is_main():
@@ -287,12 +293,14 @@ class TrainSampler(comfy.samplers.Sampler):
         ui_bar = comfy.utils.ProgressBar(config.steps)
         if extras.preview is not None and main:
             self.previewer = Previewer(extras.preview, model_wrap.model_patcher, config.steps, ui_bar)
+            self.reporter.schedule("preview", extras.preview.every)
+        if validating:
+            self.reporter.schedule("validation", extras.validation.every)
         return TrainingHooks(
             config.steps, tqdm(total=config.steps, initial=resumed, desc="Train LoRA", disable=not main), ui_bar,
-            ProgressReporter(config.steps, None if main else (lambda payload: None)), previewer=self.previewer,
-            checkpoints=extras.checkpoints if main else None, validating=validating,
-            interrupt=comfy.model_management.InterruptProcessingException,
-            interrupted_flag=comfy.model_management.processing_interrupted)
+            self.reporter, previewer=self.previewer, checkpoints=extras.checkpoints if main else None,
+            validating=validating, interrupt=comfy.model_management.InterruptProcessingException,
+            interrupted_flag=comfy.model_management.processing_interrupted, start_step=resumed)
 
     def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]], shapes: list,
                    preservation: list[list[int]] | None = None) -> ModelFns:
@@ -396,6 +404,9 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI).
     `positive_source` is the class of the node feeding `positive` (nodes/conditioning.py)."""
     config = _config(inputs, options)
+    # the progress event from the first second: what runs before the first step can take minutes
+    reporter = ProgressReporter(config.steps, None if distributed.is_main() else (lambda payload: None))
+    reporter.phase("preparing the training data")
     with torch.inference_mode(False), torch.enable_grad():
         images = _latents(latents, model.model, "latents")
         val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
@@ -420,8 +431,10 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         extras = Extras(preview, validation, val_latents, captions.validation, writer, writer.resume(),
                         _preservation_of(captions, data), regular, captions.regular)
         given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
+        if extras.resume is not None:
+            reporter.start_at(extras.resume.step)
         sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples,
-                               held, text_encoder)
+                               held, text_encoder, reporter)
         patcher = model.clone()
         if text_encoder is not None:
             text_encoder.load_with(patcher)
@@ -430,6 +443,7 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         guider = Guider_Basic(patcher)
         guider.set_conds(given)
         dummy = torch.zeros((1, *images[0].shape))  # all zeros: the guider leaves it unprocessed
+        reporter.phase("loading the model")
         try:
             guider.sample(dummy, dummy, sampler, torch.tensor([1.0, 0.0]), seed=config.seed)
         except EstimateOnly:  # the estimate command: written, nothing trained; end the workflow here

@@ -28,13 +28,15 @@ class TrainingHooks:
 
     def __init__(self, steps: int, bar: Any, ui_bar: Any, reporter: Any, *, previewer: Any = None,
                  checkpoints: Any = None, validating: bool = False, interrupt: type[BaseException] = KeyboardInterrupt,
-                 interrupted_flag: Callable[[], bool] = lambda: False) -> None:
+                 interrupted_flag: Callable[[], bool] = lambda: False, start_step: int = 0) -> None:
         self.steps, self.bar, self.ui_bar, self.reporter = steps, bar, ui_bar, reporter
         self.previewer, self.checkpoints, self.validating = previewer, checkpoints, validating
         self.interrupt, self.interrupted_flag = interrupt, interrupted_flag
         self.steps_done = 0  # completed steps, also when ComfyUI's progress hook raised on cancel
         self.interrupted = False  # ComfyUI's progress hook raised (and cleared its flag) inside a hook
         self.step_times: list[float] = []  # perf_counter after each step, for the s/step log line
+        self.started = False  # on_start ran: the steps are under way
+        self.start_step = start_step  # the step the run starts at (a resumed run's)
 
     def hooks(self) -> Hooks:
         """The engine's view of these hooks."""
@@ -42,8 +44,18 @@ class TrainingHooks:
                      on_start=self._guarded(self.on_start),
                      save=self.save if self.checkpoints is not None else None, cancel_errors=(self.interrupt,))
 
+    def validator(self, validator: Any) -> Any:
+        """The engine's validator, reporting its progress ("validation at step 0: 6 of 15") as it measures."""
+        return _ReportedValidation(validator, self)
+
+    def validation_step(self) -> int:
+        """The step a validation measures now: the engine validates at the start (before on_start) and
+        after a step (before that step's on_step)."""
+        return self.steps_done + 1 if self.started else self.start_step
+
     def on_start(self, state: TrainState) -> None:
         """Before the first step (after a resume: at the resumed step): the bar, the first preview."""
+        self.started, self.steps_done = True, state.step
         self.ui_bar.update_absolute(state.step, self.steps)
         if self.previewer is not None:
             self._preview(state)
@@ -81,8 +93,9 @@ class TrainingHooks:
         return (self.step_times[-1] - self.step_times[0]) / (len(self.step_times) - 1), len(self.step_times) - 1
 
     def _preview(self, state: TrainState) -> None:
-        with state.shown() if state.shown is not None else nullcontext():  # the EMA's weights, if it is asked
-            self.previewer.take(state.step)
+        with (state.shown() if state.shown is not None else nullcontext(),  # the EMA's weights, if it is asked
+              self.reporter.working("preview", f"preview at step {state.step}", self.previewer.steps) as phase):
+            self.previewer.take(state.step, phase.advance)
         self.reporter.event("preview", state)
 
     def _guarded(self, hook: Callable[[TrainState], None]) -> Callable[[TrainState], None]:
@@ -93,3 +106,15 @@ class TrainingHooks:
                 self.interrupted = True
 
         return run
+
+
+class _ReportedValidation:
+    """A validator (training/validation.py Validation) whose measuring is a reported, timed phase."""
+
+    def __init__(self, validator: Any, hooks: TrainingHooks) -> None:
+        self.validator, self.hooks, self.every = validator, hooks, validator.every
+
+    def loss(self) -> float:
+        what = f"validation at step {self.hooks.validation_step()}"
+        with self.hooks.reporter.working("validation", what, self.validator.measurements) as phase:
+            return self.validator.loss(progress=phase.advance)

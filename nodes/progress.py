@@ -9,7 +9,8 @@ The prompt and node come from ComfyUI's executing context (comfy_execution/utils
 `get_executing_context()`, set around the node's function), else the server's last ones.
 
 Payload (JSON; every number finite or null):
-  event           "step" after an optimizer step; "validation" | "preview" | "checkpoint" notices
+  event           "step" after an optimizer step; "validation" | "preview" | "checkpoint" notices;
+                  "phase" while work other than a step runs (loading, latents, a validation, a preview)
   prompt_id, node the running prompt and Train LoRA's node id (null outside ComfyUI)
   step, total     optimizer steps done in this run / to do in this run
   lora_steps      the LoRA's steps counting a continued LoRA's earlier ones (TrainState.total_steps)
@@ -19,9 +20,18 @@ Payload (JSON; every number finite or null):
   lr              the last step's learning rate
   validation_loss, validation_step   the latest validation (TrainState.validation), or null
   elapsed         seconds since the reporter was made (training start)
-  eta             seconds left: the time per step since the first reported step x the steps left;
-                  null until two steps were seen (the first one carries the model's load time)
+  eta             seconds left: the training time per step (since the first reported step, less the
+                  time validations and previews took) x the steps left, plus each validation and
+                  preview still due x the mean time one took so far; null until two steps were seen
+                  (the first one carries the model's load time)
   (a notice adds its own fields, e.g. "path")
+  phase, done, of a "phase" event's: what runs ("loading the model", "validation at step 0") and how
+                  far along it is (done of `of` units; both null when it cannot be counted)
+
+Phases are what a user waits through before the first step (and at each validation and preview): the
+node would otherwise say nothing for minutes. `working(kind, what, of)` wraps one (a context whose
+`advance(done)` reports progress); the time a "validation" or "preview" took is what the ETA adds for
+each one still due (`schedule`).
 
 Throttle: step messages go out at most every `min_interval` seconds (0.1: ~10 a second); the first
 and the last step always go out, and notices are never dropped. The payload builder is pure and
@@ -31,14 +41,28 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 EVENT = "lora_trainer.progress"
 NOTICES = ("validation", "preview", "checkpoint")
+PHASE = "phase"
+TIMED = ("validation", "preview")  # the work the ETA counts beside the steps
 SMOOTHING_WINDOW = 20  # steps
 MIN_INTERVAL = 0.1  # seconds between step messages
 
 Send = Callable[[dict], None]
+
+
+class Blank(NamedTuple):
+    """The numbers of a run with no step done yet (a phase before the first step)."""
+
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    losses: tuple = ()
+    validation: tuple = ()
 
 
 def _number(value: Any) -> float | None:
@@ -96,9 +120,19 @@ def comfy_sender() -> tuple[Send, str | None, str | None]:
     return send, prompt_id, None if node is None else str(node)
 
 
+class Phase:
+    """One running phase (`ProgressReporter.working`): `advance(done)` after each unit of its work."""
+
+    def __init__(self, reporter: "ProgressReporter", what: str, of: int | None) -> None:
+        self.reporter, self.what, self.of = reporter, what, of
+
+    def advance(self, done: int) -> None:
+        self.reporter.phase(self.what, done, self.of)
+
+
 class ProgressReporter:
-    """Sends `lora_trainer.progress` for one run: `step(state)` after each optimizer step,
-    `event(kind)` after a validation, preview or checkpoint.
+    """Sends `lora_trainer.progress` for one run: `phase(...)`/`working(...)` while anything but a step
+    runs, `step(state)` after each optimizer step, `event(kind)` after a validation, preview or checkpoint.
 
     `send=None` sends through ComfyUI's server (see `comfy_sender`); a callable taking the payload
     dict is used as given (tests, other hosts), with `node`/`prompt_id` as passed.
@@ -114,15 +148,42 @@ class ProgressReporter:
         self.started = clock()
         self._first: tuple[float, int] | None = None  # (time, step) of the first step seen
         self._last_sent = -math.inf
-        self._state: Any = None  # the latest state seen
+        self._state: Any = Blank()  # the latest state seen
         self._unsent = False  # the latest step was throttled away
+        self._timed: dict[str, list[float]] = {kind: [] for kind in TIMED}  # seconds each one took
+        self._timed_since_first = 0.0  # of that, the seconds after the first step
+        self._every: dict[str, int] = {}
+
+    def start_at(self, step: int) -> None:
+        """The run starts at `step` (a resumed run): what phases before its first step report."""
+        if self._first is None:
+            self._state = Blank(step, step)
+
+    def schedule(self, kind: str, every: int) -> None:
+        """`kind` ("validation", "preview") runs after every `every` steps and after the last; the ETA adds the
+        mean time one took for each still due."""
+        if kind not in TIMED:
+            raise ValueError(f"kind: got {kind!r}; use one of {', '.join(TIMED)}")
+        self._every[kind] = max(1, int(every))
+
+    def due_after(self, kind: str, step: int) -> int:
+        """How many `kind` runs are due after `step` (0 when not scheduled)."""
+        every = self._every.get(kind)
+        if every is None or step >= self.total:
+            return 0
+        return self.total // every - step // every + (self.total % every != 0)
 
     def eta(self, step: int) -> float | None:
-        """Seconds left: time per step since the first step seen x steps left; None until measurable."""
+        """Seconds left (see the module doc); None until measurable."""
         if self._first is None or step <= self._first[1]:
             return None
-        per_step = (self.clock() - self._first[0]) / (step - self._first[1])
-        return per_step * max(0, self.total - step)
+        training = self.clock() - self._first[0] - self._timed_since_first
+        per_step = max(0.0, training) / (step - self._first[1])
+        left = per_step * max(0, self.total - step)
+        for kind, taken in self._timed.items():
+            if taken:
+                left += sum(taken) / len(taken) * self.due_after(kind, step)
+        return left
 
     def _message(self, state: Any, event: str) -> dict:
         return payload(state, self.total, event=event, elapsed=self.clock() - self.started, eta=self.eta(state.step),
@@ -151,10 +212,29 @@ class ProgressReporter:
         if kind not in NOTICES:
             raise ValueError(f"kind: got {kind!r}; use one of {', '.join(NOTICES)}")
         state = state if state is not None else self._state
-        if state is None:
-            raise ValueError(f"event({kind!r}): no step reported yet; call step(state) first or pass state")
         self._state, self._unsent = state, False
         self._emit({**self._message(state, kind), **extra})
+
+    def phase(self, what: str, done: int | None = None, of: int | None = None) -> None:
+        """What runs now and how far along (`done` of `of`), with the latest step's numbers. Throttled like
+        steps, but a phase's start and end (done None, 0 or `of`) always go out."""
+        edge = done is None or done == 0 or (of is not None and done >= of)
+        if not edge and self.clock() - self._last_sent < self.min_interval:
+            return
+        self._emit({**self._message(self._state, PHASE), "phase": what,
+                    "done": None if done is None else int(done), "of": None if of is None else int(of)})
+
+    @contextmanager
+    def working(self, kind: str, what: str, of: int | None = None) -> Iterator[Phase]:
+        """A phase from start (done 0) to end; a "validation" or "preview" is timed for the ETA."""
+        started = self.clock()
+        self.phase(what, 0 if of is not None else None, of)
+        yield Phase(self, what, of)
+        taken = self.clock() - started
+        if kind in self._timed:
+            self._timed[kind].append(taken)
+            if self._first is not None:
+                self._timed_since_first += taken
 
     def flush(self) -> None:
         """Send the latest step if the throttle held it back (e.g. when a run stops early)."""

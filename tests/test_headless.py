@@ -196,6 +196,26 @@ def test_events_update_state_for_this_prompt_only():
     assert state.loss == 0.25
 
 
+def _phase(what: str, done: int | None = None, of: int | None = None) -> dict:
+    data = {"event": "phase", "prompt_id": "p1", "node": "5", "step": 0, "total": 4, "loss": None, "eta": None,
+            "phase": what, "done": done, "of": of}
+    return {"type": "lora_trainer.progress", "data": data}
+
+
+def test_a_phase_before_the_first_step_shows_as_a_passing_status():
+    """Train LoRA's "phase" events (loading, the step-0 validation) show on a terminal as what runs and how
+    far along; a log gets no line for them, and the steps' counts are untouched."""
+    for tty, expected in ((True, "\rTrain LoRA: validation at step 0 6/15"), (False, "")):
+        out = io.StringIO()
+        state, bar = RunState("p1", WF), ProgressBar(out, tty=tty, interval=0)
+        handle_event(state, _phase("validation at step 0", 6, 15), bar)
+        assert out.getvalue() == expected and state.steps() is None
+    out = io.StringIO()
+    handle_event(RunState("p1", WF), _phase("loading the model"),
+                 ProgressBar(out, tty=True))
+    assert out.getvalue() == "\rTrain LoRA: loading the model ..."
+
+
 def test_event_without_node_counts_for_the_training_node():
     state = RunState("p1", WF)
     handle_event(state, _train_event(None, 2, node=None), ProgressBar(io.StringIO(), tty=False))

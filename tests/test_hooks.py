@@ -2,14 +2,19 @@
 the progress event, the previewer and the checkpoint writer, and a real training loop on the tiny model."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 import torch
 
 from comfyui_lora_trainer.nodes.hooks import TrainingHooks
+from comfyui_lora_trainer.nodes.progress import ProgressReporter
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import build_tiny
 from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.loop import train
+from comfyui_lora_trainer.training.validation import Validation
 
 
 class Interrupt(Exception):
@@ -50,21 +55,32 @@ class Recorder:
     def due(self, step: int) -> bool:
         return step % 2 == 0
 
-    def take(self, step: int) -> None:
+    steps = 3  # a preview's sampler steps
+
+    def take(self, step: int, progress=None) -> None:
         self.calls.append(("preview", step))
+        for i in range(1, self.steps + 1):
+            progress(i)
+
+    @contextmanager
+    def working(self, kind: str, what: str, of: int | None = None):
+        self.calls.append(("working", kind, what, of))
+        yield SimpleNamespace(advance=lambda done: self.calls.append(("advance", what, done)))
 
     def save(self, state, lora, reason: str) -> str:
         self.calls.append(("save", state.step, reason, len(lora)))
         return f"loras/ck_{state.step}.safetensors"
 
 
-def _train(hooks: TrainingHooks, steps: int = 4):
+def _train(hooks: TrainingHooks, steps: int = 4, validation_every: int = 0):
     model = build_tiny("eps")
     fns = tiny_fns(model, encode_captions(["a ramp"], model.net.config.context_dim))
     config = TrainConfig(steps=steps, batch_size=1, training_dtype="fp32", lora_dtype="fp32",
                          gradient_checkpointing=False, save_every=3)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    return train(model.net, fns, latents, config, hooks=hooks.hooks())
+    validator = (hooks.validator(Validation(fns, latents[:1] + 0.5, config, validation_every, noise_levels=5))
+                 if validation_every else None)
+    return train(model.net, fns, latents, config, hooks=hooks.hooks(), validator=validator)
 
 
 def test_the_hooks_report_preview_and_checkpoint_each_step():
@@ -105,3 +121,21 @@ def test_comfyuis_cancel_flag_cancels_and_no_writer_means_no_checkpoint():
     result = _train(hooks, steps=5)
     assert result.cancelled and len(result.losses) == 3 and hooks.hooks().save is None
     assert not [c for c in r.calls if c[0] == "save"]
+
+
+def test_before_the_first_step_the_event_says_what_runs_and_how_far_along():
+    """The step-0 validation and preview are phases of the real reporter's event, with their progress,
+    sent before step 1's message; a validation after step 2 is named by its step."""
+    r, sent = Recorder(), []
+    reporter = ProgressReporter(4, sent.append, min_interval=0.0)
+    hooks = TrainingHooks(4, r, r, reporter, previewer=r, interrupt=Interrupt)
+    result = _train(hooks, validation_every=2)
+    assert [step for step, _ in result.validation] == [0, 2, 4]
+    first_step = next(i for i, m in enumerate(sent) if m["event"] == "step")
+    before = [(m.get("phase", m["event"]), m.get("done"), m.get("of")) for m in sent[:first_step]]
+    assert before == [("validation at step 0", done, 5) for done in range(6)] + [
+        ("preview at step 0", done, 3) for done in range(4)] + [("preview", None, None)]  # the preview's notice
+    phases = {m["phase"] for m in sent if m["event"] == "phase"}
+    assert phases == {"validation at step 0", "preview at step 0", "validation at step 2", "preview at step 2",
+                      "validation at step 4", "preview at step 4"}
+    assert all(m["step"] == 0 and m["loss"] is None for m in sent[:first_step])

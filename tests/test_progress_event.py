@@ -110,8 +110,6 @@ def test_resumed_run_measures_from_its_first_step():
 def test_notices_are_never_throttled_and_carry_extras():
     clock, sent = Clock(), []
     reporter = ProgressReporter(10, sent.append, clock=clock)
-    with pytest.raises(ValueError, match=r"event\('validation'\): no step reported yet"):
-        reporter.event("validation")
     state = _state(4)
     reporter.step(state)
     state.validation.append((4, 0.125))  # the run adds the validation to its state
@@ -148,3 +146,50 @@ def test_comfy_sender_uses_the_executing_context_and_the_prompts_client(monkeypa
     utils.get_executing_context = lambda: context
     _, prompt_id, node = progress.comfy_sender()
     assert (prompt_id, node) == ("old", "9")
+
+
+def test_phases_report_progress_throttled_but_never_their_start_and_end():
+    clock, sent = Clock(), []
+    reporter = ProgressReporter(10, sent.append, clock=clock, min_interval=1.0)
+    reporter.phase("loading the model")
+    with reporter.working("validation", "validation at step 0", 15) as phase:
+        for done in range(1, 16):
+            clock.now += 0.25
+            phase.advance(done)
+    shown = [(m["event"], m["phase"], m["done"], m["of"], m["step"], m["eta"]) for m in sent]
+    assert shown == [("phase", "loading the model", None, None, 0, None),
+                     ("phase", "validation at step 0", 0, 15, 0, None),
+                     ("phase", "validation at step 0", 4, 15, 0, None),  # 1 s after the last message
+                     ("phase", "validation at step 0", 8, 15, 0, None),
+                     ("phase", "validation at step 0", 12, 15, 0, None),
+                     ("phase", "validation at step 0", 15, 15, 0, None)]  # its end always goes out
+    json.dumps(sent, allow_nan=False)
+
+
+def test_the_eta_counts_validations_and_previews_still_due():
+    """10 steps of 1 s, a validation every 5 steps (3.75 s each) and a preview every 4 (and the last): the
+    ETA is the steps' time without the validations' and previews', plus each one still due at its mean."""
+    clock, sent = Clock(), []
+    reporter = ProgressReporter(10, sent.append, clock=clock, min_interval=0.0)
+    reporter.schedule("validation", 5)
+    reporter.schedule("preview", 4)
+
+    def work(kind: str, seconds: float) -> None:
+        with reporter.working(kind, f"{kind} at step x"):
+            clock.now += seconds
+
+    work("validation", 3.75)  # step 0's: before the first step
+    work("preview", 2.0)
+    for step in range(1, 7):
+        clock.now += 1.0
+        if step == 5:
+            work("validation", 3.75)
+        if step == 4:
+            work("preview", 6.0)
+        reporter.step(_state(step))
+    # after step 6: steps left 4 at 1 s; validations due after 6: step 10 (1 at 3.75 s); previews
+    # due: steps 8 and 10 (2 at a mean of (2 + 6) / 2 = 4 s)
+    assert sent[-1]["step"] == 6 and sent[-1]["eta"] == 4 * 1.0 + 3.75 + 2 * 4.0
+    assert reporter.due_after("preview", 6) == 2 and reporter.due_after("validation", 10) == 0
+    with pytest.raises(ValueError, match="kind: got 'loss'; use one of validation, preview"):
+        reporter.schedule("loss", 3)

@@ -19,7 +19,7 @@ and without gradients it needs less), in a fixed order, so the result does not v
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -97,16 +97,25 @@ class Validation:
                                 output_coefficient(self.fns, sigma, x0.dim()), [i for i, _ in part]))
         return built
 
+    @property
+    def measurements(self) -> int:
+        """How many (image, level) pairs one `loss()` measures."""
+        return self.images * self.noise_levels
+
     @torch.no_grad()
-    def loss(self) -> float:
-        """The mean loss over every image × level with the current weights (deterministic)."""
-        total = 0.0
+    def loss(self, progress: Callable[[int], None] | None = None) -> float:
+        """The mean loss over every image × level with the current weights (deterministic); `progress(done)`
+        after each batch, with the (image, level) pairs measured so far."""
+        total, done = 0.0, 0
         for chunk in self.chunks:
             with self.autocast:
                 pred = self.fns.denoise(chunk.noisy, chunk.sigma, chunk.indices)
             per = space_loss(self.loss_fn, pred.float(), chunk.target, chunk.coefficient, self.config.loss_space)
             total += float(per.sum())
-        return total / (self.images * self.noise_levels)
+            done += len(chunk.indices)
+            if progress is not None:
+                progress(done)
+        return total / self.measurements
 
 
 def _split_at_shapes(pairs: list[tuple[int, int]], images: list[torch.Tensor], size: int) -> list[list[tuple[int, int]]]:

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -132,6 +133,17 @@ def test_train_lora_example_trains_from_the_page(comfy, page):
 
     from selenium.webdriver.common.by import By
 
+    # every line web/progress.js shows on Train LoRA, in order (its listener runs first: registered first)
+    page.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/scripts/api.js').then(({api}) => {"
+        "  window.loraTrainerLines = [];"
+        "  api.addEventListener('lora_trainer.progress', ({detail}) => {"
+        "    const n = window.app.graph.getNodeById(Number(detail.node));"
+        "    window.loraTrainerLines.push({event: detail.event, step: detail.step, line: n && n.loraTrainerStatus});"
+        "  });"
+        "  done();"
+        "});")
     before = set(comfy.get("/history"))
     started = time.monotonic()
     page.find_element(By.CSS_SELECTOR, "[data-testid=queue-button]").click()
@@ -168,6 +180,15 @@ def test_train_lora_example_trains_from_the_page(comfy, page):
         "Train LoRA's progress event did not reach its node on the page")
     assert progress["p"]["total"] == STEPS and progress["p"]["validation_loss"] is not None, progress
     assert progress["line"].startswith(f"step {STEPS}/{STEPS} · loss ") and " val " in progress["line"], progress
+    # before step 1 the node said what ran: loading, the step-0 validation and preview, with their progress
+    lines = page.execute_script("return window.loraTrainerLines;")
+    first = next(i for i, seen in enumerate(lines) if seen["event"] == "step")
+    assert lines[first]["step"] == 1, lines[first]
+    shown = [seen["line"] for seen in lines[:first] if seen["event"] == "phase"]
+    assert "loading the model…" in shown, shown
+    measured = [re.fullmatch(r"validation at step 0: (\d+) of (\d+)", line) for line in shown]
+    assert [m.groups() for m in measured if m][-1] == ("1", "1"), shown  # 1 held-out image × 1 noise level
+    assert f"preview at step 0: {ADAPT[PREVIEW]['steps']} of {ADAPT[PREVIEW]['steps']}" in shown, shown
     screenshot(page, "trained_train_lora")
 
 
