@@ -1,13 +1,22 @@
-"""LoRA Training Options: the advanced settings of Train LoRA, on a node of their own.
+"""The options nodes: the advanced settings of Train LoRA, grouped on nodes of their own.
 
-The node's inputs are TrainConfig's "options" fields (training/config.py), same names and ranges.
-It outputs one TrainingOptions value for Train LoRA's optional `options` input. Options nodes
-chain (an optional `options` input, as core's guider and sampler nodes compose): a field left at
-its default on this node keeps what an upstream options node set; a field set here wins.
+Their inputs are TrainConfig's "options" fields (training/config.py), same names and ranges, split by
+topic (GROUPS): noise and timesteps, loss, optimizer and memory, dropout and captions, checkpoints and
+resume, EMA. Each outputs one TrainingOptions value for Train LoRA's optional `options` input, and
+options nodes chain (an optional `options` input, as core's guider and sampler nodes compose): a field
+left at its default on a node keeps what an upstream options node set; a field set there wins. So a
+graph holds only the groups it changes, each a few widgets tall.
+
+Why nodes and not one node whose widgets a web extension folds: a saved workflow and the API carry
+each widget by its name on a plain node, which every ComfyUI frontend (and the headless API) reads the
+same way; hiding widgets means patching the frontend's layout, which has changed between its
+versions. The one-column node with every option (LoRATrainer_TrainingOptions, 38 widgets) stays, for
+the workflows saved with it: same id, same widgets in the same order (LEGACY_ORDER: a UI workflow
+stores widget values by position), marked deprecated so node search offers the groups instead.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from ..training.config import OPTIONS, TrainConfig, settings
 from .common import CATEGORY
@@ -76,23 +85,101 @@ class ChainedOptions:
                                         "fields left at their defaults keep the upstream values."})}
 
 
+UNCONDITIONAL = {"unconditional": ("CONDITIONING", {"tooltip": "The empty caption (a text encode of an empty "
+                                                     "prompt): what caption_dropout trains the dropped images with."})}
+
+
+class Group(NamedTuple):
+    """One options node: its id and display name (nodes/registry.py), what it is for, its fields in widget
+    order (frozen once shipped: append new ones), and whether it takes the empty caption."""
+
+    node_id: str
+    name: str
+    description: str
+    fields: tuple[str, ...]
+    unconditional: bool = False
+
+
+GROUPS: tuple[Group, ...] = (
+    Group("LoRATrainer_OptionsNoise", "LoRA Options: Noise & Timesteps",
+          "Which noise levels training draws (the distribution, its shift, the timestep range) and extra noise "
+          "(offset, multi-resolution, input perturbation).",
+          ("timestep_sampling", "logit_mean", "logit_std", "sigmoid_scale", "flow_shift", "flow_shift_value",
+           "min_timestep", "max_timestep", "noise_offset", "multires_noise_iterations", "multires_noise_discount",
+           "ip_noise_gamma")),
+    Group("LoRATrainer_OptionsLoss", "LoRA Options: Loss",
+          "How each step's loss is weighted: by noise level (min-SNR, debiased) and by mask.",
+          ("loss_weighting", "min_snr_gamma", "unmasked_weight", "normalize_mask")),
+    Group("LoRATrainer_OptionsOptimizer", "LoRA Options: Optimizer & Memory",
+          "Optimizer extras (weight decay, LoRA+, restarts, the LR floor) and where its state and the frozen weights "
+          "live.",
+          ("weight_decay", "lora_plus_ratio", "lr_restarts", "min_learning_rate", "step_in_backward",
+           "optimizer_on_cpu", "offload")),
+    Group("LoRATrainer_OptionsDropout", "LoRA Options: Dropout & Captions",
+          "Dropout of the adapters, of captions (trained with the empty caption: connect unconditional) and of a "
+          "conditioned model's image.",
+          ("network_dropout", "rank_dropout", "module_dropout", "caption_dropout", "control_dropout"),
+          unconditional=True),
+    Group("LoRATrainer_OptionsCheckpoints", "LoRA Options: Checkpoints",
+          "Checkpoints during training (every N steps, how many kept, where) and the checkpoint to resume from.",
+          ("save_every", "keep_last", "checkpoint_prefix", "resume")),
+    Group("LoRATrainer_OptionsEMA", "LoRA Options: EMA",
+          "An exponential moving average of the adapters: its decay and warm-up, where it lives, and whether "
+          "validation, previews and the saved file use it.",
+          ("ema_decay", "ema_warmup", "ema_every", "ema_on_cpu", "ema_evaluate", "ema_save")),
+)
+# LoRATrainer_TrainingOptions' widgets as shipped: a UI workflow saved with it stores its values by position
+LEGACY_ORDER = (
+    "timestep_sampling", "logit_mean", "logit_std", "sigmoid_scale", "flow_shift", "flow_shift_value", "min_timestep",
+    "max_timestep", "loss_weighting", "min_snr_gamma", "noise_offset", "multires_noise_iterations",
+    "multires_noise_discount", "ip_noise_gamma", "network_dropout", "rank_dropout", "module_dropout", "caption_dropout",
+    "unmasked_weight", "normalize_mask", "control_dropout", "step_in_backward", "optimizer_on_cpu", "offload",
+    "weight_decay", "lora_plus_ratio", "lr_restarts", "min_learning_rate", "save_every", "keep_last",
+    "checkpoint_prefix", "resume", "ema_decay", "ema_warmup", "ema_every", "ema_on_cpu", "ema_evaluate", "ema_save")
+
+
+def _inputs(names: Sequence[str], unconditional: bool) -> dict:
+    table = widgets(OPTIONS)
+    return {"required": {}, "optional": {**ChainedOptions.CHAIN, **(UNCONDITIONAL if unconditional else {}),
+                                         **{name: table[name] for name in names}}}
+
+
 class TrainingOptionsNode(ChainedOptions):
-    DESCRIPTION = ("Advanced settings for Train LoRA: noise-level sampling, loss weighting, noise, dropout and "
-                   "optimizer extras. Plug into Train LoRA's options input; chain several to combine. Fields left at "
-                   "their defaults change nothing.")
+    """Every option on one node (the node workflows were saved with before the groups)."""
+
+    DEPRECATED = True  # node search offers the grouped nodes; saved workflows load and run as before
+    DESCRIPTION = ("Every advanced setting of Train LoRA on one node (kept for workflows saved with it; the LoRA "
+                   "Options nodes hold the same settings by topic). Plug into Train LoRA's options input; chain "
+                   "several to combine. Fields left at their defaults change nothing.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {},
-            "optional": {
-                **cls.CHAIN,
-                "unconditional": ("CONDITIONING", {"tooltip": "The empty caption (a text encode of an empty "
-                                                   "prompt): what caption_dropout trains the dropped images with."}),
-                **widgets(OPTIONS),
-            },
-        }
+        later = [name for name in widgets(OPTIONS) if name not in LEGACY_ORDER]  # options added since: appended
+        return _inputs((*LEGACY_ORDER, *later), unconditional=True)
 
     def execute(self, options: TrainingOptions | None = None, unconditional: list | None = None,
                 **values: Any) -> tuple[TrainingOptions]:
         return (merged(options, values, unconditional),)
+
+
+def _group_node(group: Group) -> type:
+    """The options node of one group: its fields as widgets; the rest of the options are left to other nodes."""
+
+    class GroupOptions(ChainedOptions):
+        DESCRIPTION = (f"{group.description} For Train LoRA's options input; chain it with the other LoRA Options "
+                       "nodes. Fields left at their defaults change nothing.")
+        GROUP = group
+
+        @classmethod
+        def INPUT_TYPES(cls) -> dict:
+            return _inputs(group.fields, group.unconditional)
+
+        def execute(self, options: TrainingOptions | None = None, unconditional: list | None = None,
+                    **values: Any) -> tuple[TrainingOptions]:
+            return (merged(options, values, unconditional),)
+
+    GroupOptions.__name__ = GroupOptions.__qualname__ = group.node_id.removeprefix("LoRATrainer_")
+    return GroupOptions
+
+
+GROUP_NODES: dict[str, tuple[type, str]] = {group.node_id: (_group_node(group), group.name) for group in GROUPS}

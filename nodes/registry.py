@@ -10,7 +10,7 @@ from .clips import EncodeTrainingClips
 from .dataset import EncodeTrainingFolder
 from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
 from .lora_io import LoadLoRAModel, SaveLoRA
-from .options import TrainingOptionsNode
+from .options import GROUP_NODES, TrainingOptionsNode
 from .plot import PlotLossGraph
 from .preservation import LoRAPreservation
 from .preview import TrainingPreview
@@ -20,7 +20,8 @@ from .validation import ValidationSet
 
 NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_TrainLoRA": (TrainLoRA, "Train LoRA"),
-    "LoRATrainer_TrainingOptions": (TrainingOptionsNode, "LoRA Training Options"),
+    **GROUP_NODES,  # the options by topic: LoRA Options: Noise & Timesteps, Loss, ... (nodes/options.py)
+    "LoRATrainer_TrainingOptions": (TrainingOptionsNode, "LoRA Training Options"),  # all of them (deprecated)
     "LoRATrainer_Preservation": (LoRAPreservation, "LoRA Preservation"),
     "LoRATrainer_TextEncoder": (LoRATextEncoder, "LoRA Text Encoder"),
     "LoRATrainer_TrainingPreview": (TrainingPreview, "LoRA Training Preview"),

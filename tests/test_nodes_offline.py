@@ -22,7 +22,7 @@ CORE_IDS = {"TrainLoraNode", "SaveLoRA", "LoraModelLoader", "LossGraphNode", "Lo
 
 
 def test_node_ids_unique_and_tooltips_everywhere():
-    assert len(pack.NODE_CLASS_MAPPINGS) == 14 and not CORE_IDS & set(pack.NODE_CLASS_MAPPINGS)
+    assert len(pack.NODE_CLASS_MAPPINGS) == 20 and not CORE_IDS & set(pack.NODE_CLASS_MAPPINGS)
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         spec = cls.INPUT_TYPES()

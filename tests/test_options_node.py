@@ -6,8 +6,8 @@ from dataclasses import fields
 
 import pytest
 
+from comfyui_lora_trainer.nodes.options import GROUP_NODES, GROUPS, LEGACY_ORDER, OPTIONS_TYPE
 from comfyui_lora_trainer.nodes.options import TrainingOptions, TrainingOptionsNode, merged
-from comfyui_lora_trainer.nodes.options import OPTIONS_TYPE
 from comfyui_lora_trainer.nodes.preservation import LoRAPreservation
 from comfyui_lora_trainer.nodes.text_encoder import DEFAULT_TEXT_ENCODER_LR, LoRATextEncoder
 from comfyui_lora_trainer.nodes.train import TrainLoRA
@@ -118,3 +118,40 @@ def test_the_preservation_node_chains_and_carries_its_regularisation_set():
 def test_the_preservation_node_names_what_is_missing(inputs, message):
     with pytest.raises(ValueError, match=message):
         LoRAPreservation().execute(**inputs)
+
+
+def test_the_option_groups_split_the_options_and_the_one_column_node_keeps_its_widgets():
+    """Every option is on exactly one grouped node, with the spec of the one-column node; that node keeps
+    its shipped widgets in their order (a UI workflow stores values by position), new options after."""
+    options = [name for name, (_, spec) in settings().items() if spec.node == OPTIONS]
+    grouped = [name for group in GROUPS for name in group.fields]
+    assert sorted(grouped) == sorted(options) and len(set(grouped)) == len(grouped)
+    legacy = node_inputs(TrainingOptionsNode)
+    assert [name for name in legacy if name not in NOT_FIELDS][:len(LEGACY_ORDER)] == list(LEGACY_ORDER)
+    assert set(legacy) - NOT_FIELDS == set(options) and TrainingOptionsNode.DEPRECATED
+    for group in GROUPS:
+        cls, name = GROUP_NODES[group.node_id]
+        inputs = node_inputs(cls)
+        assert [n for n in inputs if n not in NOT_FIELDS] == list(group.fields), group.node_id
+        assert all(inputs[n] == legacy[n] for n in inputs), group.node_id  # same widgets as before
+        assert ("unconditional" in inputs) == group.unconditional and inputs["options"][0] == OPTIONS_TYPE
+        assert cls.RETURN_TYPES == (OPTIONS_TYPE,) and name.startswith("LoRA Options: ")
+        assert len(inputs) <= 14, f"{group.node_id}: {len(inputs)} inputs; a group should stay a few widgets tall"
+
+
+def test_chained_groups_give_what_the_one_column_node_gives():
+    """Noise, dropout (with the empty caption) and EMA set on three chained grouped nodes equal the same values
+    on the one-column node; the config Train LoRA builds from either is the same."""
+    values = {"timestep_sampling": "logit_normal", "logit_mean": -0.5, "min_timestep": 100, "caption_dropout": 0.1,
+              "rank_dropout": 0.2, "ema_decay": 0.99, "ema_evaluate": False}
+    legacy, = TrainingOptionsNode().execute(unconditional=["u"], **values)
+    chained = None
+    for group in GROUPS:
+        mine = {k: v for k, v in values.items() if k in group.fields}
+        if mine:
+            extra = {"unconditional": ["u"]} if group.unconditional else {}
+            chained, = GROUP_NODES[group.node_id][0]().execute(options=chained, **extra, **mine)
+    assert chained == legacy == TrainingOptions(values, ["u"])
+    assert TrainConfig(steps=5, **chained.values) == TrainConfig(steps=5, **legacy.values)
+    with pytest.raises(ValueError, match="caption_dropout: got 0.1, but no unconditional CONDITIONING is connected"):
+        GROUP_NODES["LoRATrainer_OptionsDropout"][0]().execute(caption_dropout=0.1)

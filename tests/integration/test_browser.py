@@ -192,6 +192,79 @@ def test_train_lora_example_trains_from_the_page(comfy, page):
     screenshot(page, "trained_train_lora")
 
 
+# Each LoRA Options node alone on the canvas at the example's zoom, its box in window pixels and what covers it
+OPTIONS_NODE_BOX_JS = """
+const [type, zoom] = arguments;
+const app = window.app, canvas = app.canvas, el = canvas.canvas, r = el.getBoundingClientRect();
+const node = LiteGraph.createNode(type);
+app.graph.add(node);
+canvas.ds.scale = zoom;
+const [w, h] = node.computeSize();
+node.size = [Math.max(node.size[0], w), Math.max(node.size[1], h)];
+// the node's top-left clear of the side bar and the menu and tab bars above the canvas
+const [gx, gy] = canvas.ds.convertCanvasToOffset([140, 160]);
+node.pos = [gx, gy];
+canvas.setDirty(true, true);
+canvas.draw(true, true);
+const b = node.boundingRect;
+const [x0, y0] = canvas.ds.convertOffsetToCanvas([b[0], b[1]]);
+const [x1, y1] = canvas.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
+const box = [r.left + x0, r.top + y0, r.left + x1, r.top + y1];
+const hidden = [];
+for (const fx of [0.01, 0.5, 0.99]) for (const fy of [0.01, 0.5, 0.99]) {
+  const x = box[0] + fx * (box[2] - box[0]), y = box[1] + fy * (box[3] - box[1]);
+  const hit = document.elementFromPoint(x, y);
+  if (hit !== el) hidden.push([Math.round(x), Math.round(y), hit ? hit.tagName : 'outside the window']);
+}
+return {box: box.map(Math.round), widgets: node.widgets.length, hidden, window: [innerWidth, innerHeight]};
+"""
+
+
+def test_every_options_node_fits_the_window_at_the_examples_zoom(comfy, page):
+    """Each grouped LoRA Options node, expanded, fits a 1280×800 window at train_lora.json's zoom in less than
+    half its height; the one-column node they replace (38 widgets) takes more than half."""
+    from comfyui_lora_trainer.nodes.options import GROUPS
+
+    zoom = json.loads((WORKFLOWS / "train_lora.json").read_text())["extra"]["ds"]["scale"]
+    for group in (*GROUPS, None):
+        node_type = group.node_id if group else "LoRATrainer_TrainingOptions"
+        browser.load_workflow(page, {"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [],
+                                     "config": {}, "extra": {}, "version": 0.4})  # an empty canvas
+        seen = page.execute_script(OPTIONS_NODE_BOX_JS, node_type, zoom)
+        x0, y0, x1, y1 = seen["box"]
+        print(f"\n{node_type}: {seen['widgets']} widgets, {x1 - x0}×{y1 - y0} px at zoom {zoom}")
+        if group is None:
+            assert y1 - y0 > seen["window"][1] / 2, seen  # why the groups exist
+            continue
+        assert seen["widgets"] == len(group.fields), seen
+        assert not seen["hidden"] and y1 - y0 < seen["window"][1] / 2, f"{node_type} does not fit: {seen}"
+        screenshot(page, f"options_{group.node_id.removeprefix('LoRATrainer_')}")
+
+
+def test_a_workflow_saved_with_the_one_column_options_node_opens_with_its_values(comfy, page):
+    """train_lora.json as shipped before the groups: the one-column options node opens with no error overlay and
+    every widget holds its saved value (stored by position), so the workflow queues as it did."""
+    workflow = json.loads((HERE / "legacy_train_lora.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = comfy.checkpoint
+    browser.load_workflow(page, workflow)
+    assert page.execute_script(browser.ERROR_OVERLAY_JS) is None
+    saved = next(n for n in workflow["nodes"] if n["type"] == "LoRATrainer_TrainingOptions")
+    shown = page.execute_script(
+        "const n = window.app.graph.getNodeById(arguments[0]);"
+        "return n.widgets.map(w => [w.name, w.value]);", saved["id"])
+    from comfyui_lora_trainer.nodes.options import LEGACY_ORDER
+
+    assert [name for name, _ in shown][:len(LEGACY_ORDER)] == list(LEGACY_ORDER)
+    assert [value for _, value in shown][:len(saved["widgets_values"])] == saved["widgets_values"]
+    prompt = page.execute_async_script("const done = arguments[arguments.length - 1];"
+                                       "window.app.graphToPrompt().then(p => done(p.output));")
+    inputs = prompt[str(saved["id"])]["inputs"]
+    assert prompt[str(saved["id"])]["class_type"] == "LoRATrainer_TrainingOptions"
+    assert {k: inputs[k] for k in LEGACY_ORDER} == dict(zip(LEGACY_ORDER, saved["widgets_values"]))
+
+
 def _queued(comfy) -> set[str]:
     queue = comfy.get("/queue")
     return {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])}
