@@ -42,6 +42,7 @@ from .checkpoints import CheckpointWriter
 from .common import ESTIMATE_MODE, ESTIMATE_OUT, NONE_LORA
 from .comfy_conds import ShapedConds, check_conditioned
 from .comfy_text_encoder import LiveEntries, TrainedTextEncoder, continued_text_encoder, trained_text_encoder
+from .compat import comfyui_version, partial_load_problem
 from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning, hold_latent_inputs
 from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
@@ -471,14 +472,12 @@ def _offload(patcher) -> None:
     """The options node's offload: ComfyUI loads the model partially for the run (`prepare_sampling`'s
     force_offload, what core's trainer asks for), so the frozen weights stay in RAM and each layer's are
     cast onto the GPU as it runs; under gradient checkpointing one block's at a time are kept."""
-    import inspect
-
     import comfy.patcher_extension
     import comfy.sampler_helpers
 
-    if "force_offload" not in inspect.signature(comfy.sampler_helpers.prepare_sampling).parameters:
-        raise ValueError("offload: this ComfyUI cannot load a model partially for training (its prepare_sampling "
-                         "has no force_offload); update ComfyUI, or turn offload off")
+    problem = partial_load_problem(comfy.sampler_helpers, comfyui_version())
+    if problem is not None:
+        raise ValueError(problem)
     if patcher.load_device.type == "cpu":
         log.info("Train LoRA: offload is on but ComfyUI computes on the CPU, where the weights already are")
         return

@@ -6,7 +6,9 @@ older and newer interfaces (tests/test_compat.py).
 - `comfy.sample.fix_empty_latent_channels(model, latent, downscale_ratio_spacial=None, …)` (newer; before
   it took only the model and the latent and fitted the channels, not the spatial scale);
 - `latent_preview.Latent2RGBPreviewer(factors, bias, reshape)` and the latent formats'
-  `latent_rgb_factors_reshape` (newer; before, factors and bias only).
+  `latent_rgb_factors_reshape` (newer; before, factors and bias only);
+- `comfy.sampler_helpers.prepare_sampling(..., force_offload=)` (ComfyUI 0.14.0, the partial load the
+  options' `offload` asks for): no fallback; `partial_load_problem` words the error, naming the version.
 """
 from __future__ import annotations
 
@@ -45,3 +47,24 @@ def _parameters(function: Any) -> int:
         return len(inspect.signature(function).parameters)
     except (TypeError, ValueError):
         return 99
+
+
+PARTIAL_LOAD_VERSION = "0.14.0"  # the first release whose prepare_sampling takes force_offload
+
+
+def partial_load_problem(sampler_helpers: Any, version: str | None) -> str | None:
+    """Why `offload` cannot run on this ComfyUI (`version`: its __version__, None where unknown), or None."""
+    if "force_offload" in inspect.signature(sampler_helpers.prepare_sampling).parameters:
+        return None
+    this = f"this is ComfyUI {version}" if version else "this ComfyUI is older"
+    return (f"offload: needs ComfyUI {PARTIAL_LOAD_VERSION} or newer ({this}), whose sampler loads a model partially "
+            "for training; update ComfyUI, or turn offload off on LoRA Options: Optimizer & Memory")
+
+
+def comfyui_version() -> str | None:
+    """The running ComfyUI's version (its comfyui_version.py), or None where it has none."""
+    try:
+        from comfyui_version import __version__  # ComfyUI's root is on sys.path while it runs
+    except ImportError:
+        return None
+    return str(__version__)

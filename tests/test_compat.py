@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from comfyui_lora_trainer.nodes import compat
 from comfyui_lora_trainer.nodes.compat import fitted_empty_latent, intermediate_dtype, latent_rgb_previewer
 
 
@@ -46,3 +47,20 @@ def test_the_latent_previewer_gets_the_reshape_where_it_takes_one():
     older_format = SimpleNamespace(latent_rgb_factors=[[1]], latent_rgb_factors_bias=[0])  # no reshape attribute
     assert latent_rgb_previewer(SimpleNamespace(Latent2RGBPreviewer=Newer), newer_format).args == ([[1]], [0], "r")
     assert latent_rgb_previewer(SimpleNamespace(Latent2RGBPreviewer=Older), older_format).args == ([[1]], [0])
+
+
+def test_offload_on_a_comfyui_without_partial_loading_names_the_version_it_needs():
+    """0.3.64's prepare_sampling (model, noise_shape, conds, model_options) cannot load partially: the error
+    names offload, the version it needs and this one; 0.14.0's (with force_offload) passes."""
+    def old_prepare(model, noise_shape, conds, model_options=None):
+        pass
+
+    def new_prepare(model, noise_shape, conds, model_options=None, force_full_load=False, force_offload=False):
+        pass
+
+    old, new = SimpleNamespace(prepare_sampling=old_prepare), SimpleNamespace(prepare_sampling=new_prepare)
+    assert compat.partial_load_problem(old, "0.3.64") == (
+        "offload: needs ComfyUI 0.14.0 or newer (this is ComfyUI 0.3.64), whose sampler loads a model partially for "
+        "training; update ComfyUI, or turn offload off on LoRA Options: Optimizer & Memory")
+    assert "(this ComfyUI is older)" in compat.partial_load_problem(old, None)
+    assert compat.partial_load_problem(new, "0.14.0") is None
