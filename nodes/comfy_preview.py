@@ -79,8 +79,10 @@ def _rgb(image: np.ndarray, vae) -> np.ndarray:
 class Previewer:
     """Train LoRA's previews: `due(step)` and `take(step)` while training, `grid()` and `ui()` at the end."""
 
-    def __init__(self, settings: PreviewSettings, model_patcher, total_steps: int, ui_bar) -> None:
+    def __init__(self, settings: PreviewSettings, model_patcher, total_steps: int, ui_bar,
+                 after: Callable[[], None] | None = None) -> None:
         self.settings, self.patcher, self.total, self.ui_bar = settings, model_patcher, total_steps, ui_bar
+        self.after = after  # run after each preview's sampling (a training adapter: load training's model back)
         latent_format = model_patcher.get_model_object("latent_format")
         if settings.vae is not None:
             _check_vae(settings.vae, latent_format, type(model_patcher.model.model_config).__name__)
@@ -117,7 +119,12 @@ class Previewer:
         base = self.patcher.model
         # training's guider set the base model's current_patcher; a nested guider's cleanup clears it
         with isolated(base), restoring(base.__dict__, ["current_patcher"]):
-            pixels = self._decode(self._sample(step, progress))
+            try:
+                latent = self._sample(step, progress)
+            finally:
+                if self.after is not None:
+                    self.after()
+            pixels = self._decode(latent)
         image = Image.fromarray(pixels)  # RGB: _decode checks the VAE's, the latent previewer's is converted
         path = next_free(self.folder, lambda n: steps_name(self.stem, step, n, ".png"))
         write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), "preview")

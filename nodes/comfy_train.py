@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..lora import BaseModel, LoraStateDict, Naming, load_lora_file, resolve_state_dict, split_text_encoder, steps_of
 from ..lora.keys import TEXT_ENCODER_PREFIXES
 from ..lora.patching import swapped_items
+from ..lora.metadata import PREFIX as METADATA_PREFIX
 from ..training import distributed
 from ..training.checkpointing import model_blocks
 from ..training.config import TrainConfig
@@ -40,6 +41,7 @@ from ..training.validation import Validation
 from . import families
 from .checkpoints import CheckpointWriter
 from .common import ESTIMATE_MODE, ESTIMATE_OUT, NONE_LORA
+from .comfy_adapter import reload, with_training_adapter
 from .comfy_conds import ShapedConds, check_conditioned
 from .comfy_text_encoder import LiveEntries, TrainedTextEncoder, continued_text_encoder, trained_text_encoder
 from .compat import comfyui_version, partial_load_problem
@@ -47,7 +49,7 @@ from .conditioning import PER_IMAGE_ENTRIES, captions_of, flat_conditioning, hol
 from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
 from .hooks import TrainingHooks
-from .options import TrainingOptions
+from .options import TrainingAdapter, TrainingOptions
 from .loss_map import VALIDATION_LOSS, VALIDATION_STEP
 from .preview import PreviewSettings
 from .progress import ProgressReporter
@@ -164,8 +166,9 @@ class TrainSampler(comfy.samplers.Sampler):
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
                  uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None,
                  held: dict[int, dict] | None = None, text_encoder: TrainedTextEncoder | None = None,
-                 reporter: ProgressReporter | None = None):
+                 reporter: ProgressReporter | None = None, deployed=None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
+        self.deployed = deployed  # what previews sample when a training adapter is on: the given model (else None)
         self.reporter = reporter or ProgressReporter(config.steps, lambda payload: None)  # the progress event
         self.samples = samples  # alternatives (flipped copies, caption variants), repeats and masks (nodes/samples.py)
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
@@ -293,7 +296,11 @@ class TrainSampler(comfy.samplers.Sampler):
         resumed = extras.resume.step if extras.resume is not None else 0
         ui_bar = comfy.utils.ProgressBar(config.steps)
         if extras.preview is not None and main:
-            self.previewer = Previewer(extras.preview, model_wrap.model_patcher, config.steps, ui_bar)
+            training = model_wrap.model_patcher
+            # with a training adapter, previews sample the deployed model, then training's copy is loaded back
+            self.previewer = (Previewer(extras.preview, training, config.steps, ui_bar) if self.deployed is None else
+                              Previewer(extras.preview, self.deployed, config.steps, ui_bar,
+                                        after=lambda: reload(training)))
             self.reporter.schedule("preview", extras.preview.every)
         if validating:
             self.reporter.schedule("validation", extras.validation.every)
@@ -408,6 +415,12 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     # the progress event from the first second: what runs before the first step can take minutes
     reporter = ProgressReporter(config.steps, None if distributed.is_main() else (lambda payload: None))
     reporter.phase("preparing the training data")
+    adapter = options.training_adapter if options is not None else None
+    note = families.distilled_note(type(model.model.model_config).__name__, adapter and adapter.name)
+    if note is not None and adapter is None:
+        log.warning(note)
+    elif note is not None:
+        log.info(note)
     with torch.inference_mode(False), torch.enable_grad():
         images = _latents(latents, model.model, "latents")
         val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
@@ -435,8 +448,8 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         if extras.resume is not None:
             reporter.start_at(extras.resume.step)
         sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples,
-                               held, text_encoder, reporter)
-        patcher = model.clone()
+                               held, text_encoder, reporter, model if adapter is not None else None)
+        patcher = model.clone() if adapter is None else with_training_adapter(model, adapter)
         if text_encoder is not None:
             text_encoder.load_with(patcher)
         if config.offload:
@@ -453,7 +466,7 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         except comfy.model_management.InterruptProcessingException:  # raised by ComfyUI's progress hook
             _log_cancel(sampler.steps_done, config.steps, None)
             raise
-    return _outputs(model, sampler, existing, config)
+    return _outputs(model, sampler, existing, config, adapter)
 
 
 def _preservation_of(captions: _Captions, data: Expanded) -> list[list[int]] | None:
@@ -491,7 +504,8 @@ def _offload(patcher) -> None:
                                                  is_model_options=True)
 
 
-def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConfig) -> dict:
+def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConfig,
+             adapter: TrainingAdapter | None = None) -> dict:
     """The five outputs and the previews' UI entry; ComfyUI's cancel exception when the run was cancelled."""
     result = sampler.result
     if result is None or result.cancelled:
@@ -502,7 +516,10 @@ def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConf
     unet, _ = split_text_encoder(result.lora)  # a trained text encoder's part applies to a CLIP (Load LoRA Model)
     model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, unet, 1.0, 0)
     # the text-encoder part of a continued LoRA that is not trained goes into the output untouched
-    lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, result.lora.metadata)
+    metadata = dict(result.lora.metadata)
+    if adapter is not None:  # trained with it on, used without it: the file says so
+        metadata[METADATA_PREFIX + "training_adapter"] = json.dumps({"name": adapter.name, "strength": adapter.strength})
+    lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, metadata)
     loss = {"loss": result.losses}
     if result.validation:
         loss[VALIDATION_STEP] = [step for step, _ in result.validation]

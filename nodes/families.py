@@ -86,3 +86,25 @@ def conditioned_input_problem(model_class: str, config_class: str, extra_channel
             f"{missing} one, so it would train on blank images; pass the captions through {node} and connect "
             "its positive to Train LoRA's positive (with caption_dropout, its negative to the options node's "
             "unconditional)")
+
+
+# Step-distilled bases (ComfyUI's model_config class → the model, as users know it): plain denoising training
+# undoes their few-step sampling unless a de-distillation adapter (LoRA Training Adapter) is applied while training
+STEP_DISTILLED: dict[str, str] = {
+    "FluxSchnell": "Flux.1 schnell",
+    "ZImage": "Z-Image Turbo, if this is Turbo (ComfyUI loads the undistilled Z-Image base as the same class)",
+}
+
+
+def distilled_note(config_class: str, adapter: str | None) -> str | None:
+    """What the log tells a user training a step-distilled base (None for any other base)."""
+    name = STEP_DISTILLED.get(config_class)
+    if name is None:
+        return None
+    if adapter is not None:
+        return (f"Train LoRA: {name} is step-distilled; the training adapter {adapter!r} keeps the objective it "
+                "was distilled away from while training, and the LoRA is saved and previewed without it")
+    return (f"Train LoRA: {name} is step-distilled and trains here without a training adapter: each step pulls "
+            "it back toward plain denoising, so expect its few-step samples to lose sharpness and colour as "
+            "training goes on (sample with more steps and cfg to judge the LoRA), and a LoRA that works less well "
+            "on the distilled base; a de-distillation LoRA in LoRA Training Adapter avoids this")

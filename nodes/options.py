@@ -40,22 +40,33 @@ class TextEncoderInput(NamedTuple):
     captions: list[str] | None = None
 
 
+class TrainingAdapter(NamedTuple):
+    """What LoRA Training Adapter hands over: a LoRA file of the loras folder applied to the model while it
+    trains (a de-distillation adapter for a step-distilled base), and its strength (nodes/adapter.py)."""
+
+    name: str
+    strength: float = 1.0
+
+
 class TrainingOptions(NamedTuple):
     """The value on the wire: the fields set away from their defaults, the empty caption's CONDITIONING
     for caption dropout (None when not connected), from LoRA Preservation (nodes/preservation.py)
     the preservation captions (one CONDITIONING per training image, or one for all) and the
-    regularisation set, and from LoRA Text Encoder the text encoder to train."""
+    regularisation set, from LoRA Text Encoder the text encoder to train, and from LoRA Training
+    Adapter the adapter applied while training."""
 
     values: dict[str, Any]
     unconditional: list | None = None
     preservation: list | None = None
     regularization: Regularization | None = None
     text_encoder: TextEncoderInput | None = None
+    training_adapter: TrainingAdapter | None = None
 
 
 def merged(upstream: TrainingOptions | None, values: dict[str, Any], unconditional: list | None,
            preservation: list | None = None, regularization: Regularization | None = None,
-           text_encoder: TextEncoderInput | None = None) -> TrainingOptions:
+           text_encoder: TextEncoderInput | None = None,
+           training_adapter: TrainingAdapter | None = None) -> TrainingOptions:
     """This node's non-default fields over the upstream node's; its inputs, else upstream's.
     Raises ValueError naming a field that is out of range or inconsistent with another."""
     defaults = {name: default for name, (default, _) in settings().items()}
@@ -64,7 +75,8 @@ def merged(upstream: TrainingOptions | None, values: dict[str, Any], uncondition
     result = TrainingOptions({**base.values, **ours}, unconditional if unconditional is not None else base.unconditional,
                              preservation if preservation is not None else base.preservation,
                              regularization if regularization is not None else base.regularization,
-                             text_encoder if text_encoder is not None else base.text_encoder)
+                             text_encoder if text_encoder is not None else base.text_encoder,
+                             training_adapter if training_adapter is not None else base.training_adapter)
     TrainConfig(**result.values)  # every range and cross-field rule, checked once
     if result.values.get("caption_dropout", 0.0) > 0 and result.unconditional is None:
         raise ValueError("caption_dropout: got {}, but no unconditional CONDITIONING is connected; connect one (a text "

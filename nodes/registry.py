@@ -6,6 +6,7 @@ search and the canvas tell ours from core's at a glance, and typing "lora traine
 """
 from __future__ import annotations
 
+from .adapter import LoRATrainingAdapter
 from .clips import EncodeTrainingClips
 from .dataset import EncodeTrainingFolder
 from .images import LoadCaptionedImageSet, LoadImageSet, LoadImageSetFromFolder
@@ -24,6 +25,7 @@ NODES: dict[str, tuple[type, str]] = {
     "LoRATrainer_TrainingOptions": (TrainingOptionsNode, "LoRA Training Options"),  # all of them (deprecated)
     "LoRATrainer_Preservation": (LoRAPreservation, "LoRA Preservation"),
     "LoRATrainer_TextEncoder": (LoRATextEncoder, "LoRA Text Encoder"),
+    "LoRATrainer_TrainingAdapter": (LoRATrainingAdapter, "LoRA Training Adapter"),
     "LoRATrainer_TrainingPreview": (TrainingPreview, "LoRA Training Preview"),
     "LoRATrainer_ValidationSet": (ValidationSet, "LoRA Validation Set"),
     "LoRATrainer_SaveLoRA": (SaveLoRA, "Save LoRA"),

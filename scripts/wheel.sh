@@ -23,7 +23,7 @@ assert "site-packages" in str(root), root
 for shipped in ("web/progress.js", "lora/algos/lora.py", "assets/tiny_base.safetensors", "assets/icon.png",
                 "example_workflows/train_lora.json"):
     assert (root / shipped).is_file(), f"the wheel lacks {shipped}"
-assert len(pack.NODE_CLASS_MAPPINGS) == 20 and pack.WEB_DIRECTORY == "./web"
+assert len(pack.NODE_CLASS_MAPPINGS) == 21 and pack.WEB_DIRECTORY == "./web"
 print(f"wheel: installed at {root}, {len(pack.NODE_CLASS_MAPPINGS)} nodes, web/ and assets shipped")
 PY
 "$WORK/venv/bin/python" -m comfyui_lora_trainer demo --steps 2 --out "$WORK/demo"
