@@ -23,9 +23,11 @@ READY_JS = "return !!(window.app && window.app.graph && window.app.canvas && win
 # middles, centre) are hidden by a panel of the UI (sidebar, top bar, Run bar, minimap, ...) or lie
 # outside the window. A point is in view when the topmost element there is the graph canvas or a DOM
 # widget drawn over the canvas (text boxes, the markdown note).
-NODE_BOXES_JS = """
+# nodeBox(node): the node's box in window pixels and the points of it (corners, edges' middles, centre)
+# that something other than the canvas covers (its own DOM widgets aside)
+NODE_BOX_FUNCTION = """
 const app = window.app, canvas = app.canvas, el = canvas.canvas, r = el.getBoundingClientRect();
-return app.graph._nodes.map(node => {
+function nodeBox(node) {
   const b = node.boundingRect;
   const [x0, y0] = canvas.ds.convertOffsetToCanvas([b[0], b[1]]);
   const [x1, y1] = canvas.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
@@ -37,9 +39,12 @@ return app.graph._nodes.map(node => {
     if (hit === el || (hit && hit.closest('.dom-widget, textarea'))) continue;
     hidden.push([Math.round(x), Math.round(y), hit ? hit.tagName + '.' + String(hit.className).slice(0, 60) : 'outside the window']);
   }
-  return {id: String(node.id), type: node.type, title: node.title, box: box.map(Math.round), hidden,
-          registered: !!LiteGraph.registered_node_types[node.type]};
-});
+  return {box: box.map(Math.round), hidden};
+}
+"""
+NODE_BOXES_JS = NODE_BOX_FUNCTION + """
+return app.graph._nodes.map(node => ({id: String(node.id), type: node.type, title: node.title, ...nodeBox(node),
+                                      registered: !!LiteGraph.registered_node_types[node.type]}));
 """
 
 # The text of the error overlay the frontend shows after loading a workflow (missing node types,

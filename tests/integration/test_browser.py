@@ -193,9 +193,8 @@ def test_train_lora_example_trains_from_the_page(comfy, page):
 
 
 # Each LoRA Options node alone on the canvas at the example's zoom, its box in window pixels and what covers it
-OPTIONS_NODE_BOX_JS = """
+OPTIONS_NODE_BOX_JS = browser.NODE_BOX_FUNCTION + """
 const [type, zoom] = arguments;
-const app = window.app, canvas = app.canvas, el = canvas.canvas, r = el.getBoundingClientRect();
 const node = LiteGraph.createNode(type);
 app.graph.add(node);
 canvas.ds.scale = zoom;
@@ -206,17 +205,7 @@ const [gx, gy] = canvas.ds.convertCanvasToOffset([140, 160]);
 node.pos = [gx, gy];
 canvas.setDirty(true, true);
 canvas.draw(true, true);
-const b = node.boundingRect;
-const [x0, y0] = canvas.ds.convertOffsetToCanvas([b[0], b[1]]);
-const [x1, y1] = canvas.ds.convertOffsetToCanvas([b[0] + b[2], b[1] + b[3]]);
-const box = [r.left + x0, r.top + y0, r.left + x1, r.top + y1];
-const hidden = [];
-for (const fx of [0.01, 0.5, 0.99]) for (const fy of [0.01, 0.5, 0.99]) {
-  const x = box[0] + fx * (box[2] - box[0]), y = box[1] + fy * (box[3] - box[1]);
-  const hit = document.elementFromPoint(x, y);
-  if (hit !== el) hidden.push([Math.round(x), Math.round(y), hit ? hit.tagName : 'outside the window']);
-}
-return {box: box.map(Math.round), widgets: node.widgets.length, hidden, window: [innerWidth, innerHeight]};
+return {...nodeBox(node), widgets: node.widgets.length, window: [innerWidth, innerHeight]};
 """
 
 
