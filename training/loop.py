@@ -21,7 +21,7 @@ import math
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -39,9 +39,6 @@ from .dropout import Dropout, any_dropout
 from .ema import Ema, restored
 from .objective import ModelFns, Objective, output_coefficient
 from .optim import lr_at, make_optimizer, set_lr
-
-if TYPE_CHECKING:
-    from .experts import Router
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +75,15 @@ class TrainState:
     def existing_steps(self) -> int:
         """The steps of a continued LoRA before this run."""
         return self.total_steps - self.step
+
+
+class Router(Protocol):
+    """Picks each optimizer step's expert (training/experts.py): `pick` returns the objective the step draws
+    and predicts with (an expert's, in its noise range); `current` names the expert it picked last."""
+
+    current: str | None
+
+    def pick(self, generator: torch.Generator) -> Objective: ...
 
 
 class Validator(Protocol):
