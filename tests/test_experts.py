@@ -11,7 +11,7 @@ import torch
 from comfyui_lora_trainer.lora.metadata import EXPERT, ExpertLoras, LoraStateDict, expert_stem
 from comfyui_lora_trainer.tiny.host import tiny_fns
 from comfyui_lora_trainer.tiny.model import build_tiny
-from comfyui_lora_trainer.tiny.schedules import make_schedule
+from comfyui_lora_trainer.tiny.schedules import FlowSchedule, make_schedule
 from comfyui_lora_trainer.tiny.text import encode_captions
 from comfyui_lora_trainer.training.config import TrainConfig
 from comfyui_lora_trainer.training.experts import EXPERT_STEPS, Expert, split_weights, train_experts
@@ -93,6 +93,10 @@ def test_the_boundary_is_on_sigma_after_the_models_shift():
     draws t in [0.7, 1]; with no expert the draw is the one it always was."""
     objective = Objective(flow_fns(), TrainConfig(expert="high_noise"), CPU)
     assert objective.window[0] == pytest.approx(0.7, abs=1e-6) and objective.window[1] == 1.0
+    # Wan's shift in ComfyUI is 8: the high-noise expert takes t ≥ 0.875 / (8 − 7 · 0.875) = 0.4667 of the draw
+    wan = FlowSchedule(shift=8.0)
+    wan_fns = ModelFns(wan.percent_to_sigma, wan.noise_scaling, wan.calculate_denoised, lambda x, s, i: x, flow=True)
+    assert Objective(wan_fns, TrainConfig(expert="high_noise"), CPU).window[0] == pytest.approx(0.875 / 1.875, abs=2e-3)
     fixed = Objective(flow_fns(), TrainConfig(expert="low_noise", flow_shift="fixed", flow_shift_value=8.0), CPU)
     assert fixed.window == (0.0, pytest.approx(0.875 / (8 - 7 * 0.875)))
     assert torch.equal(draw_percent(9, torch.Generator().manual_seed(5), TrainConfig(), None),
