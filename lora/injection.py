@@ -115,15 +115,23 @@ class LoraNetwork(nn.Module):
         self._joined: set[int] = set()
         self.active = False
 
-    def join(self, other: LoraNetwork) -> None:
+    def join(self, other: LoraNetwork, prefix: str = "", apart: bool = True) -> None:
         """Take over the adapters of another model's network (a text encoder's, injected with a `prefix`): one
-        network to train, save and remove; `joined_parameters()` are theirs. Their paths must differ from ours."""
+        network to train, save and remove; with `apart`, `joined_parameters()` are theirs (trained at their own
+        LR). Their paths must differ from ours: `prefix` goes before each of theirs here (another expert of the
+        same model, whose paths are ours, joined not apart)."""
+        if prefix:
+            other.paths = {kohya_name(prefix + p): prefix + p for p in other.paths.values()}
+            other.adapters = nn.ModuleDict({kohya_name(prefix + p): other.adapters[kohya_name(p)]
+                                            for p in (path[len(prefix):] for path in other.paths.values())})
+            other._targets = {prefix + p: m for p, m in other._targets.items()}
         shared = sorted(set(self.adapters) & set(other.adapters))
         if shared:
             raise ValueError(f"join: both networks have the layer {other.paths[shared[0]]}; inject one with a prefix")
         self.paths.update(other.paths)
         self.adapters.update(other.adapters)
-        self._joined.update(id(p) for p in other.parameters())
+        if apart:
+            self._joined.update(id(p) for p in other.parameters())
         self._targets.update(other._targets)
         self._forwards.enter_context(other._forwards.pop_all())  # removed with ours
         self._saved_grad.update(other._saved_grad)

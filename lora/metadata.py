@@ -53,6 +53,35 @@ class LoraStateDict(dict):
         self.metadata: dict[str, str] = dict(metadata or {})
 
 
+EXPERT = PREFIX + "expert"  # which expert of a noise-range-expert model a file is for (Wan 2.2 A14B)
+EXPERT_BOUNDARY = PREFIX + "expert_boundary"  # the σ where its high-noise expert hands over to the low-noise one
+
+
+class ExpertLoras(LoraStateDict):
+    """The LoRAs of a model trained as noise-range experts in one run (Wan 2.2 A14B), as one LORA_MODEL: the
+    dict itself is the `main` expert's LoRA (what a LoRA node applies to that expert's model), `experts` maps
+    each expert's name to its LoRA (Save LoRA writes one file each)."""
+
+    def __init__(self, experts: Mapping[str, LoraStateDict], main: str):
+        super().__init__(experts[main], experts[main].metadata)
+        self.experts: dict[str, LoraStateDict] = dict(experts)
+
+
+def expert_metadata(expert: str, boundary: float) -> dict[str, str]:
+    """The keys saying which expert a file is for: ours (`EXPERT`, `EXPERT_BOUNDARY`), and its σ range × 1000 as
+    kohya's ss_min_timestep / ss_max_timestep, the convention of musubi-tuner's Wan 2.2 runs (timesteps after
+    the shift: its high-noise LoRAs train with --min_timestep 875 --max_timestep 1000)."""
+    edge = str(round(boundary * 1000))
+    low, high = (edge, "1000") if expert == "high_noise" else ("0", edge)
+    return {EXPERT: expert, EXPERT_BOUNDARY: f"{boundary:g}", "ss_min_timestep": low, "ss_max_timestep": high}
+
+
+def expert_stem(stem: str, metadata: Mapping[str, str]) -> str:
+    """A file name stem with the expert its metadata names appended (`my_lora_high_noise`), unless it ends so."""
+    expert = metadata.get(EXPERT)
+    return stem if not expert or stem.endswith(expert) else f"{stem}_{expert}"
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """The model a LoRA is trained on, as kohya-ss (`version`) and ModelSpec (the rest) name it, and

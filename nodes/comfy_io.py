@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..lora import save_lora_file, split_text_encoder
 from ..lora.files import steps_name, write_atomically
-from ..lora.metadata import output_name
+from ..lora.metadata import expert_stem, output_name
 from ..training.images import ImageSet, load_image_folder, load_images
 from ..training.plot import plot_losses
 from .conditioning import with_caption
@@ -35,16 +35,22 @@ def _output_dir() -> Path:
     return Path(folder_paths.get_output_directory()).resolve()
 
 
-def save_lora(lora: dict, prefix: str, steps: int | None, file_format: str = "portable") -> str:
-    """`<prefix>_<steps>_steps_<counter>_.safetensors` (or without steps); returns the relative path."""
+def save_lora(lora: dict, prefix: str, steps: int | None, file_format: str = "portable") -> list[str]:
+    """`<prefix>_<steps>_steps_<counter>_.safetensors` (or without steps), the prefix followed by the expert a
+    LoRA is for (`_high_noise`, `_low_noise`: lora/metadata.py `expert_stem`); one file per expert of a LoRA
+    that carries several (ExpertLoras: Train LoRA's high_noise_model). Returns the relative paths."""
     if not isinstance(lora, dict) or not lora:
         raise ValueError("lora: got no LoRA weights; connect the lora output of Train LoRA")
-    sd, metadata = file_contents(lora, steps, file_format)
-    folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
-    path = next_free(folder, lambda n: steps_name(stem, steps, n))
-    metadata.update(output_name(stem))  # ss_output_name and modelspec.title
-    save_lora_file(path, sd, metadata)
-    return path.relative_to(_output_dir()).as_posix()
+    names = []
+    for part in list(getattr(lora, "experts", {}).values()) or [lora]:
+        sd, metadata = file_contents(part, steps, file_format)
+        folder, stem = output_target(_output_dir(), prefix, SAVE_LORA_PREFIX)
+        stem = expert_stem(stem, metadata)
+        path = next_free(folder, lambda n, stem=stem: steps_name(stem, steps, n))
+        metadata.update(output_name(stem))  # ss_output_name and modelspec.title
+        save_lora_file(path, sd, metadata)
+        names.append(path.relative_to(_output_dir()).as_posix())
+    return names
 
 
 def apply_lora(model, lora: dict, strength: float, clip=None, strength_clip: float = 1.0) -> tuple:

@@ -50,7 +50,7 @@ from .samples import Expanded, expand, is_variant_set
 from .comfy_preview import Previewer
 from .hooks import TrainingHooks
 from .options import TrainingAdapter, TrainingOptions
-from .loss_map import VALIDATION_LOSS, VALIDATION_STEP
+from .loss_map import EXPERTS_KEY, VALIDATION_LOSS, VALIDATION_STEP
 from .preview import PreviewSettings
 from .progress import ProgressReporter
 from .validation import ValidationSettings
@@ -166,10 +166,11 @@ class TrainSampler(comfy.samplers.Sampler):
     def __init__(self, latents: list[torch.Tensor], captions: list[list[int]], config: TrainConfig, existing: Existing,
                  uncond: tuple[int, ...] | None = None, extras: Extras = Extras(), samples: Samples | None = None,
                  held: dict[int, dict] | None = None, text_encoder: TrainedTextEncoder | None = None,
-                 reporter: ProgressReporter | None = None, deployed=None):
+                 reporter: ProgressReporter | None = None, deployed=None, high_noise=None):
         self.latents, self.captions, self.config, self.existing = latents, captions, config, existing
         self.deployed = deployed  # what previews sample when a training adapter is on: the given model (else None)
         self.reporter = reporter or ProgressReporter(config.steps, lambda payload: None)  # the progress event
+        self.high_noise = high_noise  # the high-noise expert trained too (nodes/comfy_experts.py), or None
         self.samples = samples  # alternatives (flipped copies, caption variants), repeats and masks (nodes/samples.py)
         self.uncond = uncond  # the entries of the empty caption (caption dropout), or None
         self.extras = extras
@@ -189,6 +190,9 @@ class TrainSampler(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
+        if self.high_noise is not None and self.high_noise.wrap is None:  # its guider prepares it, then calls back
+            return self.high_noise.nest(self, model_wrap, sigmas, extra_args, callback, noise, latent_image,
+                                        denoise_mask, disable_pbar)
         base = model_wrap.inner_model
         net = base.diffusion_model
         device = model_wrap.model_patcher.load_device
@@ -222,11 +226,16 @@ class TrainSampler(comfy.samplers.Sampler):
             with swapped_items(comfy.model_management.__dict__, {"in_training": True}):
                 self.reporter.phase("estimating memory")
                 self.memory = self._estimate(net, fns, latents, device)
-                self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
-                                    existing=self.existing.weights, existing_steps=self.existing.steps,
-                                    hooks=self.hooks.hooks(), base=base_model_of(base), resume=self.extras.resume,
-                                    validator=validator and self.hooks.validator(validator), samples=self.samples,
-                                    regularization=regular or None, text_encoders=self.text_encoders)
+                if self.high_noise is not None:
+                    self.result = self.high_noise.train(self, model_wrap, net, fns, latents, _release_inference_tensors,
+                                                        self._shaped_conds, base_model_of)
+                else:
+                    self.result = train(net, fns, latents, self.config, checkpoint_blocks=model_blocks(net),
+                                        existing=self.existing.weights, existing_steps=self.existing.steps,
+                                        hooks=self.hooks.hooks(), base=base_model_of(base),
+                                        resume=self.extras.resume, validator=validator and self.hooks.validator(validator),
+                                        samples=self.samples, regularization=regular or None,
+                                        text_encoders=self.text_encoders)
         finally:
             self.hooks.close()
         if distributed.is_main():
@@ -310,17 +319,23 @@ class TrainSampler(comfy.samplers.Sampler):
             validating=validating, interrupt=comfy.model_management.InterruptProcessingException,
             interrupted_flag=comfy.model_management.processing_interrupted, start_step=resumed)
 
+    def _shaped_conds(self, model_wrap) -> ShapedConds:
+        """The guider's caption entries of `model_wrap`, to prepare per latent size (another expert's own)."""
+        device = model_wrap.model_patcher.load_device
+        return ShapedConds(model_wrap.conds["positive"], self.held, model_wrap.inner_model, device,
+                           tuple(self.latents[0].shape), self.config.seed)
+
     def _model_fns(self, model_wrap, sampling, extra_args: dict, captions: list[list[int]], shapes: list,
-                   preservation: list[list[int]] | None = None) -> ModelFns:
+                   preservation: list[list[int]] | None = None, conds: ShapedConds | None = None) -> ModelFns:
         """The engine's model callables for images of `shapes` with `captions` (and `preservation` captions);
         every caption is prepared at its image's shape here, before training (a caption that cannot fit
-        fails now, not at some step)."""
+        fails now, not at some step). `conds`: the entries of `model_wrap`'s guider when not the run's."""
         def percent_to_sigma(percent: torch.Tensor) -> torch.Tensor:
             p = percent.clamp(_PERCENT_EDGE, 1 - _PERCENT_EDGE).tolist()
             return torch.tensor([float(sampling.percent_to_sigma(x)) for x in p])
 
         # one guider call per caption: the guider combines every cond it holds over the whole batch
-        conds, uncond = self.conds, self.uncond
+        conds, uncond = conds or self.conds, self.uncond
         prepared = [tuple(c) for c in conds.captions(captions, shapes)]
         bare = None  # control dropout's captions, without their condition images
         if self.config.control_dropout and any(e in conds.held for c in captions for e in c):
@@ -408,9 +423,10 @@ def _appended(entries: list, conditionings: list, n_images: int, what: str = "po
 
 def train_lora(model, latents: list[dict], positive: list, inputs: dict, options: TrainingOptions | None = None,
                preview: PreviewSettings | None = None, validation: ValidationSettings | None = None,
-               positive_source: str | None = None) -> dict:
+               positive_source: str | None = None, high_noise_model=None) -> dict:
     """Train LoRA's execute: validate, train under a guider, shape the five outputs (and the previews' UI).
-    `positive_source` is the class of the node feeding `positive` (nodes/conditioning.py)."""
+    `positive_source` is the class of the node feeding `positive` (nodes/conditioning.py). `high_noise_model`:
+    trained too, `model` being the low-noise expert (nodes/comfy_experts.py)."""
     config = _config(inputs, options)
     # the progress event from the first second: what runs before the first step can take minutes
     reporter = ProgressReporter(config.steps, None if distributed.is_main() else (lambda payload: None))
@@ -421,6 +437,13 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         log.warning(note)
     elif note is not None:
         log.info(note)
+    if high_noise_model is not None:
+        from .comfy_experts import check_experts
+
+        check_experts(model, high_noise_model, config, inputs.get("existing_lora", NONE_LORA), {
+            "preview": preview is not None, "validation": validation is not None,
+            "regularization": options is not None and options.regularization is not None,
+            "training_adapter": adapter is not None})
     with torch.inference_mode(False), torch.enable_grad():
         images = _latents(latents, model.model, "latents")
         val_latents = _latents(validation.latents, model.model, "validation latents") if validation else []
@@ -447,8 +470,13 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
         given, held = hold_latent_inputs(captions.entries)  # a start frame fits one clip's size, not the run's
         if extras.resume is not None:
             reporter.start_at(extras.resume.step)
+        high = None
+        if high_noise_model is not None:
+            from .comfy_experts import HighNoiseExpert
+
+            high = HighNoiseExpert(high_noise_model.clone(), given, config.seed)
         sampler = TrainSampler(data.images, data.captions, config, existing, captions.uncond, extras, data.samples,
-                               held, text_encoder, reporter, model if adapter is not None else None)
+                               held, text_encoder, reporter, model if adapter is not None else None, high)
         patcher = model.clone() if adapter is None else with_training_adapter(model, adapter)
         if text_encoder is not None:
             text_encoder.load_with(patcher)
@@ -520,7 +548,9 @@ def _outputs(model, sampler: TrainSampler, existing: Existing, config: TrainConf
     if adapter is not None:  # trained with it on, used without it: the file says so
         metadata[METADATA_PREFIX + "training_adapter"] = json.dumps({"name": adapter.name, "strength": adapter.strength})
     lora = LoraStateDict({**result.lora, **(existing.text_encoder or {})}, metadata)
-    loss = {"loss": result.losses}
+    if result.experts:  # both experts trained: the value carries each one's LoRA (Save LoRA writes both)
+        lora = result.lora
+    loss = {"loss": result.losses, **({EXPERTS_KEY: result.experts} if result.experts else {})}
     if result.validation:
         loss[VALIDATION_STEP] = [step for step, _ in result.validation]
         loss[VALIDATION_LOSS] = [value for _, value in result.validation]

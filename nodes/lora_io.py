@@ -13,7 +13,8 @@ class SaveLoRA:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("filename",)
-    OUTPUT_TOOLTIPS = ("The written file, relative to the output folder.",)
+    OUTPUT_TOOLTIPS = ("The written file, relative to the output folder (a LoRA of both Wan 2.2 experts: both "
+                       "files, one a line).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -31,8 +32,8 @@ class SaveLoRA:
     def execute(self, lora: dict, prefix: str, steps: int | None = None, format: str = FORMATS[0]) -> dict:  # noqa: A002 (the input's name)
         from .comfy_io import save_lora
 
-        name = save_lora(lora, prefix, steps, format)
-        return {"ui": {"text": [name]}, "result": (name,)}
+        names = save_lora(lora, prefix, steps, format)
+        return {"ui": {"text": names}, "result": ("\n".join(names),)}
 
 
 class LoadLoRAModel:

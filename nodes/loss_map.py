@@ -1,11 +1,13 @@
 """The LOSS_MAP, Train LoRA's `loss` output and Plot Loss Graph's input: core's `{"loss": [...]}` (one
 value per optimizer step), plus, when Train LoRA had a validation set, `"validation_step"` and
 `"validation_loss"`: equal-length lists of the steps measured (k = after k optimizer steps, 0 = before
-training) and their validation loss. No ComfyUI import.
+training) and their validation loss; when it trained both experts of a model (high_noise_model), `"expert"`:
+the expert each step trained ("high_noise" or "low_noise"), one per loss value. No ComfyUI import.
 """
 from __future__ import annotations
 
 VALIDATION_STEP, VALIDATION_LOSS = "validation_step", "validation_loss"  # LOSS_MAP keys
+EXPERTS_KEY = "expert"
 
 
 def validation_points(loss: dict) -> list[tuple[int, float]]:

@@ -114,11 +114,11 @@ class Group(NamedTuple):
 
 GROUPS: tuple[Group, ...] = (
     Group("LoRATrainer_OptionsNoise", "LoRA Options: Noise & Timesteps",
-          "Which noise levels training draws (the distribution, its shift, the timestep range) and extra noise "
-          "(offset, multi-resolution, input perturbation).",
+          "Which noise levels training draws (the distribution, its shift, the timestep range, a Wan 2.2 expert's "
+          "range) and extra noise (offset, multi-resolution, input perturbation).",
           ("timestep_sampling", "logit_mean", "logit_std", "sigmoid_scale", "flow_shift", "flow_shift_value",
            "min_timestep", "max_timestep", "noise_offset", "multires_noise_iterations", "multires_noise_discount",
-           "ip_noise_gamma")),
+           "ip_noise_gamma", "expert", "expert_boundary")),
     Group("LoRATrainer_OptionsLoss", "LoRA Options: Loss",
           "How each step's loss is weighted: by noise level (min-SNR, debiased) and by mask.",
           ("loss_weighting", "min_snr_gamma", "unmasked_weight", "normalize_mask")),

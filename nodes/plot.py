@@ -6,7 +6,7 @@ are returned in the UI dict.
 from __future__ import annotations
 
 from .common import CATEGORY
-from .loss_map import VALIDATION_LOSS, VALIDATION_STEP, validation_points
+from .loss_map import EXPERTS_KEY, VALIDATION_LOSS, VALIDATION_STEP, validation_points
 
 
 class PlotLossGraph:
@@ -35,6 +35,8 @@ class PlotLossGraph:
         image, ui_entry = save_loss_graph(loss, filename_prefix)
         # The values ride along in the UI dict so headless clients can read them from /history.
         ui = {"images": [ui_entry], "loss": [float(v) for v in loss["loss"]]}
+        if loss.get(EXPERTS_KEY):  # both Wan 2.2 experts trained: each value's expert
+            ui[EXPERTS_KEY] = [str(e) for e in loss[EXPERTS_KEY]]
         validation = validation_points(loss)
         if validation:
             ui[VALIDATION_STEP] = [step for step, _ in validation]

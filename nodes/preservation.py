@@ -1,7 +1,7 @@
 """LoRA Preservation: what a LoRA must leave as the base had it
 (docs/nodes.md#lora-preservation-loratrainer_preservation).
 
-A second options node, chained like LoRA Training Options (its `options` output goes to Train LoRA's
+A second options node, chained like the LoRA Options nodes (its `options` output goes to Train LoRA's
 `options` input, or to another options node). Its widgets are TrainConfig's "preservation" fields
 (training/config.py); its inputs carry what those need:
 - `clip` and `captions` (the captions as text, e.g. Encode Training Folder's `captions` output):
@@ -54,7 +54,7 @@ def class_captions(captions: list[str], trigger: str, class_word: str) -> list[s
 class LoRAPreservation(ChainedOptions):
     DESCRIPTION = ("Keeps a LoRA from changing what it should not: differential output preservation (the captions "
                    "with the trigger replaced by the class word keep the base's predictions), blank-prompt "
-                   "preservation, and a regularisation set of class images. Chain with LoRA Training Options into "
+                   "preservation, and a regularisation set of class images. Chain with the LoRA Options nodes into "
                    "Train LoRA's options input.")
     INPUT_IS_LIST = True  # the captions and the regularisation set come as lists
 

@@ -35,26 +35,33 @@ class TrainLoRA:
                 "positive": ("CONDITIONING", {"tooltip": "The caption(s): one for all images, or one per image. A ConditioningCombine is one combined caption (its prompts applied together)."}),
             },
             "optional": {**_main_inputs(), "options": (OPTIONS_TYPE, {
-                "tooltip": "Advanced settings from a LoRA Training Options node (noise levels, loss weighting, "
-                           "noise, dropout, optimizer extras, checkpoints and resume, EMA), a LoRA Preservation "
-                           "node (preservation losses, a regularisation set) and a LoRA Text Encoder node (the "
-                           "CLIP trained too); unset, every one keeps its default."}),
+                "tooltip": "Advanced settings from the LoRA Options nodes (noise and timesteps, loss, optimizer and "
+                           "memory, dropout, checkpoints and resume, EMA), a LoRA Preservation node (preservation "
+                           "losses, a regularisation set), a LoRA Text Encoder node (the CLIP trained too) and a "
+                           "LoRA Training Adapter node; unset, every one keeps its default."}),
                 "preview": (PREVIEW_TYPE, {"tooltip": "Sample previews while training, from a LoRA Training "
                                                       "Preview node."}),
                 "validation": (VALIDATION_TYPE, {"tooltip": "Held-out images whose loss is measured while training, "
-                                                            "from a LoRA Validation Set node."})},
+                                                            "from a LoRA Validation Set node."}),
+                "high_noise_model": ("MODEL", {"tooltip": "Wan 2.2 A14B: the high-noise expert, trained in the same "
+                                               "run as model (then the low-noise expert), each step the expert "
+                                               "whose noise range (the options' expert_boundary) holds its noise "
+                                               "level; one LoRA each, and one resident at a time. The lora output "
+                                               "carries both: Save LoRA writes <prefix>_high_noise… and "
+                                               "<prefix>_low_noise…; model_with_lora is model's."})},
             # the workflow: which node feeds `positive` decides how its list reads (nodes/conditioning.py)
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def execute(self, model, latents, positive, options=None, preview=None, validation=None, prompt=None,
-                unique_id=None, **inputs) -> tuple:
+                unique_id=None, high_noise_model=None, **inputs) -> tuple:
         from .comfy_train import train_lora  # ComfyUI glue, imported only when the node runs
 
         source = source_class(prompt[0] if prompt else None, unique_id[0] if unique_id else None, "positive")
         return train_lora(model[0], latents, positive, {k: v[0] for k, v in inputs.items()},
                           options[0] if options else None, preview[0] if preview else None,
-                          validation[0] if validation else None, source)
+                          validation[0] if validation else None, source,
+                          high_noise_model[0] if high_noise_model else None)
 
 
 def _main_inputs() -> dict[str, tuple]:

@@ -1,7 +1,7 @@
 """Node inputs generated from TrainConfig's field table (training/config.py): same names, same ranges.
 
 A field becomes a combo (its choices), an INT, FLOAT, BOOLEAN or STRING widget with its default,
-range and tooltip, on the node its Setting names (Train LoRA or LoRA Training Options).
+range and tooltip, on the node its Setting names (Train LoRA, or the options nodes: nodes/options.py groups them).
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ LOSS_SPACES = ("native", "x0")  # native: eps / v / flow velocity; x0: the denoi
 BATCH_ORDERS = ("random", "epoch")  # random: randperm(n)[:batch] each step; epoch: each image once a pass
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "sigmoid")
 FLOW_SHIFTS = ("model", "fixed", "resolution")  # resolution: Flux's shift from the latent's token count
+EXPERTS = ("none", "high_noise", "low_noise")  # a model trained as noise-range experts (Wan 2.2 A14B)
 LOSS_WEIGHTINGS = ("none", "min_snr", "debiased")
 RANK_ALGORITHMS = ("lora", "dora")  # the algorithms with a rank-wide activation and an `up` matrix
 
@@ -33,7 +34,7 @@ OPTIMIZER_PATHS = {"Prodigy": "prodigyopt.Prodigy", "AdamW8bit": "bitsandbytes.o
                    "AdamWScheduleFree": "schedulefree.AdamWScheduleFree"}  # the rest: torch.optim
 MAX_SEED = 2**64 - 1
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # lora, loha, lokr, dora
-# the node a field is an input of: Train LoRA, LoRA Training Options, LoRA Preservation, LoRA Text Encoder
+# the node a field is an input of: Train LoRA, an options node (nodes/options.py GROUPS), LoRA Preservation, LoRA Text Encoder
 MAIN, OPTIONS, PRESERVATION, TEXT_ENCODER = "main", "options", "preservation", "text_encoder"
 
 
@@ -269,6 +270,15 @@ class TrainConfig:
                                      "scales it as it scales learning_rate): above 0, LoRA adapters on the CLIP "
                                      "(SD1.x) or both CLIPs (SDXL) train with the diffusion model's. 0 = off.",
                                      node=TEXT_ENCODER, low=0.0, high=1.0, step=1e-6)
+    # Noise-range experts (Wan 2.2 A14B; training/experts.py); last, so saved workflows keep their widget order
+    expert: str = setting("none", "Train one expert of a model made of noise-range experts (Wan 2.2 A14B): "
+                          "high_noise draws only σ ≥ expert_boundary, low_noise only σ < it, keeping the "
+                          "timestep distribution's shape inside that range (musubi-tuner's "
+                          "preserve_distribution_shape). Flow models only. To train both in one run, leave this "
+                          "none and connect Train LoRA's high_noise_model.", node=OPTIONS, choices=EXPERTS)
+    expert_boundary: float = setting(0.875, "The σ (the model's timestep / 1000, after its shift) where the "
+                                     "high-noise expert hands over to the low-noise one: 0.875 for Wan 2.2 T2V "
+                                     "A14B, 0.9 for I2V A14B.", node=OPTIONS, low=0.01, high=0.99, step=0.005)
 
     def __post_init__(self) -> None:
         for name, (default, spec) in settings().items():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..lora import (DTYPES, MODULE_PATHS, BaseModel, LayerWeights, LoraConfig, LoraNetwork, LoraStateDict, Naming,
                     inject, network_metadata, to_state_dict)
-from ..lora.metadata import PREFIX, dataset_metadata, session_metadata
+from ..lora.metadata import PREFIX, dataset_metadata, expert_metadata, session_metadata
 from ..lora.targets import TEXT_ENCODER_TARGET
 from .checkpointing import training_forward
 from .config import TrainConfig
@@ -77,6 +77,15 @@ class TrainState:
         return self.total_steps - self.step
 
 
+class Router(Protocol):
+    """Picks each optimizer step's expert (training/experts.py): `pick` returns the objective the step draws
+    and predicts with (an expert's, in its noise range); `current` names the expert it picked last."""
+
+    current: str | None
+
+    def pick(self, generator: torch.Generator) -> Objective: ...
+
+
 class Validator(Protocol):
     """A held-out loss (training/validation.py): measured every `every` steps, deterministic, no_grad."""
 
@@ -109,6 +118,7 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)  # for the file: lora/metadata.py
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     checkpoint: str | None = None  # where a cancel wrote its checkpoint (Hooks.save's answer)
+    experts: list[str] = field(default_factory=list)  # noise-range experts (training/experts.py): each step's
 
 
 @dataclass(frozen=True)
@@ -136,16 +146,18 @@ class GradientPass:
     (training/data.py): what the batch order draws (None: each image a sample of its own, unmasked).
     `regular`: the images of the regularisation set; each row of a batch is one of them, drawn uniformly,
     with probability prior_ratio, its loss weighted by prior_loss_weight (DreamBooth's prior preservation).
-    `bypass`: a context with the adapters off, for the preservation losses."""
+    `bypass`: a context with the adapters off, for the preservation losses. `router` (training/experts.py):
+    picks each optimizer step's expert, whose objective draws in its noise range; None: one model."""
 
     def __init__(self, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig, generator: torch.Generator,
                  shard: Shard | None = None, samples: Samples | None = None, regular: Sequence[int] = (),
-                 bypass: Callable[[], AbstractContextManager] | None = None):
+                 bypass: Callable[[], AbstractContextManager] | None = None, router: Router | None = None):
         self.images, self.config, self.generator, self.shard = images, config, generator, shard
         self.samples = samples or Samples.plain(len(images) - len(regular))
         self.regular = list(regular)
         self.batches = BatchOrder(len(self.samples), config.batch_size, config.batch_order)
         self.objective = Objective(fns, config, images[0].device, bypass)
+        self.router = router
 
     def run(self, arm: Callable[[bool], None] | None = None) -> float:
         """Backward over the micro-batches; returns their mean loss (with a `shard`: this process's
@@ -153,6 +165,7 @@ class GradientPass:
         `arm` (step_in_backward): told before each backward whether it is the step's last, the one
         whose gradients the optimizer steps on as they are made (earlier groups' accumulate first)."""
         total, accum = 0.0, self.config.gradient_accumulation
+        objective = self.router.pick(self.generator) if self.router is not None else self.objective
         for _ in range(accum):
             indices = self.samples.pick(self.batches.next(self.generator), self.generator)
             if self.regular:
@@ -165,7 +178,7 @@ class GradientPass:
                 x0 = torch.stack([self.images[i] for i in group]).float()
                 rows = self.shard.rows(len(group)) if self.shard is not None else None
                 weights = self.image_weights(group) if self.regular else None
-                loss = self.objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0), weights)
+                loss = objective.loss(x0, group, self.generator, rows, self.samples.masks_of(group, x0), weights)
                 if loss is not None:  # None: none of this group's rows are this process's
                     loss = loss * (len(group) / len(indices) / accum)
                     if self.config.step_in_backward:  # backward steps the adapters: check the loss before it
@@ -198,7 +211,7 @@ class Trainer:
 
     def __init__(self, network: LoraNetwork, fns: ModelFns, images: list[torch.Tensor], config: TrainConfig,
                  existing_steps: int = 0, shard: Shard | None = None, samples: Samples | None = None,
-                 regular: Sequence[int] = ()):
+                 regular: Sequence[int] = (), router: Router | None = None):
         self.network, self.config, self.existing_steps, self.shard = network, config, existing_steps, shard
         if config.step_in_backward and shard is not None:
             raise ValueError("step_in_backward: each process would step before the gradients are summed over the "
@@ -207,7 +220,9 @@ class Trainer:
         self.optimizer = make_optimizer(network.named_parameters(), config,
                                         {id(p) for p in network.joined_parameters()})
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.gradients = GradientPass(fns, images, config, self.generator, shard, samples, regular, network.bypassed)
+        self.gradients = GradientPass(fns, images, config, self.generator, shard, samples, regular, network.bypassed,
+                                      router)
+        self.experts: list[str] = []  # with a router: the expert each completed step trained
         self.dropout = Dropout(network, config, images[0].device) if any_dropout(config) else None
         self.ema = Ema(dict(network.named_parameters()), config) if config.ema_decay else None
         self.losses: list[float] = []
@@ -251,6 +266,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss)
+        if self.gradients.router is not None:
+            self.experts.append(self.gradients.router.current)
         if self.ema is not None:
             self.ema.update(self.step_count)
         return loss
@@ -513,7 +530,8 @@ def _metadata(config: TrainConfig, total_steps: int, sd: dict[str, torch.Tensor]
             **dataset_metadata(sizes, base.pixel_scale if base is not None else 1),
             **session_metadata(started, time.time()), "ss_steps": str(total_steps),
             PREFIX + "settings": json.dumps(config.as_metadata()), PREFIX + "lora_dtype": config.lora_dtype,
-            PREFIX + "difference_share": f"{difference_share:.6f}", PREFIX + "weights": saved_weights(config)}
+            PREFIX + "difference_share": f"{difference_share:.6f}", PREFIX + "weights": saved_weights(config),
+            **(expert_metadata(config.expert, config.expert_boundary) if config.expert != "none" else {})}
 
 
 def saved_weights(config: TrainConfig) -> str:

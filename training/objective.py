@@ -4,7 +4,8 @@ One call of `Objective.loss` is the loss of one same-shape group of images:
 1) noise ε ~ N(0, I), seeded (plus the noise options: offset, multires);
 2) a noise level per image: a percent through the model's schedule, uniform by default
    (0 = most noise, ComfyUI's `percent_to_sigma`), or logit-normal / sigmoid, in a min/max range;
-   flow models may override the schedule's shift;
+   flow models may override the schedule's shift; an expert (Wan 2.2 A14B) draws only inside its σ
+   range, from the same distribution truncated there (`draw_percent`'s `window`);
 3) the noisy latent through the model's own `noise_scaling`, the prediction through the host;
 4) the loss in the model's native prediction space (eps / v / flow velocity) or in x0 space,
    per image, weighted (min-SNR-γ, debiased estimation), averaged.
@@ -116,14 +117,24 @@ def mask_weights(mask: torch.Tensor, unmasked_weight: float, normalize: bool) ->
     return weight / mean.reshape(-1, *[1] * (weight.dim() - 1))
 
 
-def draw_percent(n: int, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+def draw_percent(n: int, generator: torch.Generator, config: TrainConfig,
+                 window: tuple[float, float] | None = None) -> torch.Tensor:
     """(n,) noise levels as percents through the schedule (0 = most noise), in the min/max timestep range.
 
     The timestep fraction t = 1 − percent is drawn uniform, logit-normal (t = sigmoid(N(mean, std)),
     SD3's "logit-normal sampling") or sigmoid (t = sigmoid(scale·N(0, 1)), kohya's Flux default),
     then mapped affinely into [min_timestep, max_timestep] / 1000.
+    `window` (t_low, t_high): only t in it, drawn from that same distribution truncated to it (its shape
+    kept, as musubi-tuner's preserve_distribution_shape keeps it by redrawing; here by inverting the CDF,
+    one uniform draw per image); None: the whole range, drawn as without it.
     """
     low, high = config.min_timestep / 1000, config.max_timestep / 1000
+    if window is not None:
+        a, b = _raw_window(config, window)
+        cdf_a, cdf_b = _cdf(config, a), _cdf(config, b)
+        q = cdf_a + (cdf_b - cdf_a) * torch.rand(n, generator=generator, dtype=torch.float64)
+        t = _quantile(config, q).clamp(a, b)  # the clamp only catches the CDF's rounding at the edges
+        return (1 - (low + (high - low) * t)).float()
     if config.timestep_sampling == "uniform":
         # percent uniform in [1 − high, 1 − low]: with the full range exactly today's torch.rand draw
         return (1 - high) + (high - low) * torch.rand(n, generator=generator)
@@ -133,6 +144,69 @@ def draw_percent(n: int, generator: torch.Generator, config: TrainConfig) -> tor
     else:
         t = torch.sigmoid(config.sigmoid_scale * z)
     return 1 - (low + (high - low) * t)
+
+
+def _logit_normal(config: TrainConfig) -> tuple[float, float]:
+    """(mean, std) of the normal whose sigmoid is the drawn fraction: logit_normal's, or sigmoid's (0, scale)."""
+    if config.timestep_sampling == "logit_normal":
+        return config.logit_mean, config.logit_std
+    return 0.0, config.sigmoid_scale
+
+
+def _cdf(config: TrainConfig, u: float) -> float:
+    """P(drawn fraction ≤ u) of the configured distribution on [0, 1], before the min/max mapping."""
+    if config.timestep_sampling == "uniform" or u <= 0 or u >= 1:
+        return min(max(u, 0.0), 1.0)
+    mean, std = _logit_normal(config)
+    return float(torch.special.ndtr(torch.tensor((math.log(u / (1 - u)) - mean) / std, dtype=torch.float64)))
+
+
+def _quantile(config: TrainConfig, q: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_cdf` (float64 in, float64 out)."""
+    if config.timestep_sampling == "uniform":
+        return q
+    mean, std = _logit_normal(config)
+    return torch.sigmoid(mean + std * torch.special.ndtri(q))
+
+
+def _raw_window(config: TrainConfig, window: tuple[float, float]) -> tuple[float, float]:
+    """A window of the final fraction t → the same window before the min/max mapping, inside [0, 1]."""
+    low, high = config.min_timestep / 1000, config.max_timestep / 1000
+    a = min(max((window[0] - low) / (high - low), 0.0), 1.0)
+    b = min(max((window[1] - low) / (high - low), 0.0), 1.0)
+    return a, b
+
+
+def window_mass(config: TrainConfig, window: tuple[float, float]) -> float:
+    """The probability that a draw of the whole range lands in `window` (t_low, t_high): an expert's share
+    of the steps when each step trains the expert whose range holds its level (training/experts.py)."""
+    a, b = _raw_window(config, window)
+    return _cdf(config, b) - _cdf(config, a)
+
+
+def expert_range(expert: str, boundary: float) -> tuple[float, float] | None:
+    """The σ range (low, high) an expert of a Wan 2.2 A14B-style model trains on: high_noise σ ≥ boundary,
+    low_noise σ < boundary (Wan's own switch, `t ≥ boundary · 1000` on the shifted timestep t = 1000·σ);
+    None for "none" (the whole range)."""
+    return {"none": None, "high_noise": (boundary, 1.0), "low_noise": (0.0, boundary)}[expert]
+
+
+def _schedule_fraction(fns: ModelFns, sigma: float) -> float:
+    """The fraction t = 1 − percent at which the model's own schedule reaches `sigma` (flow: σ in (0, 1)),
+    by bisection on `percent_to_sigma` (decreasing in percent), to float precision."""
+    lo, hi = 0.0, 1.0  # percents: σ(lo) ≥ sigma ≥ σ(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(fns.percent_to_sigma(torch.tensor([mid]))[0]) >= sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 1 - (lo + hi) / 2
+
+
+def unshifted_fraction(sigma: float, shift: float) -> float:
+    """The inverse of `shifted_sigma`: t = σ / (s − (s − 1)·σ)."""
+    return sigma / (shift - (shift - 1) * sigma)
 
 
 def shifted_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -206,9 +280,11 @@ class Objective:
     `blank_prompt_multiplier`, is added per image, so what the LoRA changes is kept to the trigger."""
 
     def __init__(self, fns: ModelFns, config: TrainConfig, device: torch.device,
-                 bypass: Callable[[], AbstractContextManager] | None = None):
-        """`bypass`: a context in which the adapters are off (preservation needs it). Raises ValueError for
-        options this model or host cannot take (named by field)."""
+                 bypass: Callable[[], AbstractContextManager] | None = None,
+                 sigma_range: tuple[float, float] | None = None):
+        """`bypass`: a context in which the adapters are off (preservation needs it). `sigma_range` (low, high):
+        draw only σ in it (an expert's range; None: the config's `expert`, by default the whole range). Raises
+        ValueError for options this model or host cannot take (named by field)."""
         if config.flow_shift != "model" and not fns.flow:
             raise ValueError(f"flow_shift: got {config.flow_shift!r}, but this model is not a flow model (SD3, Flux, "
                              "...) and has no shift; set flow_shift to model")
@@ -228,6 +304,7 @@ class Objective:
             raise ValueError(f"blank_prompt_multiplier: got {config.blank_prompt_multiplier}, but there is no empty "
                              "caption; connect an empty-prompt CONDITIONING to the options node's unconditional "
                              "input, or set blank_prompt_multiplier to 0")
+        self.window = self._expert_window(fns, config, sigma_range)
         self.preserved = [(m, call) for m, call in (
             (config.dop_multiplier, fns.denoise_preserve),
             (config.blank_prompt_multiplier, lambda n, s, _: fns.denoise_uncond(n, s))) if m]
@@ -300,6 +377,32 @@ class Objective:
             total = total + multiplier * (term if weights is None else term * weights)
         return total
 
+    @staticmethod
+    def _expert_window(fns: ModelFns, config: TrainConfig,
+                       sigma_range: tuple[float, float] | None) -> tuple[float, float] | None:
+        """The σ range as a window (t_low, t_high) of the drawn fraction t (before the shift, which is monotone:
+        the window's draws are exactly the σ range's); None for the whole range."""
+        sigma_range = sigma_range or expert_range(config.expert, config.expert_boundary)
+        if sigma_range is None:
+            return None
+        if not fns.flow:
+            raise ValueError(f"expert: got {config.expert}, but this model is not a flow model; noise-range experts "
+                             "(Wan 2.2 A14B) switch on the flow σ; set expert to none")
+        if config.flow_shift == "resolution":
+            raise ValueError("flow_shift: 'resolution' gives each latent size its own shift, so an expert's σ range "
+                             "has no one timestep window; set flow_shift to model or fixed")
+        if config.flow_shift == "fixed":
+            to_t = lambda sigma: unshifted_fraction(sigma, config.flow_shift_value)  # noqa: E731
+        else:
+            to_t = lambda sigma: _schedule_fraction(fns, sigma)  # noqa: E731
+        window = tuple(1.0 if s >= 1 else 0.0 if s <= 0 else to_t(s) for s in sigma_range)
+        if window_mass(config, window) <= 0:
+            raise ValueError(f"expert: the range σ {sigma_range[0]:g}–{sigma_range[1]:g} (timestep fraction "
+                             f"{window[0]:.3f}–{window[1]:.3f} before the shift) lies outside min_timestep "
+                             f"{config.min_timestep} to max_timestep {config.max_timestep}; widen that range, or "
+                             "move expert_boundary")
+        return window
+
     def noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """ε ~ N(0, I) of `shape` (B, C, H, W) or (B, C, T, H, W) on the CPU, with the config's offset
         (per image and channel) and pyramid (per frame for video)."""
@@ -313,7 +416,7 @@ class Objective:
 
     def sigma(self, n: int, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         """(n,) noise levels: the drawn percents through the model's schedule, or the shift override."""
-        percent = draw_percent(n, generator, self.config)
+        percent = draw_percent(n, generator, self.config, self.window)
         if self.config.flow_shift == "model":
             return self.fns.percent_to_sigma(percent)
         if self.config.flow_shift == "resolution" and len(shape) > 4:
