@@ -8,10 +8,9 @@ The `comfy_matrix` fixture links this file into its server's custom_nodes/; it l
   toy-width file ComfyUI's detection cannot read back; it refuses the others (load them with UNETLoader)
   and fails if detection would now read the toy model back (then it should be a file).
 - ITMatrixLatents: one LATENT of `count` samples at the family's channels, 4-D for an image family,
-  5-D (frames from the spec) for a video family, 8×8 latent pixels: smooth seeded patterns of unit scale
-  (as a VAE's latents are after the model's scaling), drifting one latent pixel per frame (something a
-  model can learn, not white noise; at half that scale the clean latent is a fifth of the flow target's
-  variance, and the loss of the 128-channel models fell by only about a tenth in 60 steps);
+  5-D (frames from the spec) for a video family, 8×8 latent pixels: smooth seeded patterns at about half
+  a VAE's latent scale, drifting one latent pixel per frame (something a model can learn, not white noise;
+  at unit scale the losses fell less in the same steps);
   `empty` gives zeros of the same shape, the sampler's starting latent.
 - ITMatrixConditioning: a seeded context (1, tokens, the family's text-encoder width) and the extra keys
   the family's model reads (pooled output, attention mask, guidance, Llama layers, frame rate...).
@@ -76,7 +75,7 @@ class ITMatrixLatents:
         frames = spec.frames or 1
         generator = torch.Generator().manual_seed(seed)
         coarse = torch.randn((count, spec.channels, 2, 2), generator=generator)
-        image = F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False)
+        image = F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False) * 0.5
         clip = torch.stack([image.roll(t, dims=-1) for t in range(frames)], dim=2)
         samples = clip if spec.frames else clip[:, :, 0]
         return ({"samples": torch.zeros_like(samples) if empty else samples},)
