@@ -4,7 +4,8 @@
 
 The figures come from the integration tests' own trainings (tests/integration: test_families.py for
 SDXL and SD3, test_families_video.py for Wan 2.1 T2V and Qwen-Image, test_flux.py for Flux,
-test_bases.py for the SD1.x UNet on fp8): this runs those modules with LORA_TRAINER_FIGURES set, and
+test_bases.py for the SD1.x UNet on fp8, test_family_matrix.py for Z-Image, Lumina2, Flux.2, Chroma,
+HiDream, LTX-Video, LTX-2, HunyuanVideo, HunyuanVideo 1.5 and Wan 2.2 TI2V-5B): this runs those modules with LORA_TRAINER_FIGURES set, and
 each training that goes through server.py's `run_measured` adds its seconds per step (Train LoRA's
 log line: the steps after the first, whose first-use cost is left out) and the server's extra peak RSS (its high-water mark reset just
 before the training, so it holds everything the training added: batch, activations, adapters and their
@@ -25,7 +26,7 @@ from ..lora.files import write_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "families.json"
-MODULES = ("test_families.py", "test_families_video.py", "test_flux.py", "test_bases.py")
+MODULES = ("test_families.py", "test_families_video.py", "test_flux.py", "test_bases.py", "test_family_matrix.py")
 
 
 def run(python: str) -> dict[str, dict]:
