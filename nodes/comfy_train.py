@@ -209,8 +209,7 @@ class TrainSampler(comfy.samplers.Sampler):
         regular = [processed[id(x)] for x in self.extras.regular_latents]
         self.reporter.phase("preparing the captions")
         # the captions prepared at each latent's size (ComfyUI prepared them at the first image's)
-        self.conds = ShapedConds(model_wrap.conds["positive"], self.held, base, device, tuple(self.latents[0].shape),
-                                 self.config.seed)
+        self.conds = self._shaped_conds(model_wrap)
         if self.text_encoder is not None:
             self.text_encoder.release(_release_inference_tensors)
             self.live = LiveEntries(self.text_encoder, self.conds)
@@ -320,7 +319,7 @@ class TrainSampler(comfy.samplers.Sampler):
             interrupted_flag=comfy.model_management.processing_interrupted, start_step=resumed)
 
     def _shaped_conds(self, model_wrap) -> ShapedConds:
-        """The guider's caption entries of `model_wrap`, to prepare per latent size (another expert's own)."""
+        """The guider's caption entries of `model_wrap` (the run's, or another expert's), to prepare per latent size."""
         device = model_wrap.model_patcher.load_device
         return ShapedConds(model_wrap.conds["positive"], self.held, model_wrap.inner_model, device,
                            tuple(self.latents[0].shape), self.config.seed)
@@ -433,10 +432,8 @@ def train_lora(model, latents: list[dict], positive: list, inputs: dict, options
     reporter.phase("preparing the training data")
     adapter = options.training_adapter if options is not None else None
     note = families.distilled_note(type(model.model.model_config).__name__, adapter and adapter.name)
-    if note is not None and adapter is None:
-        log.warning(note)
-    elif note is not None:
-        log.info(note)
+    if note is not None:  # a warning without an adapter: what to expect
+        log.log(logging.WARNING if adapter is None else logging.INFO, note)
     if high_noise_model is not None:
         from .comfy_experts import check_experts
 
